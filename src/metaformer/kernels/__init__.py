@@ -1,0 +1,193 @@
+"""Fused kernels for MetaFormer blocks, behind one dispatch.
+
+``pool_mixer_residual`` computes the PoolFormer token-mixer half-block
+``x + ls * (AvgPool(GN(x)) - GN(x))`` without materialising ``GN(x)``, using the identity
+``pool(GN(x)) - GN(x) == gamma[c] * rstd[b] * (pool(x) - x)`` (count_include_pad=False pooling
+weights sum to one everywhere, so the GroupNorm mean and bias cancel).
+
+Backends:
+
+- ``"torch"``: pure-PyTorch formulation (autograd, torch.compile, torch.export, ONNX).
+- ``"triton"``: Triton kernels (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+- ``"reference"``: the plain GroupNorm + AvgPool2d composition; models do not fuse at all.
+- ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton imports, else ``"torch"``;
+  always ``"torch"`` while torch.compile / torch.export is tracing.
+
+The initial backend comes from the ``METAFORMER_BACKEND`` environment variable (read on first
+use); ``set_backend`` overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .torch_impl import pool_mixer_residual_reference, pool_mixer_residual_torch
+
+__all__ = [
+    "BACKENDS",
+    "TRITON_AVAILABLE",
+    "get_backend",
+    "pool_mixer_residual",
+    "resolve_backend",
+    "set_backend",
+]
+
+BACKENDS = ("auto", "torch", "triton", "reference")
+ENV_VAR = "METAFORMER_BACKEND"
+
+try:  # Triton is optional: any failure (missing, broken install, no driver) disables it.
+    from .triton_impl import pool_mixer_residual_triton
+
+    TRITON_AVAILABLE = True
+    TRITON_IMPORT_ERROR: BaseException | None = None
+except Exception as err:
+    pool_mixer_residual_triton = None
+    TRITON_AVAILABLE = False
+    TRITON_IMPORT_ERROR = err
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_backend: str | None = None
+
+
+def _check_backend(name: object, source: str) -> str:
+    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
+        raise ValueError(
+            f"invalid kernel backend {name!r} ({source}); valid backends are {', '.join(BACKENDS)}"
+        )
+    return name.strip().lower()
+
+
+def set_backend(name: str) -> None:
+    """Selects the kernel backend used by ``pool_mixer_residual`` (and the blocks that call it).
+
+    Args:
+        name: One of ``BACKENDS``: ``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``
+            (case-insensitive).
+
+    Raises:
+        ValueError: If ``name`` is not a valid backend.
+    """
+    global _backend
+    _backend = _check_backend(name, "set_backend")
+
+
+def get_backend() -> str:
+    """Returns the selected backend name (not resolved for a tensor; may be ``"auto"``).
+
+    The first call without a prior ``set_backend`` reads ``METAFORMER_BACKEND`` (default ``"auto"``).
+
+    Raises:
+        ValueError: If ``METAFORMER_BACKEND`` holds an invalid value.
+    """
+    global _backend
+    if _backend is None:
+        _backend = _check_backend(
+            os.environ.get(ENV_VAR, "auto") or "auto", f"environment variable {ENV_VAR}"
+        )
+    return _backend
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(x: torch.Tensor) -> str:
+    """Resolves the selected backend for a given input tensor.
+
+    ``"auto"`` becomes ``"triton"`` when ``x`` is a CUDA tensor of a supported dtype, Triton
+    imported, and no torch.compile / torch.export tracing is in progress; otherwise ``"torch"``.
+
+    Args:
+        x: The (B, C, H, W) input tensor.
+
+    Returns:
+        One of ``"torch"``, ``"triton"``, ``"reference"``.
+
+    Raises:
+        RuntimeError: If ``"triton"`` was selected but Triton is unavailable, or ``x`` is not a
+            CUDA tensor (outside ``TRITON_INTERPRET=1``).
+    """
+    backend = get_backend()
+    if backend == "auto":
+        if TRITON_AVAILABLE and x.is_cuda and x.dtype in _TRITON_DTYPES and not torch.compiler.is_compiling():
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        if not TRITON_AVAILABLE:
+            raise RuntimeError(
+                f"kernel backend 'triton' selected but Triton could not be imported ({TRITON_IMPORT_ERROR!r}); "
+                "install triton or use set_backend('torch')"
+            )
+        if not x.is_cuda and not _interpreting():
+            raise RuntimeError(
+                f"kernel backend 'triton' needs a CUDA tensor, got one on {x.device}; move the input to a GPU, "
+                "use set_backend('torch'/'auto'), or set TRITON_INTERPRET=1 (before importing triton) to run "
+                "the kernels on CPU through Triton's interpreter"
+            )
+    return backend
+
+
+def pool_mixer_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    eps: float,
+    pool_size: int = 3,
+    res_scale: torch.Tensor | None = None,
+    sample_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused PoolFormer token-mixer half-block.
+
+    Returns ``res_scale[c] * x + weight[c] * rstd[b] * sample_scale[b] * (avgpool(x) - x)``, where
+    ``avgpool`` is ``AvgPool2d(pool_size, 1, pool_size // 2, count_include_pad=False)`` and
+    ``rstd[b] = 1 / sqrt(var_b + eps)`` with the biased variance of sample ``b`` over (C, H, W).
+    With ``weight = norm1.weight * layer_scale`` this equals
+    ``res_scale * x + sample_scale * layer_scale * (pool(GN(x)) - GN(x))`` for a one-group GroupNorm.
+
+    Args:
+        x: (B, C, H, W) floating tensor (fp32, bf16, fp16 or fp64), contiguous or channels_last
+            (other layouts are accepted and made contiguous by the Triton backend).
+        weight: (C,) per-channel factor (GroupNorm weight times layer scale); may require grad.
+        eps: The GroupNorm epsilon.
+        pool_size: Odd pooling window size.
+        res_scale: Optional (C,) residual scale; ``None`` means 1.
+        sample_scale: Optional (B,) per-sample factor (drop-path mask / keep_prob); ``None`` means 1.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype (statistics are computed in fp32, fp64 for fp64 inputs).
+
+    Raises:
+        ValueError: On shape, dtype or pool-size mismatches.
+        RuntimeError: If the ``"triton"`` backend is forced on a tensor it cannot run on.
+    """
+    _validate(x, weight, pool_size, res_scale, sample_scale)
+    backend = resolve_backend(x)
+    kwargs = dict(eps=eps, pool_size=pool_size, res_scale=res_scale, sample_scale=sample_scale)
+    if backend == "triton" and x.dtype in _TRITON_DTYPES:
+        return pool_mixer_residual_triton(x, weight, **kwargs)
+    if backend == "reference":
+        return pool_mixer_residual_reference(x, weight, **kwargs)
+    return pool_mixer_residual_torch(x, weight, **kwargs)
+
+
+def _validate(x, weight, pool_size, res_scale, sample_scale) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(
+            f"x must be a floating (B, C, H, W) tensor, got {type(x).__name__} "
+            f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', '')}"
+        )
+    B, C = x.shape[:2]
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1 or pool_size % 2 == 0:
+        raise ValueError(f"pool_size must be a positive odd integer, got {pool_size!r}")
+    for name, t, n in (("weight", weight, C), ("res_scale", res_scale, C), ("sample_scale", sample_scale, B)):
+        if t is None and name != "weight":
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"{name} must be a tensor of shape ({n},) for x of shape {tuple(x.shape)}, got {shape}"
+            )
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")

@@ -1,0 +1,272 @@
+"""Building blocks shared by every MetaFormer: norms, activations, scales, MLPs, stem and heads.
+
+Every layer works on NCHW tensors ``(B, C, H, W)``; the vector norms and heads work on pooled
+``(B, C)`` features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+__all__ = [
+    "GroupNorm1",
+    "LayerNorm2d",
+    "LayerNorm",
+    "StarReLU",
+    "SquaredReLU",
+    "Scale",
+    "Mlp",
+    "Stem",
+    "Downsample",
+    "MlpHead",
+    "ClassifierHead",
+    "DropPath",
+    "trunc_normal_",
+]
+
+
+class GroupNorm1(nn.Module):
+    """GroupNorm with a single group: normalises over (C, H, W) of each sample.
+
+    This is PoolFormer's norm (``nn.GroupNorm(1, C)``, eps 1e-5, with bias) and, with ``bias=False``
+    and ``eps=1e-6``, the "modified LayerNorm" of the MetaFormer baselines.
+
+    Args:
+        num_channels: Number of channels C.
+        eps: Added to the variance for numerical stability.
+        bias: Whether to learn a per-channel bias (the per-channel weight is always learnt).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, bias={self.bias is not None}"
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis alone, at every spatial position of an NCHW tensor.
+
+    Args:
+        num_channels: Number of channels C.
+        eps: Added to the variance for numerical stability.
+        bias: Whether to learn a per-channel bias.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, (self.num_channels,), self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, bias={self.bias is not None}"
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last axis, with an optional bias; used on pooled (B, C) features.
+
+    Args:
+        num_features: Size of the last axis.
+        eps: Added to the variance for numerical stability.
+        bias: Whether to learn a bias.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__(num_features, eps=eps, bias=bias)
+
+
+class StarReLU(nn.Module):
+    """StarReLU: ``s * relu(x) ** 2 + b`` with learnable scalars s (init 1) and b (init 0).
+
+    Args:
+        scale_value: Initial value of s.
+        bias_value: Initial value of b.
+        inplace: Accepted for signature compatibility with ``nn.ReLU``; ignored.
+    """
+
+    def __init__(self, scale_value: float = 1.0, bias_value: float = 0.0, inplace: bool = False):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), float(scale_value)))
+        self.bias = nn.Parameter(torch.full((1,), float(bias_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.relu(x) ** 2 + self.bias
+
+
+class SquaredReLU(nn.Module):
+    """Squared ReLU: ``relu(x) ** 2`` (no parameters).
+
+    Args:
+        inplace: Accepted for signature compatibility with ``nn.ReLU``; ignored.
+    """
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.square(torch.relu(x))
+
+
+class Scale(nn.Module):
+    """A learnable per-channel scale of an NCHW tensor (layer scale or res scale).
+
+    Args:
+        dim: Number of channels.
+        init_value: Initial value of every entry.
+    """
+
+    def __init__(self, dim: int, init_value: float = 1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+class Mlp(nn.Module):
+    """The channel MLP of a MetaFormer block, as two 1x1 convolutions on an NCHW tensor.
+
+    Args:
+        dim: Input and output channels.
+        hidden_dim: Hidden channels (``mlp_ratio * dim``).
+        act_layer: Activation class (called with no arguments).
+        bias: Whether the two convolutions have a bias (PoolFormer: yes; baselines: no).
+        drop: Dropout after the activation and after the second convolution.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, act_layer=nn.GELU, bias: bool = True, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1, bias=bias)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(x))
+
+
+class Stem(nn.Module):
+    """The patch embedding: Conv2d(in_chans, dim, 7, stride 4, padding 2), then an optional norm.
+
+    Args:
+        in_chans: Input image channels.
+        dim: Output channels.
+        norm_layer: Optional norm class built as ``norm_layer(dim)``.
+    """
+
+    def __init__(self, in_chans: int, dim: int, norm_layer=None):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, dim, kernel_size=7, stride=4, padding=2)
+        self.norm = norm_layer(dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class Downsample(nn.Module):
+    """Downsampling between stages: an optional norm, then Conv2d(in, out, 3, stride 2, padding 1).
+
+    Args:
+        in_dim: Input channels.
+        out_dim: Output channels.
+        norm_layer: Optional norm class built as ``norm_layer(in_dim)`` (the baselines' pre-norm).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, norm_layer=None):
+        super().__init__()
+        self.norm = norm_layer(in_dim) if norm_layer else nn.Identity()
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x))
+
+
+class MlpHead(nn.Module):
+    """The MLP classifier of ConvFormer and CAFormer: fc1 -> SquaredReLU -> LayerNorm -> dropout -> fc2.
+
+    Args:
+        dim: Input features.
+        num_classes: Output classes.
+        mlp_ratio: Hidden width as a multiple of ``dim``.
+        act_layer: Activation class.
+        norm_eps: Epsilon of the hidden LayerNorm (the original release uses PyTorch's default 1e-5).
+        drop: Dropout before fc2.
+    """
+
+    def __init__(self, dim: int, num_classes: int, mlp_ratio: float = 4, act_layer=SquaredReLU,
+                 norm_eps: float = 1e-5, drop: float = 0.0):
+        super().__init__()
+        hidden = int(mlp_ratio * dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = act_layer()
+        self.norm = nn.LayerNorm(hidden, eps=norm_eps)
+        self.head_drop = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.head_drop(self.norm(self.act(self.fc1(x)))))
+
+
+class ClassifierHead(nn.Module):
+    """Final norm, global average pooling and classifier.
+
+    PoolFormer normalises the whole final map and then averages (``norm_first=True``); the baselines
+    average first and normalise the pooled vector.
+
+    Args:
+        dim: Input channels.
+        num_classes: Output classes; 0 makes ``fc`` an identity.
+        norm_layer: Norm class built as ``norm_layer(dim)``: a map norm when ``norm_first``, a vector
+            norm otherwise.
+        norm_first: Normalise the (B, C, H, W) map before pooling instead of the pooled vector.
+        mlp_head: Use :class:`MlpHead` instead of a single Linear.
+        drop: Dropout on the pooled features (and inside the MLP head).
+    """
+
+    def __init__(self, dim: int, num_classes: int, norm_layer, norm_first: bool, mlp_head: bool = False,
+                 drop: float = 0.0):
+        super().__init__()
+        self.norm_first = norm_first
+        self.mlp_head = mlp_head
+        self.drop_rate = drop
+        self.norm = norm_layer(dim)
+        self.drop = nn.Dropout(drop)
+        self.fc = self.make_fc(dim, num_classes)
+
+    def make_fc(self, dim: int, num_classes: int) -> nn.Module:
+        """Builds a fresh, initialised classifier for ``num_classes`` classes."""
+        if num_classes <= 0:
+            return nn.Identity()
+        fc = MlpHead(dim, num_classes, drop=self.drop_rate) if self.mlp_head else nn.Linear(dim, num_classes)
+        for m in fc.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        return fc
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.norm_first:
+            x = self.norm(x).mean((2, 3))
+        else:
+            x = self.norm(x.mean((2, 3)))
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)

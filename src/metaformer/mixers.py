@@ -1,0 +1,224 @@
+"""Token mixers: the part of a MetaFormer block that exchanges information between positions.
+
+A token mixer is any ``nn.Module`` class (or ``functools.partial`` of one) built as ``mixer(dim, **kw)``
+that maps a ``(B, C, H, W)`` tensor to a tensor of the same shape. A mixer that only works at one
+spatial size declares it in the attribute ``spatial_size = (H, W)``; the model checks inputs against it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Tuple, Union, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .layers import StarReLU
+
+__all__ = ["TokenMixer", "Pooling", "Identity", "Attention", "SpatialMLP", "SepConv", "RandomMixing"]
+
+
+@runtime_checkable
+class TokenMixer(Protocol):
+    """The protocol every token mixer follows.
+
+    A mixer is constructed as ``mixer(dim, **kwargs)`` and called on a ``(B, C, H, W)`` tensor, returning
+    a tensor of the same shape. Optional attribute ``spatial_size``: a fixed ``(H, W)`` the mixer needs
+    (``None`` or absent when any size works).
+
+    Example:
+        >>> class ShiftMixer(nn.Module):
+        ...     def __init__(self, dim, shift=1):
+        ...         super().__init__()
+        ...         self.shift = shift
+        ...     def forward(self, x):
+        ...         return torch.roll(x, self.shift, dims=-1) - x
+    """
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _pair(size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"spatial_size must be an int or a pair (H, W), got {size!r}")
+    return size
+
+
+class Pooling(nn.Module):
+    """PoolFormer's mixer: ``AvgPool2d(pool_size, 1, pool_size // 2, count_include_pad=False)(x) - x``.
+
+    The ``- x`` is there because the block's residual already adds ``x``.
+
+    Args:
+        dim: Channels (unused; part of the mixer protocol).
+        pool_size: Odd pooling window.
+    """
+
+    spatial_size = None
+
+    def __init__(self, dim: Optional[int] = None, pool_size: int = 3, **kwargs):
+        super().__init__()
+        if pool_size < 1 or pool_size % 2 == 0:
+            raise ValueError(f"pool_size must be a positive odd integer (the output keeps the input size), "
+                             f"got {pool_size}")
+        self.pool_size = pool_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.pool_size
+        return F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False) - x
+
+    def extra_repr(self) -> str:
+        return f"pool_size={self.pool_size}"
+
+
+class Identity(nn.Module):
+    """The identity mixer of IdentityFormer and ``metaformer_id_s12``: returns its input.
+
+    Args:
+        dim: Channels (unused; part of the mixer protocol).
+    """
+
+    spatial_size = None
+
+    def __init__(self, dim: Optional[int] = None, **kwargs):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions of an NCHW tensor.
+
+    PoolFormer's hybrids use ``proj_bias=True``; CAFormer uses ``proj_bias=False``. Both have a
+    bias-free qkv projection and ``head_dim`` 32.
+
+    Args:
+        dim: Channels; must be divisible by ``head_dim``.
+        head_dim: Channels per head.
+        qkv_bias: Bias of the qkv projection.
+        proj_bias: Bias of the output projection.
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout after the output projection.
+    """
+
+    spatial_size = None
+
+    def __init__(self, dim: int, head_dim: int = 32, qkv_bias: bool = False, proj_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, **kwargs):
+        super().__init__()
+        if dim % head_dim != 0:
+            raise ValueError(f"Attention: dim {dim} is not divisible by head_dim {head_dim}; "
+                             f"choose a head_dim that divides it")
+        self.head_dim = head_dim
+        self.num_heads = dim // head_dim
+        self.scale = head_dim ** -0.5
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = x.shape
+        tokens = rearrange(x, "b c h w -> b (h w) c")
+        q, k, v = rearrange(self.qkv(tokens), "b n (three nh d) -> three b nh n d",
+                            three=3, nh=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
+                                             scale=self.scale)
+        out = self.proj_drop(self.proj(rearrange(out, "b nh n d -> b n (nh d)")))
+        return rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
+
+
+class SpatialMLP(nn.Module):
+    """Mixing over the flattened spatial axis with learnt weights (the paper's spatial FC).
+
+    With ``hidden_dim=None`` this is one bias-free ``Linear(N, N)`` over the ``N = H * W`` positions,
+    exactly the release's SpatialFC. With a hidden width it is an MLP-Mixer-style token MLP,
+    ``Linear(N, hidden) -> act -> Linear(hidden, N)`` (with biases).
+
+    Args:
+        dim: Channels (unused; part of the mixer protocol).
+        spatial_size: The fixed (H, W) of the stage this mixer serves.
+        hidden_dim: Hidden width of the token MLP, or None for a single linear map.
+        act_layer: Activation of the token MLP.
+    """
+
+    def __init__(self, dim: Optional[int] = None, spatial_size: Union[int, Tuple[int, int]] = (14, 14),
+                 hidden_dim: Optional[int] = None, act_layer=nn.GELU, **kwargs):
+        super().__init__()
+        self.spatial_size = _pair(spatial_size)
+        n = self.spatial_size[0] * self.spatial_size[1]
+        self.hidden_dim = hidden_dim
+        if hidden_dim is None:
+            self.fc = nn.Linear(n, n, bias=False)
+        else:
+            self.fc1 = nn.Linear(n, hidden_dim)
+            self.act = act_layer()
+            self.fc2 = nn.Linear(hidden_dim, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x = x.flatten(2)
+        x = self.fc(x) if self.hidden_dim is None else self.fc2(self.act(self.fc1(x)))
+        return x.view(b, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"spatial_size={self.spatial_size}, hidden_dim={self.hidden_dim}"
+
+
+class SepConv(nn.Module):
+    """ConvFormer's mixer, an inverted separable convolution: pw -> act -> depthwise k x k -> pw.
+
+    Args:
+        dim: Channels.
+        expansion_ratio: Hidden channels as a multiple of ``dim``.
+        act1_layer: Activation after the first pointwise convolution.
+        act2_layer: Activation after the depthwise convolution.
+        bias: Bias of the three convolutions.
+        kernel_size: Depthwise kernel size (odd).
+    """
+
+    spatial_size = None
+
+    def __init__(self, dim: int, expansion_ratio: float = 2, act1_layer=StarReLU, act2_layer=nn.Identity,
+                 bias: bool = False, kernel_size: int = 7, **kwargs):
+        super().__init__()
+        mid = int(expansion_ratio * dim)
+        self.pwconv1 = nn.Conv2d(dim, mid, 1, bias=bias)
+        self.act1 = act1_layer()
+        self.dwconv = nn.Conv2d(mid, mid, kernel_size, padding=kernel_size // 2, groups=mid, bias=bias)
+        self.act2 = act2_layer()
+        self.pwconv2 = nn.Conv2d(mid, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pwconv2(self.act2(self.dwconv(self.act1(self.pwconv1(x)))))
+
+
+class RandomMixing(nn.Module):
+    """RandFormer's mixer: a frozen random (N, N) matrix ``softmax(rand(N, N), -1)`` over the H*W axis.
+
+    The matrix is a parameter with ``requires_grad=False`` so that it is saved and loaded with the
+    weights (a loaded model must use the released matrix, not a fresh draw).
+
+    Args:
+        dim: Channels (unused; part of the mixer protocol).
+        spatial_size: The fixed (H, W) of the stage this mixer serves (RandFormer: 14x14 and 7x7).
+    """
+
+    def __init__(self, dim: Optional[int] = None, spatial_size: Union[int, Tuple[int, int]] = (14, 14),
+                 **kwargs):
+        super().__init__()
+        self.spatial_size = _pair(spatial_size)
+        n = self.spatial_size[0] * self.spatial_size[1]
+        self.random_matrix = nn.Parameter(torch.softmax(torch.rand(n, n), dim=-1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return torch.matmul(x.flatten(2), self.random_matrix.t()).view(b, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"spatial_size={self.spatial_size}"

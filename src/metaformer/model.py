@@ -1,0 +1,315 @@
+"""The MetaFormer model: stem, four stages of generic blocks, and a classifier head (or feature maps)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from huggingface_hub import ModelHubMixin
+from torch import nn
+
+from .blocks import MetaFormerStage
+from .layers import ClassifierHead, GroupNorm1, Mlp, Stem, trunc_normal_
+from .mixers import Pooling
+
+__all__ = ["MetaFormer", "FeatureInfo"]
+
+ModuleFactory = Callable[..., nn.Module]
+
+
+class FeatureInfo(list):
+    """Per-stage feature descriptions, a list of dicts ``{num_chs, reduction, module}`` as in timm."""
+
+    def channels(self) -> List[int]:
+        """Channels of each returned feature map."""
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> List[int]:
+        """Stride of each returned feature map relative to the input."""
+        return [f["reduction"] for f in self]
+
+
+def _per_stage(value, n: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{what}: expected one value per stage ({n}), got {len(value)}: {value!r}")
+        return list(value)
+    return [value] * n
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class MetaFormer(nn.Module, ModelHubMixin, library_name="metaformer", tags=["image-classification", "metaformer"],
+                 repo_url="https://github.com/metaformer/metaformer", license="apache-2.0"):
+    """A MetaFormer: PoolFormer, its hybrids and the MetaFormer baselines are all instances.
+
+    Build the released models with :func:`metaformer.create`. ``save_pretrained(dir)``,
+    ``push_to_hub(repo)`` (huggingface_hub's ``ModelHubMixin``) and ``MetaFormer.from_pretrained(repo_or_dir)``
+    round-trip any model whose components are built in.
+
+    Args:
+        depths: Blocks per stage.
+        dims: Channels per stage.
+        token_mixers: A mixer class or partial (every stage) or one per stage.
+        norm_layers: Block norm class (every stage) or one per stage.
+        act_layer: Activation class of the block MLPs.
+        mlp_ratios: MLP hidden width as a multiple of the channels, one value or one per stage.
+        mlp_bias: Whether the block MLPs have biases.
+        layer_scale_init_values: Initial layer scale (None: no layer scale), one value or one per stage.
+        res_scale_init_values: Initial res scale (None: none), one value or one per stage.
+        stem_norm: Optional norm after the stem convolution.
+        downsample_norm: Optional norm before each downsampling convolution.
+        head_norm: Norm class of the head.
+        head_norm_first: Normalise the final map before average pooling (PoolFormer) instead of the
+            pooled vector (baselines).
+        mlp_head: Use the baselines' MLP classifier instead of a Linear.
+        pos_embed_sizes: Per stage, None or the (H, W) of a learnt position embedding.
+        num_classes: Classes of the classifier; 0 gives pooled features.
+        in_chans: Input image channels.
+        drop_rate: Dropout inside the block MLPs.
+        head_dropout: Dropout in the head.
+        drop_path_rate: Stochastic depth: block k of N gets ``drop_path_rate * k / (N - 1)``.
+        init: ``"v1"`` (PoolFormer: truncated normal on Linear layers and MLP convs) or ``"baselines"``
+            (truncated normal on every Conv2d and Linear).
+        features_only: Build a backbone returning the stage maps, each through its own norm.
+        out_indices: Stages returned when ``features_only``.
+        feature_norm: Norm class of the returned feature maps (default: the stage's block norm).
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        dims: Sequence[int] = (64, 128, 320, 512),
+        token_mixers: Union[ModuleFactory, Sequence[ModuleFactory]] = Pooling,
+        norm_layers: Union[ModuleFactory, Sequence[ModuleFactory]] = GroupNorm1,
+        act_layer: ModuleFactory = nn.GELU,
+        mlp_ratios: Union[float, Sequence[float]] = 4.0,
+        mlp_bias: bool = True,
+        layer_scale_init_values: Union[Optional[float], Sequence[Optional[float]]] = 1e-5,
+        res_scale_init_values: Union[Optional[float], Sequence[Optional[float]]] = None,
+        stem_norm: Optional[ModuleFactory] = None,
+        downsample_norm: Optional[ModuleFactory] = None,
+        head_norm: ModuleFactory = GroupNorm1,
+        head_norm_first: bool = True,
+        mlp_head: bool = False,
+        pos_embed_sizes: Optional[Sequence[Optional[Tuple[int, int]]]] = None,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        head_dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
+        init: str = "v1",
+        features_only: bool = False,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+        feature_norm: Optional[ModuleFactory] = None,
+    ):
+        super().__init__()
+        n = len(depths)
+        if n == 0 or len(dims) != n:
+            raise ValueError(f"depths and dims must be non-empty and of equal length, got {depths} and {dims}")
+        if init not in ("v1", "baselines"):
+            raise ValueError(f"init must be 'v1' or 'baselines', got {init!r}")
+        if num_classes < 0 or in_chans < 1:
+            raise ValueError(f"num_classes must be >= 0 and in_chans >= 1, got {num_classes} and {in_chans}")
+        self.config: Dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__", "n")}
+        self.pretrained_cfg: Dict[str, Any] = {}
+        self.depths, self.dims = list(depths), list(dims)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = dims[-1]
+        self.features_only = features_only
+
+        mixers = _per_stage(token_mixers, n, "token_mixers")
+        norms = _per_stage(norm_layers, n, "norm_layers")
+        ratios = _per_stage(mlp_ratios, n, "mlp_ratios")
+        layer_scales = _per_stage(layer_scale_init_values, n, "layer_scale_init_values")
+        res_scales = _per_stage(res_scale_init_values, n, "res_scale_init_values")
+        pos_sizes = _per_stage(pos_embed_sizes, n, "pos_embed_sizes")
+        total = sum(depths)
+        rates = [drop_path_rate * k / (total - 1) if total > 1 else 0.0 for k in range(total)]
+
+        self.stem = Stem(in_chans, dims[0], stem_norm)
+        stages = []
+        for i in range(n):
+            start = sum(depths[:i])
+            stages.append(MetaFormerStage(
+                dims[i - 1] if i > 0 else dims[0], dims[i], depths[i], downsample=i > 0,
+                downsample_norm=downsample_norm, pos_embed_size=pos_sizes[i],
+                drop_path_rates=rates[start:start + depths[i]],
+                token_mixer=mixers[i], norm_layer=norms[i], act_layer=act_layer, mlp_ratio=ratios[i],
+                mlp_bias=mlp_bias, drop=drop_rate, layer_scale_init_value=layer_scales[i],
+                res_scale_init_value=res_scales[i],
+            ))
+        self.stages = nn.Sequential(*stages)
+
+        if features_only:
+            out_indices = tuple(out_indices)
+            if not out_indices or any(not 0 <= i < n for i in out_indices):
+                raise ValueError(f"out_indices must be a non-empty subset of {tuple(range(n))}, got {out_indices}")
+            self.out_indices = out_indices
+            self.feature_norms = nn.ModuleList(
+                (feature_norm or norms[i])(dims[i]) if i in out_indices else nn.Identity() for i in range(n))
+            self.head = None
+            self.feature_info = FeatureInfo(
+                dict(num_chs=dims[i], reduction=2 ** (i + 2), module=f"stages.{i}") for i in out_indices)
+        else:
+            self.out_indices = tuple(range(n))
+            self.feature_norms = None
+            self.head = ClassifierHead(dims[-1], num_classes, head_norm, head_norm_first, mlp_head, head_dropout)
+            self.feature_info = FeatureInfo(
+                dict(num_chs=dims[i], reduction=2 ** (i + 2), module=f"stages.{i}") for i in range(n))
+        self._init_weights(init)
+
+    # ------------------------------------------------------------------ init
+    def _init_weights(self, init: str) -> None:
+        def normal_(m: nn.Module) -> None:
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                normal_(m)
+            elif isinstance(m, nn.Conv2d) and init == "baselines":
+                normal_(m)
+            elif isinstance(m, Mlp):  # v1: the MLP convs; stem and downsampling keep PyTorch's init
+                normal_(m.fc1)
+                normal_(m.fc2)
+
+    # ------------------------------------------------------------- checking
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raises a clear error if ``x`` is not a batch this model can take.
+
+        Checks the type, rank, channel count and dtype of ``x``, and that every stage with a fixed
+        spatial size (position embedding, spatial MLP, random mixing) gets exactly that size.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of shape (B, {self.in_chans}, H, W), got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}; "
+                             f"add a batch dimension with x.unsqueeze(0) for a single image")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got shape {tuple(x.shape)}; "
+                             f"build the model with in_chans={x.shape[1]} or convert the images")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got dtype {x.dtype}; "
+                            f"convert with x.float() and normalise it")
+        h, w = x.shape[-2:]
+        if h < 3 or w < 3:
+            raise ValueError(f"input of spatial size {h}x{w} is too small: the stem needs at least 3x3")
+        h, w = _conv_out(h, 7, 4, 2), _conv_out(w, 7, 4, 2)
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
+            need = stage.spatial_size
+            if need is not None and (h, w) != tuple(need):
+                side = tuple(need)
+                raise ValueError(
+                    f"stage {i + 1} has a fixed spatial size {side[0]}x{side[1]} (position embedding or "
+                    f"spatial mixer) but input {tuple(x.shape[-2:])} gives {h}x{w} there; "
+                    f"this model only takes {self.fixed_input_size_hint()} inputs")
+
+    def fixed_input_size_hint(self) -> str:
+        """A human-readable description of the input size(s) the model accepts."""
+        size = self.pretrained_cfg.get("input_size")
+        return f"{size[1]}x{size[2]}" if size else "its training-size"
+
+    # ---------------------------------------------------------- the surface
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and stages: returns the last stage's (B, C, H/32, W/32) map."""
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Head on a feature map: norm and pooling (in the model's order), then the classifier."""
+        if self.head is None:
+            raise RuntimeError("this model was built with features_only=True and has no head")
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The raw output of every stage (no feature norms), for inspection and dense heads."""
+        self.check_input(x)
+        x = self.stem(x)
+        out = []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Logits (B, num_classes), or with ``features_only`` the list of normalised stage maps."""
+        self.check_input(x)
+        if not self.features_only:
+            return self.forward_head(self.forward_features(x))
+        x = self.stem(x)
+        feats = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                feats.append(self.feature_norms[i](x))
+            if i == self.out_indices[-1]:
+                break
+        return feats
+
+    def get_classifier(self) -> nn.Module:
+        """The final classifier module (Linear or MLP head)."""
+        if self.head is None:
+            raise RuntimeError("this model was built with features_only=True and has no classifier")
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replaces the classifier by a freshly initialised one for ``num_classes`` (0: identity)."""
+        if self.head is None:
+            raise RuntimeError("this model was built with features_only=True and has no classifier")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+        device = self.head.norm.weight.device
+        self.head.fc = self.head.make_fc(self.num_features, num_classes).to(device)
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass to save memory."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        """Alias of ``pretrained_cfg`` for timm compatibility."""
+        return self.pretrained_cfg
+
+    # ------------------------------------------------------------ the Hub
+    def _save_pretrained(self, save_directory) -> None:
+        from .hub import save_model
+
+        save_model(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, force_download: bool = False, token=None,
+                        cache_dir=None, local_files_only: bool = False, revision=None,
+                        map_location: str = "cpu") -> "MetaFormer":
+        """Builds a model saved by ``save_pretrained`` from a local folder or a Hub repo id.
+
+        Args:
+            pretrained_model_name_or_path: A folder, or a Hub repo id ``"org/name"``.
+            force_download: Download again even if cached.
+            token: Hub token (default: the logged-in one).
+            cache_dir: Hub cache folder (default: huggingface_hub's).
+            local_files_only: Never download.
+            revision: Branch, tag or commit of the Hub repo.
+            map_location: Device of the returned model.
+
+        Raises:
+            metaformer.PretrainedError: for a missing, corrupt or foreign folder or repo.
+        """
+        from .hub import load_model
+
+        return load_model(str(pretrained_model_name_or_path), map_location=map_location,
+                          force_download=force_download or None, token=token, cache_dir=cache_dir,
+                          local_files_only=local_files_only or None, revision=revision)
+
+    def clone_config(self) -> Dict[str, Any]:
+        """A copy of the constructor arguments that rebuild this architecture."""
+        return copy.copy(self.config)

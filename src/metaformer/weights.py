@@ -1,0 +1,257 @@
+"""Checkpoint files and key layouts.
+
+Every source layout is a declarative rename table (regular expression -> replacement) applied by one
+strict converter, :func:`convert_state_dict`. Layouts:
+
+- ``"metaformer"``: this library's own names (a superset of timm's);
+- ``"timm"``: timm's ``metaformer.py`` names (MLP weights of attention stages are 2-D there);
+- ``"original_v1"``: sail-sg/poolformer (``patch_embed``, a flat ``network.{k}`` list);
+- ``"original_baselines"``: sail-sg/metaformer (``downsample_layers``, ``stages.{i}.{j}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "LAYOUTS", "detect_layout", "convert_state_dict", "read_checkpoint",
+           "load_checkpoint", "load_state_dict_into",
+           "checkpoint_num_classes"]
+
+logger = logging.getLogger("metaformer")
+LAYOUTS = ("metaformer", "timm", "original_v1", "original_baselines")
+Rules = List[Tuple[str, str]]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
+    """Guesses the key layout of a state dict from its keys.
+
+    Raises:
+        CheckpointError: if no known layout matches.
+    """
+    keys = set(state_dict)
+    if "patch_embed.proj.weight" in keys or any(k.startswith("network.") for k in keys):
+        return "original_v1"
+    if "downsample_layers.0.conv.weight" in keys:
+        return "original_baselines"
+    if "stem.conv.weight" in keys:
+        return "metaformer"
+    sample = ", ".join(sorted(keys)[:5])
+    raise CheckpointError(f"unrecognised checkpoint layout (first keys: {sample}); expected one of {LAYOUTS}")
+
+
+_BASELINE_RULES: Rules = [
+    (r"^downsample_layers\.0\.conv\.", "stem.conv."),
+    (r"^downsample_layers\.0\.post_norm\.", "stem.norm."),
+    (r"^downsample_layers\.(\d+)\.pre_norm\.", r"stages.\1.downsample.norm."),
+    (r"^downsample_layers\.(\d+)\.conv\.", r"stages.\1.downsample.conv."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+    (r"^head\.(fc1|norm|fc2)\.", r"head.fc.\1."),
+    (r"^norm\.", "head.norm."),  # after the head rules, which would otherwise rename its result again
+]
+
+
+def _v1_rules(model: nn.Module) -> Rules:
+    """The release's flat ``network`` list: stage, downsample, stage, ... with position embeddings as
+    their own entries, so the indices depend on the architecture."""
+    rules: Rules = [(r"^patch_embed\.proj\.", "stem.conv."), (r"\.layer_scale_([12])$", r".layer_scale\1.scale")]
+    k = 0
+    n = len(model.stages)
+    for i, stage in enumerate(model.stages):
+        if stage.pos_embed is not None:
+            rules.append((rf"^network\.{k}\.pos_embed$", f"stages.{i}.pos_embed"))
+            k += 1
+        rules.append((rf"^network\.{k}\.(\d+)\.", rf"stages.{i}.blocks.\1."))
+        rules.append((rf"^norm{k}\.", f"feature_norms.{i}."))
+        k += 1
+        if i < n - 1:
+            rules.append((rf"^network\.{k}\.proj\.", f"stages.{i + 1}.downsample.conv."))
+            k += 1
+    rules += [(r"^head\.", "head.fc."), (r"^norm\.", "head.norm.")]  # this order: rules apply in sequence
+    return rules
+
+
+def _rename(key: str, rules: Rules) -> str:
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _strip_ones(shape: Sequence[int]) -> Tuple[int, ...]:
+    shape = tuple(shape)
+    while shape and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _summary(names: Iterable[str], limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, layout: Optional[str] = None,
+                       *, skip: Sequence[str] = (), allow_missing: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+    """Renames a state dict of any known layout to ``model``'s names, strictly.
+
+    Tensors whose shapes differ only by trailing singleton axes (a Linear weight for a 1x1 conv) are
+    reshaped; any other difference is an error.
+
+    Args:
+        state_dict: The source tensors.
+        model: The :class:`~metaformer.MetaFormer` the tensors are for.
+        layout: One of :data:`LAYOUTS`, or None to detect it.
+        skip: Prefixes (in the model's names) of source tensors to drop (e.g. a replaced classifier).
+        allow_missing: Prefixes of model tensors that may be absent (they keep their initialisation).
+
+    Returns:
+        A state dict with exactly the model's keys, minus allowed missing ones.
+
+    Raises:
+        CheckpointError: naming missing, unexpected and mis-shaped tensors.
+    """
+    layout = layout or detect_layout(state_dict)
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    rules = {"metaformer": [], "timm": [], "original_baselines": _BASELINE_RULES}.get(layout)
+    if rules is None:
+        rules = _v1_rules(model)
+    target = model.state_dict()
+    out: Dict[str, torch.Tensor] = {}
+    unexpected, mis_shaped = [], []
+    for key, value in state_dict.items():
+        new = _rename(key, rules)
+        if any(new.startswith(p) for p in skip):
+            continue
+        if new not in target:
+            unexpected.append(key if key == new else f"{key} (as {new})")
+            continue
+        want = target[new].shape
+        if value.shape != want:
+            if _strip_ones(value.shape) != _strip_ones(want):
+                mis_shaped.append(f"{new}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
+                continue
+            value = value.reshape(want)
+        out[new] = value
+    missing = [k for k in target if k not in out and not any(k.startswith(p) for p in allow_missing)
+               and not any(k.startswith(p) for p in skip)]
+    if unexpected or missing or mis_shaped:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_summary(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_summary(unexpected)}")
+        if mis_shaped:
+            parts.append(f"mis-shaped {len(mis_shaped)}: {_summary(mis_shaped)}")
+        raise CheckpointError(f"checkpoint ({layout} layout) does not fit the model: " + "; ".join(parts))
+    return out
+
+
+def _unwrap(obj, path: str) -> Dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+            if key in obj and isinstance(obj[key], dict) and obj[key] and all(
+                    isinstance(v, torch.Tensor) for v in obj[key].values()):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+    raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+
+
+def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """Reads a state dict from ``.safetensors`` or a PyTorch file (``.pth``, ``.pth.tar``, ``.bin``, ``.pt``).
+
+    PyTorch files are read with ``torch.load(weights_only=True)``: no pickled code runs. A wrapping dict
+    (``{"state_dict": ...}``, ``{"model": ...}``) and DistributedDataParallel's ``module.`` prefix are
+    removed.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        CheckpointError: if it is truncated, corrupt, or not a state dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return dict(load_file(path, device="cpu"))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad header, forbidden pickle global...
+        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}. "
+                              f"The file may be truncated or corrupt; download it again.") from e
+    return _unwrap(obj, path)
+
+
+def load_state_dict_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], layout: Optional[str] = None,
+                         *, source: str = "checkpoint", replace_classifier: bool = False) -> None:
+    """Loads a state dict of any known layout into a model, adapting what may be adapted.
+
+    - A model with ``features_only`` takes the backbone; its feature norms start fresh when the
+      checkpoint has none (reported through ``logging``).
+    - With ``replace_classifier`` the checkpoint's classifier is dropped and the model's freshly
+      initialised one kept (fine-tuning to another ``num_classes``).
+    - A stem for a different ``in_chans`` is adapted as timm does (``adapt_input_conv``).
+
+    Nothing is loaded unless everything fits: the model is unchanged when this raises.
+
+    Raises:
+        CheckpointError: naming the source and the tensors that do not fit.
+    """
+    try:
+        layout = layout or detect_layout(state_dict)
+        state_dict = dict(state_dict)
+        skip: List[str] = []
+        allow_missing: List[str] = []
+        if getattr(model, "features_only", False):
+            skip.append("head.")
+            if not any("feature_norms." in k or re.match(r"^norm\d+\.", k) for k in state_dict):
+                allow_missing.append("feature_norms.")
+                logger.info("%s: the checkpoint has no per-stage feature norms; they start fresh", source)
+        elif replace_classifier:
+            skip.append("head.fc.")
+            allow_missing.append("head.fc.")
+        conv_key = {"original_v1": "patch_embed.proj.weight", "original_baselines": "downsample_layers.0.conv.weight"
+                    }.get(layout, "stem.conv.weight")
+        if conv_key in state_dict and state_dict[conv_key].shape[1] != model.in_chans:
+            from timm.models import adapt_input_conv
+
+            state_dict[conv_key] = adapt_input_conv(model.in_chans, state_dict[conv_key])
+        converted = convert_state_dict(state_dict, model, layout, skip=skip, allow_missing=allow_missing)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    model.load_state_dict(converted, strict=False)
+
+
+def checkpoint_num_classes(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
+    """Number of classes of the classifier in a state dict of any layout, or None if it has none."""
+    for key in ("head.fc.fc2.weight", "head.fc2.weight", "head.fc.weight", "head.weight"):
+        if key in state_dict and state_dict[key].dim() == 2:
+            return int(state_dict[key].shape[0])
+    return None
+
+
+def load_checkpoint(model: nn.Module, path: str, layout: Optional[str] = None,
+                    replace_classifier: bool = False) -> None:
+    """Reads ``path`` and loads it into ``model`` strictly (see :func:`load_state_dict_into`).
+
+    With ``replace_classifier``, a checkpoint whose classifier has another number of classes than the
+    model leaves the model's fresh classifier in place (fine-tuning); otherwise everything must fit.
+    """
+    state_dict = read_checkpoint(path)
+    classes = checkpoint_num_classes(state_dict)
+    replace = replace_classifier and classes is not None and classes != getattr(model, "num_classes", None)
+    load_state_dict_into(model, state_dict, layout, source=f"checkpoint {os.fspath(path)}",
+                         replace_classifier=replace)

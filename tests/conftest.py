@@ -1,0 +1,39 @@
+"""Test session set-up.
+
+The whole session runs offline against a real, empty Hugging Face cache and torch.hub cache in a
+temporary folder (tests that need released files place them exactly where a download would). These
+variables must be set before huggingface_hub is imported, hence at the top of conftest.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+
+_CACHE_ROOT = tempfile.mkdtemp(prefix="metaformer-tests-")
+os.environ["HF_HOME"] = os.path.join(_CACHE_ROOT, "hf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TORCH_HOME"] = os.path.join(_CACHE_ROOT, "torch")
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ.pop("METAFORMER_BACKEND", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def cache_root():
+    """The session's temporary cache folder (HF_HOME and TORCH_HOME live under it)."""
+    return _CACHE_ROOT
