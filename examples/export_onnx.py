@@ -1,0 +1,91 @@
+"""Exporting a MetaFormer to ONNX and checking ONNX Runtime against eager PyTorch.
+
+The model is exported with ``torch.onnx.export`` (a dynamic batch axis; opset 17 by default) and run
+with ONNX Runtime on a fresh batch of a different size; the outputs must match the eager model's
+within ``--atol``. The pooling models' fused block (see the kernels page) is written with standard
+operators, so the ``"torch"`` kernel backend exports as it is; ``--backend reference`` exports the
+plain GroupNorm + AvgPool composition instead.
+
+By default the TorchScript-based exporter (``dynamo=False``) is used: it needs only ``onnx``.
+``--dynamo`` selects the ``torch.export``-based exporter, which also needs ``onnxscript``.
+
+Run::
+
+    python examples/export_onnx.py --output poolformer_s12.onnx
+    python examples/export_onnx.py --model caformer_s18 --image-size 224
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+
+import torch
+
+import metaformer
+
+
+def export(model: torch.nn.Module, path: str, image_size: int, opset: int = 17, dynamo: bool = False) -> None:
+    """Writes ``model`` (in eval mode) to ``path`` with a dynamic batch axis named ``batch``."""
+    example = torch.randn(2, model.in_chans, image_size, image_size)
+    with warnings.catch_warnings():
+        # Tracing warns about the model's Python-level input checks; they hold for every batch size.
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"],
+                              opset_version=opset, dynamo=True,
+                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        else:
+            torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"],
+                              opset_version=opset, dynamo=False,
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def main(argv=None) -> float:
+    """Exports, checks the file with ``onnx.checker``, compares ONNX Runtime with eager; returns the max error."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="poolformer_s12")
+    parser.add_argument("--pretrained", action="store_true")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=3, help="batch of the check (differs from the export's 2)")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--backend", default="torch", choices=["torch", "reference"],
+                        help="metaformer kernel backend used while exporting")
+    parser.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter")
+    parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--output", help="where to write the .onnx file (default: a temporary file)")
+    args = parser.parse_args(argv)
+
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    metaformer.set_backend(args.backend)
+    model = metaformer.create(args.model, pretrained=args.pretrained).eval()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.output or os.path.join(tmp, f"{args.model}.onnx")
+        start = time.perf_counter()
+        export(model, path, args.image_size, args.opset, args.dynamo)
+        onnx.checker.check_model(path)
+        print(f"exported {args.model} to {path} ({os.path.getsize(path) / 2**20:.1f} MiB, opset {args.opset}, "
+              f"{time.perf_counter() - start:.1f}s)")
+
+        x = torch.randn(args.batch_size, model.in_chans, args.image_size, args.image_size)
+        with torch.no_grad():
+            expected = model(x)
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    actual = torch.from_numpy(actual)
+    error = (actual - expected).abs().max().item()
+    torch.testing.assert_close(actual, expected, atol=args.atol, rtol=1e-4)
+    print(f"ONNX Runtime matches eager on a batch of {args.batch_size}: max abs difference {error:.2e} "
+          f"(atol {args.atol:g})")
+    return error
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Runs every script of examples/ with small arguments, each in its own process, as a user would.
+
+The Gradio app is only imported (it must import without gradio and launch nothing) and its
+prediction function called directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SCRIPTS = ["ablation", "finetune_folder", "detection_backbone", "export_onnx", "cam", "gradio_app"]
+
+
+def run_example(name: str, *args: str, timeout: float = 300) -> str:
+    """Runs ``examples/{name}.py`` with ``args``; returns its stdout, failing with its output on error."""
+    # One thread per process: the examples are tiny and the test machines are shared.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=str(EXAMPLES.parent))
+    assert proc.returncode == 0, f"{name}.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def load_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_example_has_docstring_and_main(name):
+    source = (EXAMPLES / f"{name}.py").read_text()
+    assert source.startswith('"""'), f"{name}.py needs a module docstring"
+    assert "def main(argv=None)" in source
+    assert 'if __name__ == "__main__":\n    main()' in source
+
+
+def test_ablation():
+    out = run_example("ablation", "--mixers", "pooling", "identity", "shift", "--steps", "2", "--batch-size", "8")
+    table = out[out.index("val acc"):]
+    for mixer in ("pooling", "identity", "shift"):
+        assert f"\n{mixer} " in table
+
+
+def test_finetune_folder_and_cam_on_the_saved_model(tmp_path):
+    saved = tmp_path / "model"
+    out = run_example("finetune_folder", "--epochs", "1", "--max-steps", "2", "--batch-size", "8",
+                      "--save", str(saved))
+    assert "10 classes" in out and "val acc" in out
+    assert (saved / "config.json").is_file() and (saved / "model.safetensors").is_file()
+
+    png = tmp_path / "cam.png"
+    out = run_example("cam", "--from-pretrained", str(saved), "--image-size", "64", "--output", str(png))
+    assert png.is_file()
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
+
+
+def test_finetune_folder_on_an_unsplit_folder(tmp_path):
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(5):
+            Image.new("RGB", (16, 16), (40 * i, 100 if label == "a" else 200, 0)).save(tmp_path / label / f"{i}.png")
+    out = run_example("finetune_folder", str(tmp_path), "--epochs", "1", "--batch-size", "4", "--image-size", "32")
+    assert "8 train / 2 val images, 2 classes" in out
+
+
+def test_detection_backbone():
+    out = run_example("detection_backbone", "--image-size", "128", "--batch-size", "1")
+    assert "strides [4, 8, 16, 32]" in out and "loss_classifier" in out and "inference" in out
+
+
+def test_export_onnx(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "model.onnx"
+    out = run_example("export_onnx", "--image-size", "64", "--output", str(path))
+    assert path.is_file() and "ONNX Runtime matches eager" in out
+
+
+def test_cam_default_image(tmp_path):
+    png = tmp_path / "cam.png"
+    run_example("cam", "--image-size", "96", "--output", str(png))
+    assert png.is_file()
+
+
+def test_gradio_app_imports_without_launching():
+    import torch
+    from PIL import Image
+
+    import metaformer
+
+    module = load_module("gradio_app")  # must not need gradio, nor launch anything
+    if importlib.util.find_spec("gradio") is None:
+        assert "gradio" not in sys.modules
+    torch.manual_seed(0)
+    model = metaformer.create("poolformer_s12", num_classes=3)
+    model.pretrained_cfg["input_size"] = (3, 64, 64)
+    predict = module.make_predict(model, labels=["cat", "dog", "bird"], top_k=2)
+    scores = predict(Image.new("RGB", (80, 60), (120, 30, 200)))
+    assert len(scores) == 2 and set(scores) <= {"cat", "dog", "bird"}
+    assert all(0.0 <= p <= 1.0 for p in scores.values())
+    assert len(module.class_names(1000)) == 1000
