@@ -111,10 +111,11 @@ def zoo_markdown() -> str:
     for v in variants:
         tags = ", ".join(f"`{s.tag}`" for s in v.sources) or "none"
         top1 = f"{v.top1:.1f}" if v.top1 is not None else "—"
+        macs = f"{v.macs:.1f}G" if v.macs is not None else "—"
         release = "PoolFormer (v1)" if v.paper == "poolformer" else "MetaFormer baselines"
         lines.append(
             f"| [`{v.name}`](#{v.name}) | {release} | {'-'.join(map(str, v.depths))} | "
-            f"{'-'.join(map(str, v.dims))} | {_mixers(v)} | {v.params:,} | {v.macs:.1f}G | {top1} | "
+            f"{'-'.join(map(str, v.dims))} | {_mixers(v)} | {v.params:,} | {macs} | {top1} | "
             f"{v.crop_pct:g} | {tags} |")
     lines += ["", f"{len(variants)} models. Parameters, MACs at 224x224 and ImageNet-1k top-1 are the figures "
               "the registry records from the releases (`Variant.params`, `Variant.macs`, `Variant.top1`), "

@@ -128,7 +128,7 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
         rules = _v1_rules(model)
     target = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
-    unexpected, mis_shaped = [], []
+    unexpected, mis_shaped, mis_shaped_keys = [], [], set()
     for key, value in state_dict.items():
         new = _rename(key, rules)
         if any(new.startswith(p) for p in skip):
@@ -140,10 +140,12 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
         if value.shape != want:
             if _strip_ones(value.shape) != _strip_ones(want):
                 mis_shaped.append(f"{new}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
+                mis_shaped_keys.add(new)
                 continue
             value = value.reshape(want)
         out[new] = value
-    missing = [k for k in target if k not in out and not any(k.startswith(p) for p in allow_missing)
+    missing = [k for k in target if k not in out and k not in mis_shaped_keys
+               and not any(k.startswith(p) for p in allow_missing)
                and not any(k.startswith(p) for p in skip)]
     if unexpected or missing or mis_shaped:
         parts = []
