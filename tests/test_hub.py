@@ -168,6 +168,10 @@ def test_tags_are_listed_and_checked():
         metaformer.create("caformer_s18.sail_in2k")
     cfg = metaformer.create("convformer_s18.sail_in1k_384").pretrained_cfg
     assert cfg["input_size"] == (3, 384, 384) and cfg["crop_pct"] == 1.0
+    # the original code's caformer_m36_in21k factory looked up "caformer_m364_in21k" and built 1000 classes
+    src = metaformer.get_variant("caformer_m36").source("release_in22k")
+    assert (src.hf_hub_id, src.hf_filename, src.num_classes) == ("sail/dl", "caformer/caformer_m36_in21k.pth", 21841)
+    assert metaformer.create("caformer_m36.release_in22k").num_classes == 21841
 
 
 # ------------------------------------------------------------------------------------- failures

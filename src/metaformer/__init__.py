@@ -10,6 +10,7 @@ Quick start::
 from .blocks import MetaFormerBlock, MetaFormerStage
 from .factory import create
 from .hub import PretrainedError
+from .inference import optimize_for_inference
 from .kernels import get_backend, set_backend
 from .layers import GroupNorm1, LayerNorm, LayerNorm2d, Scale, SquaredReLU, StarReLU
 from .mixers import Attention, Identity, Pooling, RandomMixing, SepConv, SpatialMLP, TokenMixer
@@ -42,6 +43,7 @@ __all__ = [
     "SquaredReLU",
     "Scale",
     "set_backend",
+    "optimize_for_inference",
     "get_backend",
     "load_checkpoint",
     "read_checkpoint",

@@ -79,11 +79,33 @@ class MetaFormerBlock(nn.Module):
         return kernels.pool_mixer_residual(x, weight, eps=self.norm1.eps, pool_size=self.token_mixer.pool_size,
                                            res_scale=res_scale, sample_scale=sample_scale)
 
+    def _onednn_mlp_half(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Eval-mode CPU MLP half as two oneDNN primitives (GELU and residual add fused), else None."""
+        mlp, ls, rs = self.mlp, self.layer_scale2, self.res_scale2
+        if (self.training or type(mlp) is not Mlp or type(mlp.act) is not nn.GELU or not kernels.onednn_mlp_usable(x)
+                or type(ls) not in (Scale, nn.Identity) or type(rs) not in (Scale, nn.Identity)
+                or kernels.get_backend() == "reference"):
+            return None
+        w2, b2 = mlp.fc2.weight, mlp.fc2.bias
+        if type(ls) is Scale:  # fold layer scale 2 into fc2 (a few KB of weights per call)
+            w2 = w2 * ls.scale.view(-1, 1, 1, 1)
+            b2 = None if b2 is None else b2 * ls.scale
+        res = x if type(rs) is nn.Identity else rs(x)
+        try:
+            return kernels.mlp_residual_onednn(self.norm2(x), res, mlp.fc1.weight, mlp.fc1.bias, w2, b2,
+                                               mlp.act.approximate)
+        except (RuntimeError, TypeError):  # a private oneDNN op of another torch build: use the plain path
+            return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fusable and kernels.get_backend() != "reference":
             x = self._fused_mixer_half(x)
         else:
             x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+        if not self.training and x.device.type == "cpu":
+            y = self._onednn_mlp_half(x)
+            if y is not None:
+                return y
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
 
 

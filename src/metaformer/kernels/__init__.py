@@ -23,12 +23,19 @@ import os
 
 import torch
 
-from .torch_impl import pool_mixer_residual_reference, pool_mixer_residual_torch
+from .torch_impl import (
+    mlp_residual_onednn,
+    onednn_mlp_usable,
+    pool_mixer_residual_reference,
+    pool_mixer_residual_torch,
+)
 
 __all__ = [
     "BACKENDS",
     "TRITON_AVAILABLE",
     "get_backend",
+    "mlp_residual_onednn",
+    "onednn_mlp_usable",
     "pool_mixer_residual",
     "resolve_backend",
     "set_backend",

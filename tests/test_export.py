@@ -1,0 +1,89 @@
+"""The models under torch.compile(fullgraph=True), torch.export and ONNX export (ONNX Runtime)."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import pytest
+import torch
+
+import metaformer
+
+SIZE = (64, 64)
+
+
+def _model(name: str, optimized: bool = False):
+    torch.manual_seed(0)
+    model = metaformer.create(name).eval()
+    with torch.no_grad():  # non-trivial norms and layer scales, so that a wrong fold would show
+        for n, p in model.named_parameters():
+            if p.dim() == 1 and ("norm" in n or "scale" in n):
+                p.add_(0.2 * torch.randn_like(p))
+    return metaformer.optimize_for_inference(model) if optimized else model
+
+
+def _close(actual, expected, tol=1e-5):
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["default", "optimized"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_fullgraph(backend, optimized):
+    model = _model("poolformer_s12", optimized)
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        expected = model(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)  # fullgraph: any graph break raises
+    with torch.no_grad():
+        _close(compiled(x), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("METAFORMER_TEST_INDUCTOR") != "1",
+                    reason="Inductor needs a C++ compiler and ~1 min per model on CPU; set METAFORMER_TEST_INDUCTOR=1")
+def test_compile_inductor():
+    model = _model("poolformer_s12")
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        _close(torch.compile(model, fullgraph=True)(x), expected)
+
+
+@pytest.mark.parametrize("name,optimized", [("poolformer_s12", False), ("poolformer_s12", True),
+                                            ("caformer_s18", False)],
+                         ids=["poolformer_s12", "poolformer_s12-optimized", "caformer_s18"])
+def test_torch_export(name, optimized):
+    model = _model(name, optimized)
+    x = torch.randn(2, 3, *SIZE)
+    program = torch.export.export(model, (x,))
+    # Export takes the pure-PyTorch path: no Triton and no oneDNN-private operator in the graph.
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("mkldnn" in t or "triton" in t for t in targets), targets
+    x2 = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        _close(program.module()(x2), model(x2))
+
+
+@pytest.mark.parametrize("name,optimized", [("poolformer_s12", False), ("poolformer_s12", True),
+                                            ("convformer_s18", False)],
+                         ids=["poolformer_s12", "poolformer_s12-optimized", "convformer_s18"])
+def test_onnx_export_matches_onnxruntime(name, optimized):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = _model(name, optimized)
+    x = torch.randn(2, 3, *SIZE)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        # dynamo=False: the TorchScript-based exporter needs only `onnx` (dynamo=True also needs onnxscript).
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    x3 = torch.randn(3, 3, *SIZE)  # another batch size: the batch axis is dynamic
+    (logits,) = session.run(None, {"images": x3.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(x3), rtol=1e-4, atol=1e-4)
