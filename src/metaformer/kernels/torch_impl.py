@@ -161,8 +161,10 @@ def mlp_residual_onednn(
     Args:
         h: (B, C, H, W) input of the MLP (the normalised block input), fp32 on CPU.
         residual: (B, C', H, W) tensor added to the output.
-        w1, b1: First 1x1 convolution, weight (4C, C, 1, 1) and optional bias.
-        w2, b2: Second 1x1 convolution, weight (C', 4C, 1, 1) and optional bias.
+        w1: Weight of the first 1x1 convolution, (4C, C, 1, 1).
+        b1: Optional bias of the first convolution.
+        w2: Weight of the second 1x1 convolution, (C', 4C, 1, 1).
+        b2: Optional bias of the second convolution.
         approximate: GELU form, ``"none"`` (erf) or ``"tanh"``.
     """
     ops = torch.ops.mkldnn
