@@ -3,7 +3,7 @@
 import functools
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def built_model(name: str, **kwargs):
     """One shared instance per (name, kwargs): building the large variants is the slow part."""
     import metaformer
@@ -13,7 +13,6 @@ def built_model(name: str, **kwargs):
 
 def input_size_for(name: str):
     """Small inputs for speed; models with fixed-size parts need their 224x224."""
-    import metaformer
 
     model = built_model(name)
     return (224, 224) if model.pretrained_cfg["fixed_input_size"] else (64, 64)

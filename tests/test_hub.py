@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from huggingface_hub import ModelHubMixin
 from hub_cache import place_hub_file, place_torch_hub_file
+from huggingface_hub import ModelHubMixin
 from reference import original_baselines, original_v1, save_original
 from safetensors.torch import save_file
 from torch import nn

@@ -28,7 +28,21 @@ __all__ = [
 ]
 
 
-class GroupNorm1(nn.Module):
+class _ChannelAffineNorm(nn.Module):
+    """A norm of an NCHW tensor with a per-channel weight and an optional per-channel bias."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels)) if bias else None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, bias={self.bias is not None}"
+
+
+class GroupNorm1(_ChannelAffineNorm):
     """GroupNorm with a single group: normalises over (C, H, W) of each sample.
 
     This is PoolFormer's norm (``nn.GroupNorm(1, C)``, eps 1e-5, with bias) and, with ``bias=False``
@@ -40,21 +54,11 @@ class GroupNorm1(nn.Module):
         bias: Whether to learn a per-channel bias (the per-channel weight is always learnt).
     """
 
-    def __init__(self, num_channels: int, eps: float = 1e-5, bias: bool = True):
-        super().__init__()
-        self.num_channels = num_channels
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels)) if bias else None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(x, 1, self.weight, self.bias, self.eps)
 
-    def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}, bias={self.bias is not None}"
 
-
-class LayerNorm2d(nn.Module):
+class LayerNorm2d(_ChannelAffineNorm):
     """LayerNorm over the channel axis alone, at every spatial position of an NCHW tensor.
 
     Args:
@@ -63,20 +67,10 @@ class LayerNorm2d(nn.Module):
         bias: Whether to learn a per-channel bias.
     """
 
-    def __init__(self, num_channels: int, eps: float = 1e-5, bias: bool = True):
-        super().__init__()
-        self.num_channels = num_channels
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels)) if bias else None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 1)
         x = F.layer_norm(x, (self.num_channels,), self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}, bias={self.bias is not None}"
 
 
 class LayerNorm(nn.LayerNorm):

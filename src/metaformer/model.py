@@ -289,7 +289,7 @@ class MetaFormer(nn.Module, ModelHubMixin, library_name="metaformer", tags=["ima
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, force_download: bool = False, token=None,
                         cache_dir=None, local_files_only: bool = False, revision=None,
-                        map_location: str = "cpu") -> "MetaFormer":
+                        map_location: str = "cpu") -> MetaFormer:
         """Builds a model saved by ``save_pretrained`` from a local folder or a Hub repo id.
 
         Args:
