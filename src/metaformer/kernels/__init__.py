@@ -20,6 +20,7 @@ use); ``set_backend`` overrides it.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -55,6 +56,7 @@ except Exception as err:
     TRITON_IMPORT_ERROR = err
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRITON_RUNTIME_ERROR: BaseException | None = None  # set when the kernels failed at run time under "auto"
 _backend: str | None = None
 
 
@@ -118,7 +120,8 @@ def resolve_backend(x: torch.Tensor) -> str:
     """
     backend = get_backend()
     if backend == "auto":
-        if TRITON_AVAILABLE and x.is_cuda and x.dtype in _TRITON_DTYPES and not torch.compiler.is_compiling():
+        if (TRITON_AVAILABLE and _TRITON_RUNTIME_ERROR is None and x.is_cuda and x.dtype in _TRITON_DTYPES
+                and not torch.compiler.is_compiling()):
             return "triton"
         return "torch"
     if backend == "triton":
@@ -173,7 +176,16 @@ def pool_mixer_residual(
     backend = resolve_backend(x)
     kwargs = dict(eps=eps, pool_size=pool_size, res_scale=res_scale, sample_scale=sample_scale)
     if backend == "triton" and x.dtype in _TRITON_DTYPES:
-        return pool_mixer_residual_triton(x, weight, **kwargs)
+        if get_backend() != "auto":
+            return pool_mixer_residual_triton(x, weight, **kwargs)
+        try:
+            return pool_mixer_residual_triton(x, weight, **kwargs)
+        except Exception as e:  # a Triton/driver combination that cannot compile or launch the kernels
+            global _TRITON_RUNTIME_ERROR
+            _TRITON_RUNTIME_ERROR = e
+            warnings.warn(f"metaformer: the Triton pooling kernels failed ({type(e).__name__}: {e}); the 'auto' "
+                          f"backend uses the PyTorch path from now on. set_backend('triton') shows the error.",
+                          RuntimeWarning, stacklevel=2)
     if backend == "reference":
         return pool_mixer_residual_reference(x, weight, **kwargs)
     return pool_mixer_residual_torch(x, weight, **kwargs)
