@@ -286,6 +286,21 @@ def test_save_pretrained_round_trip_of_a_hybrid_ablation(tmp_path):
     assert MetaFormer.push_to_hub is ModelHubMixin.push_to_hub
 
 
+def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path):
+    """push_to_hub against a loopback server answering the Hub's upload API; the uploaded files equal
+    save_pretrained's and rebuild the model."""
+    script = Path(__file__).with_name("fake_hub_push.py")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "uploaded" / name).read_bytes() == (tmp_path / "saved" / name).read_bytes(), name
+    model = MetaFormer.from_pretrained(tmp_path / "uploaded").eval()
+    assert model.num_classes == 3 and model.stages[0].blocks[0].token_mixer.pool_size == 5
+    assert isinstance(model.stages[0].blocks[0].mlp.act, nn.SiLU)
+
+
 class _Shift(nn.Module):
     def __init__(self, dim):
         super().__init__()
