@@ -167,3 +167,18 @@ def test_stage_by_stage_against_timm(name):
         for i in range(4):
             a, b = t.stages[i](a), ours.stages[i](b)
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+
+
+def test_spatial_mlp_with_hidden_width_is_a_token_mlp():
+    mixer = SpatialMLP(64, spatial_size=(4, 6), hidden_dim=16)
+    x = torch.randn(2, 64, 4, 6, requires_grad=True)
+    y = mixer(x)
+    expected = mixer.fc2(mixer.act(mixer.fc1(x.reshape(2, 64, 24)))).reshape(2, 64, 4, 6)
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()
+    assert all(p.grad is not None for p in mixer.parameters())
+    assert isinstance(mixer, metaformer.TokenMixer)
+    model = metaformer.create("poolformer_s12", token_mixers=["pooling", "pooling", "pooling",
+                                                              functools.partial(SpatialMLP, hidden_dim=32)])
+    assert model.stages[3].blocks[0].token_mixer.spatial_size == (7, 7)
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
