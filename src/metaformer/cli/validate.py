@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     root = args.data
     if os.path.isdir(os.path.join(root, args.split)):
         root = os.path.join(root, args.split)
+    if not os.path.isdir(root):  # before the (slow) model build, and before its random-weights warning
+        raise CLIError(f"validation data folder not found: {root}")
     device = resolve_device(args.device)
 
     loaded = load_model(args, use_ema=args.use_ema)
