@@ -86,3 +86,23 @@ def test_fine_tuning_checkpoint_with_new_classes(tmp_path):
     model = metaformer.create("poolformer_s12", checkpoint=str(tmp_path / "w.pth"), num_classes=3)
     assert model.head.fc.weight.shape == (3, 512)
     torch.testing.assert_close(model.stem.conv.weight, ref.state_dict()["patch_embed.proj.weight"])
+
+
+def test_release_detection_backbone_checkpoint(tmp_path):
+    """The release's detection/segmentation backbones add GroupNorms norm0, norm2, norm4, norm6 (REFERENCE.md)."""
+    ref = original_v1.randomize_(original_v1.build("poolformer_s12"), seed=8)
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith(("norm.", "head."))}
+    for i, k in enumerate((0, 2, 4, 6)):
+        c = (64, 128, 320, 512)[i]
+        sd[f"norm{k}.weight"] = torch.rand(c) + 0.5
+        sd[f"norm{k}.bias"] = torch.randn(c)
+    torch.save(sd, tmp_path / "det.pth")
+    full = metaformer.create("poolformer_s12", features_only=True, checkpoint=str(tmp_path / "det.pth")).eval()
+    torch.testing.assert_close(full.feature_norms[2].weight, sd["norm4.weight"])
+    part = metaformer.create("poolformer_s12", features_only=True, out_indices=(1, 3),
+                             checkpoint=str(tmp_path / "det.pth")).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        f_full, f_part = full(x), part(x)
+    torch.testing.assert_close(f_part[0], f_full[1])
+    torch.testing.assert_close(f_part[1], f_full[3])

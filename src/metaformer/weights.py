@@ -219,6 +219,8 @@ def load_state_dict_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
         allow_missing: List[str] = []
         if getattr(model, "features_only", False):
             skip.append("head.")
+            # a dense-prediction checkpoint's norms of stages this backbone does not return
+            skip += [f"feature_norms.{i}." for i in range(len(model.stages)) if i not in model.out_indices]
             if not any("feature_norms." in k or re.match(r"^norm\d+\.", k) for k in state_dict):
                 allow_missing.append("feature_norms.")
                 logger.info("%s: the checkpoint has no per-stage feature norms; they start fresh", source)
