@@ -18,6 +18,10 @@ Usage::
 
     python benchmarks/bench_pool_mixer_gpu.py                  # batch 128, bf16 and fp32
     python benchmarks/bench_pool_mixer_gpu.py --dtypes bf16 --reps 50 --peak-gbps 4800  # H200
+
+After the mixer table it times the whole model (timm's eager model vs ours, bf16 autocast, inference
+and a training step, peak memory). ``--models-only --device cpu --batch 2 --size 64 --reps 2`` is a
+smoke run of that part on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-gbps", type=float, default=3350.0, help="card's DRAM bandwidth (H100 SXM: 3350)")
     p.add_argument("--channels-last", action="store_true", help="use channels_last inputs")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--model", default="poolformer_s12", help="model of the whole-model part (default poolformer_s12)")
+    p.add_argument("--size", type=int, default=224, help="image side of the whole-model part (default 224)")
+    p.add_argument("--models-only", action="store_true", help="skip the mixer-half table")
+    p.add_argument("--device", default="cuda", help="device of the whole-model part (cpu: a smoke run only)")
     return p.parse_args(argv)
 
 
@@ -107,8 +115,71 @@ def peak_mem_mib(fn, x) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def bench_models(args) -> None:
+    """Whole model, timm's eager model vs ours: inference and a training step (SGD-free: forward, backward,
+    zero_grad) under bf16 autocast, interleaved, medians; peak memory of a training step."""
+    import time
+
+    import timm
+
+    import metaformer
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    models = {"timm": timm.create_model(args.model), "ours": metaformer.create(args.model)}
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    for m in models.values():
+        m.to(device)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def run(model, train):
+        model.train(train)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            if train:
+                model(x).float().logsumexp(1).mean().backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad():
+                    model(x)
+
+    print(f"\nwhole model {args.model}, batch {args.batch}, {args.size}x{args.size}, bf16 autocast, {device}")
+    for train in (False, True):
+        for m in models.values():
+            for _ in range(args.warmup):
+                run(m, train)
+        times = {k: [] for k in models}
+        for _ in range(args.reps):
+            for name, m in models.items():
+                sync()
+                t0 = time.perf_counter()
+                run(m, train)
+                sync()
+                times[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        line = f"  {'train step' if train else 'inference':10}: " + ", ".join(
+            f"{k} {1e3 * v:.2f} ms ({args.batch / v:.0f} img/s)" for k, v in med.items())
+        line += f"; ours/timm speed {med['timm'] / med['ours']:.2f}x"
+        if train and cuda:
+            mem = {}
+            for name, m in models.items():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                run(m, True)
+                torch.cuda.synchronize()
+                mem[name] = torch.cuda.max_memory_allocated() / 2**20
+            line += f"; peak memory timm {mem['timm']:.0f} MiB, ours {mem['ours']:.0f} MiB " \
+                    f"({mem['ours'] / mem['timm']:.2f}x)"
+        print(line)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.models_only:
+        bench_models(args)
+        return 0
     if not torch.cuda.is_available():
         print("bench_pool_mixer_gpu: no CUDA device available; this benchmark needs a GPU. Exiting.")
         return 1
@@ -165,6 +236,8 @@ def main(argv=None) -> int:
                     f"{t['eager'] / t['triton']:7.2f}x {tc / t['triton']:7.2f}x | "
                     f"{gbps:11.0f} {100 * gbps / args.peak_gbps:5.1f}% | {mem:>20}"
                 )
+    K.set_backend("auto")
+    bench_models(args)
     return 0
 
 
