@@ -146,7 +146,7 @@ HOW_TO_BENCHMARK = (
     "(one row per measurement): the next build of this site plots them here."
 )
 # Preferred metrics, in order; the first one present in the records is plotted.
-METRICS = ("img_per_sec", "images_per_sec", "throughput", "speedup", "gbps", "GB/s", "step_ms_median", "ms",
+METRICS = ("img_per_s", "img_per_sec", "images_per_sec", "throughput", "speedup", "gbps", "GB/s", "step_ms_median", "ms",
            "median_ms", "time_ms", "time")
 
 
@@ -162,7 +162,13 @@ def read_records(path: Path) -> list:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         if isinstance(data, dict):
             lists = [v for v in data.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
-            data = lists[0] if lists else [data]
+            # {"inference": {"timm": {...}, "ours": {...}}, ...}: one record per (section, variant)
+            nested = [{"pass": section, "variant": name,
+                       **{k: v for k, v in fields.items() if not isinstance(v, (list, dict))}}
+                      for section, variants in data.items() if isinstance(variants, dict)
+                      and variants and all(isinstance(f, dict) for f in variants.values())
+                      for name, fields in variants.items()]
+            data = lists[0] if lists else nested or [data]
         records = [r for r in data if isinstance(r, dict)]
     return [{k: _number(v) for k, v in r.items()} for r in records]
 
