@@ -102,10 +102,9 @@ class MetaFormerBlock(nn.Module):
             x = self._fused_mixer_half(x)
         else:
             x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
-        if not self.training and x.device.type == "cpu":
-            y = self._onednn_mlp_half(x)
-            if y is not None:
-                return y
+        y = self._onednn_mlp_half(x)
+        if y is not None:
+            return y
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
 
 

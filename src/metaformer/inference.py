@@ -285,7 +285,6 @@ class _MixerHalf(nn.Module):
         super().__init__()
         self.norm1, self.token_mixer = block.norm1, block.token_mixer
         self.layer_scale1, self.res_scale1 = block.layer_scale1, block.res_scale1
-        self.fusable = block.fusable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.res_scale1(x) + self.layer_scale1(self.token_mixer(self.norm1(x)))

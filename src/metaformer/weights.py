@@ -128,7 +128,8 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
         rules = _v1_rules(model)
     target = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
-    unexpected, mis_shaped, mis_shaped_keys = [], [], set()
+    unexpected: List[str] = []
+    mis_shaped: Dict[str, str] = {}  # model key -> description
     for key, value in state_dict.items():
         new = _rename(key, rules)
         if any(new.startswith(p) for p in skip):
@@ -139,12 +140,11 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
         want = target[new].shape
         if value.shape != want:
             if _strip_ones(value.shape) != _strip_ones(want):
-                mis_shaped.append(f"{new}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
-                mis_shaped_keys.add(new)
+                mis_shaped[new] = f"{new}: checkpoint {tuple(value.shape)} vs model {tuple(want)}"
                 continue
             value = value.reshape(want)
         out[new] = value
-    missing = [k for k in target if k not in out and k not in mis_shaped_keys
+    missing = [k for k in target if k not in out and k not in mis_shaped
                and not any(k.startswith(p) for p in allow_missing)
                and not any(k.startswith(p) for p in skip)]
     if unexpected or missing or mis_shaped:
@@ -154,7 +154,7 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
         if unexpected:
             parts.append(f"unexpected {len(unexpected)}: {_summary(unexpected)}")
         if mis_shaped:
-            parts.append(f"mis-shaped {len(mis_shaped)}: {_summary(mis_shaped)}")
+            parts.append(f"mis-shaped {len(mis_shaped)}: {_summary(mis_shaped.values())}")
         raise CheckpointError(f"checkpoint ({layout} layout) does not fit the model: " + "; ".join(parts))
     return out
 

@@ -176,11 +176,11 @@ def pool_mixer_residual(
     backend = resolve_backend(x)
     kwargs = dict(eps=eps, pool_size=pool_size, res_scale=res_scale, sample_scale=sample_scale)
     if backend == "triton" and x.dtype in _TRITON_DTYPES:
-        if get_backend() != "auto":
-            return pool_mixer_residual_triton(x, weight, **kwargs)
         try:
             return pool_mixer_residual_triton(x, weight, **kwargs)
         except Exception as e:  # a Triton/driver combination that cannot compile or launch the kernels
+            if get_backend() != "auto":
+                raise
             global _TRITON_RUNTIME_ERROR
             _TRITON_RUNTIME_ERROR = e
             warnings.warn(f"metaformer: the Triton pooling kernels failed ({type(e).__name__}: {e}); the 'auto' "
