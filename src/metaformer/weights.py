@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "LAYOUTS", "detect_layout", "convert_state_dict", "read_checkpoint",
-           "load_checkpoint", "load_state_dict_into",
+           "load_checkpoint", "load_state_dict_into", "load_torch_file",
            "checkpoint_num_classes"]
 
 logger = logging.getLogger("metaformer")
@@ -183,18 +183,40 @@ def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
         CheckpointError: if it is truncated, corrupt, or not a state dict.
     """
     path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        return _unwrap(load_torch_file(path), path)
+    _check_exists(path)
+    try:
+        from safetensors.torch import load_file
+
+        return dict(load_file(path, device="cpu"))
+    except Exception as e:  # truncated file, bad header
+        raise _unreadable(path, e) from e
+
+
+def load_torch_file(path: str):
+    """Reads a PyTorch file with ``torch.load(weights_only=True)`` (no pickled code runs), whatever it holds.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        CheckpointError: if it is truncated, corrupt, or holds anything but tensors and plain containers.
+    """
+    path = os.fspath(path)
+    _check_exists(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad header, forbidden pickle global...
+        raise _unreadable(path, e) from e
+
+
+def _check_exists(path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
 
-            return dict(load_file(path, device="cpu"))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad header, forbidden pickle global...
-        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}. "
-                              f"The file may be truncated or corrupt; download it again.") from e
-    return _unwrap(obj, path)
+
+def _unreadable(path: str, e: Exception) -> CheckpointError:
+    return CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}. "
+                           f"The file may be truncated or corrupt; download it again.")
 
 
 def load_state_dict_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], layout: Optional[str] = None,

@@ -163,18 +163,6 @@ class LoadedModel:
         self.data_config = data_config
 
 
-def _torch_load(path: str) -> Any:
-    from ..weights import CheckpointError
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, forbidden pickle
-        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
-
-
 def is_training_checkpoint(obj: Any) -> bool:
     """Whether a loaded object is a checkpoint written by ``metaformer train``."""
     return isinstance(obj, dict) and obj.get("format") == TRAINING_CHECKPOINT_FORMAT and "model" in obj
@@ -188,7 +176,9 @@ def read_training_checkpoint(path: str) -> dict[str, Any] | None:
     """
     if path.endswith(".safetensors"):
         return None
-    obj = _torch_load(path)
+    from ..weights import load_torch_file
+
+    obj = load_torch_file(path)
     return obj if is_training_checkpoint(obj) else None
 
 
