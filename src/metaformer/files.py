@@ -1,0 +1,167 @@
+"""All-or-nothing file writes: the one writer of the package (weights, configs, checkpoints, CSV, plots).
+
+Every write goes to a temporary file beside the target (``.NAME.pidPID.RANDOM.tmp``), is flushed and
+fsynced, gets the permissions the umask gives any new file, and is renamed over the target with
+``os.replace``; then the folder is fsynced. A crash, ``kill -9``, Ctrl-C or a full disk at any moment
+leaves either the previous file or the new one, complete, never a mix. On any error the temporary file
+is removed and the error says what happened (a full disk is named as such); a process killed with
+SIGKILL cannot clean up after itself, so :func:`remove_stale_temporaries` removes the temporaries of
+writers that are no longer running.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+__all__ = ["WriteError", "atomic_write", "write_text", "write_bytes", "save_torch", "save_safetensors",
+           "remove_stale_temporaries"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class WriteError(OSError):
+    """A file could not be written; the previous file (if any) is unchanged."""
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    # torch.save reports a failed write from its C++ zip writer as a RuntimeError without an errno.
+    return isinstance(err, RuntimeError) and ("inline_container" in text or "file write failed" in text
+                                              or "No space left" in text)
+
+
+def atomic_write(path: PathLike, write: Callable[[str], Any]) -> None:
+    """Runs ``write(tmp_path)`` to produce the file, then puts it in place of ``path`` atomically.
+
+    Args:
+        path: The file to write. Its folder must exist.
+        write: Writes the whole file at the temporary path it is given.
+
+    Raises:
+        WriteError: if the file could not be written (disk full, no permission...); the previous
+            file at ``path``, if any, is unchanged and no temporary file is left behind.
+        KeyboardInterrupt: re-raised after the same clean-up.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.pid{os.getpid()}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        _fsync_path(tmp)
+        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        if _is_disk_full(e):
+            raise WriteError(errno.ENOSPC, f"cannot write {path}: the disk is full (No space left on device); "
+                             f"the previous file is unchanged. Free some space and try again") from None
+        if isinstance(e, OSError):
+            raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}; the previous file is "
+                             f"unchanged") from None
+        raise
+    _fsync_path(folder, directory=True)
+
+
+def write_text(path: PathLike, text: str) -> None:
+    """Writes a UTF-8 text file atomically (see :func:`atomic_write`)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+    """Writes a binary file atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def save_torch(obj: Any, path: PathLike) -> None:
+    """``torch.save(obj)`` atomically (see :func:`atomic_write`)."""
+    import torch
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_safetensors(tensors: Dict[str, Any], path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
+    """``safetensors.torch.save_file`` atomically (see :func:`atomic_write`)."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike, names: Optional[List[str]] = None) -> List[str]:
+    """Removes the temporary files that killed writers left in ``folder``.
+
+    Only files named like :func:`atomic_write`'s temporaries whose writing process (by its PID) no
+    longer runs on this machine are removed; a write in progress in another process is left alone.
+
+    Args:
+        folder: The folder to clean.
+        names: Only the temporaries of these target names (default: of any file).
+
+    Returns:
+        The removed paths.
+    """
+    folder = os.fspath(folder)
+    removed: List[str] = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    pattern = re.compile(r"^\.(.+)\.pid(\d+)\.[A-Za-z0-9_]+\.tmp$")
+    for entry in entries:
+        m = pattern.match(entry)
+        if not m or (names is not None and m.group(1) not in names):
+            continue
+        if _pid_alive(int(m.group(2))):
+            continue
+        try:
+            os.unlink(os.path.join(folder, entry))
+            removed.append(os.path.join(folder, entry))
+        except OSError:
+            pass
+    return removed
