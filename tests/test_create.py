@@ -55,7 +55,7 @@ def test_norm_act_pool_size_and_scales():
     assert block.token_mixer.pool_size == 5
     assert torch.all(block.layer_scale1.scale == 0.5)
     assert block.mlp.fc1.out_channels == 2 * 128
-    assert not block.fusable  # the pooling identity needs a one-group GroupNorm
+    assert not metaformer.kernels.dispatch.pool_mixer_fusable(block)  # the identity needs a one-group GroupNorm
     # baselines family crossed with v1 parts
     conv = metaformer.create("convformer_s18", token_mixers=["sepconv", "sepconv", "pooling", "attention"],
                              norm_layer=functools.partial(GroupNorm1, eps=1e-6, bias=False))

@@ -6,7 +6,7 @@ from helpers import built_model, input_size_for
 from timm.data import resolve_data_config
 
 import metaformer
-from metaformer.hub import build_from_architecture, describe_architecture
+from metaformer import MetaFormer
 
 NAMES = metaformer.list_models()
 
@@ -53,7 +53,7 @@ def test_config(name):
     assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
     assert model.num_classes == 1000 and model.num_features == variant.dims[-1]
     # the architecture is fully describable (save_pretrained's config.json) and rebuilds identically
-    rebuilt = build_from_architecture(describe_architecture(model))
+    rebuilt = MetaFormer.from_config(model.describe())
     assert [(k, v.shape) for k, v in rebuilt.state_dict().items()] == \
            [(k, v.shape) for k, v in model.state_dict().items()]
 

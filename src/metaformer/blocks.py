@@ -17,7 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .layers import Downsample, DropPath, GroupNorm1, Mlp, Scale
-from .mixers import Pooling
+from .mixers import Pooling, check_mixer_output
+from .tracing import is_eager
 
 __all__ = ["MetaFormerBlock", "MetaFormerStage"]
 
@@ -37,8 +38,10 @@ class MetaFormerBlock(nn.Module):
         layer_scale_init_value: Initial layer scale, or None for no layer scale.
         res_scale_init_value: Initial res scale, or None for no res scale.
 
-    When the mixer is :class:`~metaformer.mixers.Pooling` and norm1 a one-group GroupNorm, the mixer
-    half runs as one fused operation (see :func:`metaformer.set_backend`); the result is the same.
+    ``forward`` is ``mlp_half(mixer_half(x))``. In eager mode the block hands itself to
+    :func:`metaformer.kernels.block_forward`, which runs fused paths of the same function where they
+    apply (pooling after a one-group GroupNorm, oneDNN MLPs in CPU inference); ``set_backend("reference")``
+    turns them off.
     """
 
     def __init__(self, dim: int, token_mixer: Callable[..., nn.Module] = Pooling,
@@ -57,55 +60,24 @@ class MetaFormerBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.layer_scale2 = Scale(dim, layer_scale_init_value) if layer_scale_init_value is not None else nn.Identity()
         self.res_scale2 = Scale(dim, res_scale_init_value) if res_scale_init_value is not None else nn.Identity()
-
         self.drop_path_rate = drop_path
-        # The pooling identity needs count_include_pad=False pooling (exactly our Pooling) after a
-        # one-group GroupNorm; a subclass of either may change the maths, so match types exactly.
-        self.fusable = type(self.token_mixer) is Pooling and type(self.norm1) is GroupNorm1
 
-    def _fused_mixer_half(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.norm1.weight
-        if isinstance(self.layer_scale1, Scale):
-            weight = weight * self.layer_scale1.scale
-        if self.norm1.bias is not None and self.norm1.bias.requires_grad and torch.is_grad_enabled():
-            # The norm's bias cancels exactly (its true gradient is zero); keep it in the graph so that
-            # it gets that zero gradient, as DistributedDataParallel expects of every parameter.
-            weight = weight + 0.0 * self.norm1.bias
-        res_scale = self.res_scale1.scale if isinstance(self.res_scale1, Scale) else None
-        sample_scale = None
-        if self.training and self.drop_path_rate > 0:
-            keep = 1.0 - self.drop_path_rate
-            sample_scale = x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep).div_(keep)
-        return kernels.pool_mixer_residual(x, weight, eps=self.norm1.eps, pool_size=self.token_mixer.pool_size,
-                                           res_scale=res_scale, sample_scale=sample_scale)
+    def mixer_half(self, x: torch.Tensor) -> torch.Tensor:
+        """``res_scale1(x) + layer_scale1(DropPath(TokenMixer(Norm1(x))))``."""
+        mixed = self.token_mixer(self.norm1(x))
+        if not torch.jit.is_scripting() and is_eager(x):
+            check_mixer_output(self.token_mixer, x, mixed)
+        return self.res_scale1(x) + self.layer_scale1(self.drop_path1(mixed))
 
-    def _onednn_mlp_half(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Eval-mode CPU MLP half as two oneDNN primitives (GELU and residual add fused), else None."""
-        mlp, ls, rs = self.mlp, self.layer_scale2, self.res_scale2
-        if (self.training or type(mlp) is not Mlp or type(mlp.act) is not nn.GELU or not kernels.onednn_mlp_usable(x)
-                or type(ls) not in (Scale, nn.Identity) or type(rs) not in (Scale, nn.Identity)
-                or kernels.get_backend() == "reference"):
-            return None
-        w2, b2 = mlp.fc2.weight, mlp.fc2.bias
-        if type(ls) is Scale:  # fold layer scale 2 into fc2 (a few KB of weights per call)
-            w2 = w2 * ls.scale.view(-1, 1, 1, 1)
-            b2 = None if b2 is None else b2 * ls.scale
-        res = x if type(rs) is nn.Identity else rs(x)
-        try:
-            return kernels.mlp_residual_onednn(self.norm2(x), res, mlp.fc1.weight, mlp.fc1.bias, w2, b2,
-                                               mlp.act.approximate)
-        except (RuntimeError, TypeError):  # a private oneDNN op of another torch build: use the plain path
-            return None
+    def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        """``res_scale2(x) + layer_scale2(DropPath(Mlp(Norm2(x))))``."""
+        return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fusable and kernels.get_backend() != "reference":
-            x = self._fused_mixer_half(x)
-        else:
-            x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
-        y = self._onednn_mlp_half(x)
-        if y is not None:
-            return y
-        return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+        if not torch.jit.is_scripting():
+            # Fused paths of the same function, where they apply (see metaformer.kernels.dispatch).
+            return kernels.block_forward(self, x)
+        return self.mlp_half(self.mixer_half(x))
 
 
 class MetaFormerStage(nn.Module):

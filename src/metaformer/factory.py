@@ -8,10 +8,12 @@ import logging
 import os
 from typing import Any, Dict, Optional, Tuple
 
-from .components import close_matches, resolve
+from .components import close_matches, resolve_arguments
 from .mixers import Pooling
 from .model import MetaFormer
-from .zoo import IMAGENET_MEAN, IMAGENET_STD, Variant, get_variant
+from .saving import is_saved_model_folder
+from .pretrained import PretrainedCfg, make_pretrained_cfg
+from .zoo import Variant, get_variant
 
 __all__ = ["create", "OVERRIDES"]
 
@@ -50,6 +52,12 @@ def _with_spatial_size(mixer: Any, size: Tuple[int, int]):
     return functools.partial(mixer, spatial_size=size) if "spatial_size" in params else mixer
 
 
+def _registered(name: str) -> bool:
+    from .zoo import VARIANTS
+
+    return name.partition(".")[0] in VARIANTS and "/" not in name and os.sep not in name
+
+
 def _split_name(name: str) -> Tuple[str, Optional[str]]:
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
@@ -61,9 +69,13 @@ def create(name: str, pretrained: bool = False, checkpoint: Optional[str] = None
     """Builds a registered model, optionally with released weights or a checkpoint file.
 
     Args:
-        name: A model name (``"poolformer_s12"``), optionally with a pretrained tag
-            (``"poolformer_s12.sail_in1k"``), or ``"hf-hub:ORG/REPO"`` for a model saved with
-            ``save_pretrained``. See :func:`metaformer.list_models`.
+        name: One of
+            - a model name (``"poolformer_s12"``, see :func:`metaformer.list_models`), optionally with a
+              pretrained tag (``"poolformer_s12.sail_in1k"``, see ``list_models(pretrained=True)``);
+            - ``"hf-hub:ORG/REPO"``: a model saved with ``save_pretrained`` and pushed to the Hub;
+            - the path of a local folder written by ``save_pretrained`` (``"./NAME"`` if the folder has
+              the name of a registered model).
+            The last two bring their whole architecture and weights: no other argument applies.
         pretrained: Load the released weights of the tag (default tag: the first listed).
         checkpoint: Path of a state dict (``.pth``, ``.pth.tar`` or ``.safetensors``) in the original,
             timm or metaformer layout, loaded strictly.
@@ -86,11 +98,19 @@ def create(name: str, pretrained: bool = False, checkpoint: Optional[str] = None
     Example:
         >>> model = metaformer.create("poolformer_s12", token_mixers=["pooling"] * 3 + ["attention"])
     """
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    saved = None
     if isinstance(name, str) and name.startswith("hf-hub:"):
+        saved = name[len("hf-hub:"):]
+    elif isinstance(name, str) and not _registered(name) and (is_saved_model_folder(name) or os.path.isdir(name)):
+        saved = name  # a registered name wins over a folder of that name: pass "./NAME" for the folder
+    if saved is not None:
         if pretrained or checkpoint or overrides:
-            raise TypeError("create('hf-hub:...') takes the whole model from the repo; pretrained, checkpoint "
-                            "and overrides do not apply (build by name to ablate)")
-        return MetaFormer.from_pretrained(name[len("hf-hub:"):])
+            where = "repo" if name.startswith("hf-hub:") else "saved folder"
+            raise TypeError(f"create({name!r}) takes the whole model from the {where}; pretrained, checkpoint and "
+                            f"overrides do not apply (build by name to ablate)")
+        return MetaFormer.from_pretrained(saved)
     base, tag = _split_name(name)
     variant = get_variant(base)
     source = variant.source(tag) if (pretrained or tag) and variant.sources else None
@@ -140,12 +160,7 @@ def _model_kwargs(variant: Variant, overrides: Dict[str, Any], source) -> Dict[s
         kwargs["num_classes"] = source.num_classes
     kwargs.update(overrides)
     n = len(variant.depths)
-
-    for key in ("norm_layers", "act_layer", "stem_norm", "downsample_norm", "head_norm", "feature_norm"):
-        if isinstance(kwargs.get(key), (list, tuple)):
-            kwargs[key] = [resolve(v, key) for v in kwargs[key]]
-        elif key in kwargs:
-            kwargs[key] = resolve(kwargs[key], key)
+    kwargs = resolve_arguments(kwargs)
 
     mixers = kwargs["token_mixers"]
     if not isinstance(mixers, (list, tuple)):
@@ -153,7 +168,7 @@ def _model_kwargs(variant: Variant, overrides: Dict[str, Any], source) -> Dict[s
     if len(mixers) != n:
         raise ValueError(f"token_mixers: {variant.name} has {n} stages, got {len(mixers)} mixers")
     side = (source.input_size[1] if source else 224) // 4
-    mixers = [_with_spatial_size(resolve(m, "token_mixer"), (side >> i, side >> i)) for i, m in enumerate(mixers)]
+    mixers = [_with_spatial_size(m, (side >> i, side >> i)) for i, m in enumerate(mixers)]
     if pool_size is not None:
         if not any(_base(m) is Pooling for m in mixers):
             raise ValueError(f"pool_size applies to pooling mixers, and {variant.name} has none "
@@ -165,13 +180,7 @@ def _model_kwargs(variant: Variant, overrides: Dict[str, Any], source) -> Dict[s
     return kwargs
 
 
-def _pretrained_cfg(variant: Variant, source, model: MetaFormer) -> Dict[str, Any]:
-    if source is not None:
-        cfg = source.data_config()
-    else:
-        cfg = dict(input_size=(3, 224, 224), crop_pct=variant.crop_pct, interpolation="bicubic",
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD, tag=None, source=None)
-    cfg["input_size"] = (model.in_chans,) + tuple(cfg["input_size"][1:])
-    cfg.update(architecture=variant.name, num_classes=model.num_classes, classifier="head.fc",
-               first_conv="stem.conv", fixed_input_size=any(s.spatial_size for s in model.stages))
-    return cfg
+def _pretrained_cfg(variant: Variant, source: Optional[PretrainedCfg], model: MetaFormer) -> Dict[str, Any]:
+    return make_pretrained_cfg(variant.name, source, crop_pct=variant.crop_pct, in_chans=model.in_chans,
+                               num_classes=model.num_classes,
+                               fixed_input_size=any(s.spatial_size for s in model.stages))

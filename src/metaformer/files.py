@@ -11,15 +11,17 @@ writers that are no longer running.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-__all__ = ["WriteError", "atomic_write", "write_text", "write_bytes", "save_torch", "save_safetensors",
-           "remove_stale_temporaries"]
+__all__ = ["WriteError", "atomic_write", "prepare_write", "commit_write", "discard_write", "write_text",
+           "write_bytes", "save_torch", "save_safetensors", "remove_stale_temporaries", "pending_temporaries",
+           "folder_lock", "pid_alive"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -57,16 +59,18 @@ def _is_disk_full(err: BaseException) -> bool:
                                               or "No space left" in text)
 
 
-def atomic_write(path: PathLike, write: Callable[[str], Any]) -> None:
-    """Runs ``write(tmp_path)`` to produce the file, then puts it in place of ``path`` atomically.
+def prepare_write(path: PathLike, write: Callable[[str], Any]) -> str:
+    """Runs ``write(tmp_path)`` to produce the complete file beside ``path``, without putting it in place.
 
-    Args:
-        path: The file to write. Its folder must exist.
-        write: Writes the whole file at the temporary path it is given.
+    The first half of :func:`atomic_write`, for saves of several files that must change together:
+    prepare each, then :func:`commit_write` them in an order whose every step is readable.
+
+    Returns:
+        The temporary path holding the complete, fsynced file.
 
     Raises:
-        WriteError: if the file could not be written (disk full, no permission...); the previous
-            file at ``path``, if any, is unchanged and no temporary file is left behind.
+        WriteError: if the file could not be written (disk full, no permission...); no temporary file
+            is left behind.
         KeyboardInterrupt: re-raised after the same clean-up.
     """
     path = os.fspath(path)
@@ -81,12 +85,8 @@ def atomic_write(path: PathLike, write: Callable[[str], Any]) -> None:
         write(tmp)
         _fsync_path(tmp)
         os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        discard_write(tmp)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         if _is_disk_full(e):
@@ -96,7 +96,42 @@ def atomic_write(path: PathLike, write: Callable[[str], Any]) -> None:
             raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}; the previous file is "
                              f"unchanged") from None
         raise
-    _fsync_path(folder, directory=True)
+    return tmp
+
+
+def commit_write(tmp: str, path: PathLike) -> None:
+    """Puts a file made by :func:`prepare_write` in place of ``path`` (one atomic rename), then syncs the folder."""
+    path = os.fspath(path)
+    os.replace(tmp, path)
+    _fsync_path(os.path.dirname(os.path.abspath(path)), directory=True)
+
+
+def discard_write(tmp: str) -> None:
+    """Removes a file made by :func:`prepare_write` that will not be committed."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
+def atomic_write(path: PathLike, write: Callable[[str], Any]) -> None:
+    """Runs ``write(tmp_path)`` to produce the file, then puts it in place of ``path`` atomically.
+
+    Args:
+        path: The file to write. Its folder must exist.
+        write: Writes the whole file at the temporary path it is given.
+
+    Raises:
+        WriteError: if the file could not be written (disk full, no permission...); the previous
+            file at ``path``, if any, is unchanged and no temporary file is left behind.
+        KeyboardInterrupt: re-raised after the same clean-up.
+    """
+    tmp = prepare_write(path, write)
+    try:
+        commit_write(tmp, path)
+    except BaseException:
+        discard_write(tmp)
+        raise
 
 
 def write_text(path: PathLike, text: str) -> None:
@@ -123,7 +158,8 @@ def save_safetensors(tensors: Dict[str, Any], path: PathLike, metadata: Optional
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -131,6 +167,28 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # exists, but another user's
         return True
     return True
+
+
+_TEMPORARY = re.compile(r"^\.(.+)\.pid(\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def pending_temporaries(folder: PathLike, name: str) -> List[Tuple[str, int]]:
+    """The temporary files of writes of ``name`` in ``folder``, as ``(path, writer PID)``, newest first."""
+    folder = os.fspath(folder)
+    found = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return []
+    for entry in entries:
+        m = _TEMPORARY.match(entry)
+        if m and m.group(1) == name:
+            path = os.path.join(folder, entry)
+            try:
+                found.append((os.path.getmtime(path), path, int(m.group(2))))
+            except OSError:
+                continue
+    return [(path, pid) for _, path, pid in sorted(found, reverse=True)]
 
 
 def remove_stale_temporaries(folder: PathLike, names: Optional[List[str]] = None) -> List[str]:
@@ -152,12 +210,9 @@ def remove_stale_temporaries(folder: PathLike, names: Optional[List[str]] = None
         entries = os.listdir(folder)
     except OSError:
         return removed
-    pattern = re.compile(r"^\.(.+)\.pid(\d+)\.[A-Za-z0-9_]+\.tmp$")
     for entry in entries:
-        m = pattern.match(entry)
-        if not m or (names is not None and m.group(1) not in names):
-            continue
-        if _pid_alive(int(m.group(2))):
+        m = _TEMPORARY.match(entry)
+        if not m or (names is not None and m.group(1) not in names) or pid_alive(int(m.group(2))):
             continue
         try:
             os.unlink(os.path.join(folder, entry))
@@ -165,3 +220,23 @@ def remove_stale_temporaries(folder: PathLike, names: Optional[List[str]] = None
         except OSError:
             pass
     return removed
+
+
+@contextlib.contextmanager
+def folder_lock(folder: PathLike) -> Iterator[None]:
+    """Holds an exclusive lock on ``folder`` (``flock`` on the folder itself) for the ``with`` block.
+
+    Writers of one folder (two saves into one place) take turns instead of interleaving their files.
+    Where the platform has no ``flock`` the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(os.fspath(folder), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

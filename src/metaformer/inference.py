@@ -35,7 +35,8 @@ from torch import nn
 
 from . import kernels
 from .blocks import MetaFormerBlock
-from .kernels.torch_impl import _avg_pool
+from .kernels.onednn import mlp_residual_onednn, onednn_usable
+from .kernels.torch_impl import avg_pool_same
 from .layers import DropPath, GroupNorm1, LayerNorm2d, Mlp, Scale
 from .mixers import Attention, Pooling, SepConv
 
@@ -54,7 +55,7 @@ def _normalise(kind: str, x: torch.Tensor, eps: float, channels: int) -> torch.T
 
 
 def _norm_kind(norm: nn.Module) -> str | None:
-    # Exact types only: a subclass may change the maths (as MetaFormerBlock.fusable does).
+    # Exact types only: a subclass may change the maths (as kernels.dispatch.pool_mixer_fusable does).
     if type(norm) is GroupNorm1:
         return "gn"
     if type(norm) is LayerNorm2d:
@@ -249,7 +250,7 @@ class InferenceBlock(nn.Module):
             return self.original_mixer_half(x)
         n = _normalise(self.norm1_kind, x, self.eps1, self.channels)
         if mode == "pool_ln":
-            mix = (_avg_pool(n, self.pool_size) - n) * self.mix_weight.view(1, -1, 1, 1)
+            mix = (avg_pool_same(n, self.pool_size) - n) * self.mix_weight.view(1, -1, 1, 1)
         else:
             mix = self.token_mixer(n)
         if self.res_scale1 is None:
@@ -261,10 +262,12 @@ class InferenceBlock(nn.Module):
             return self.original_mlp_half(x)
         n = _normalise(self.norm2_kind, x, self.eps2, self.channels)
         res = x if self.res_scale2 is None else x * self.res_scale2.view(1, -1, 1, 1)
-        if (self.act_kind is not None and kernels.onednn_mlp_usable(n) and self.fc1.weight.dtype == torch.float32
-                and self.fc1.weight.device.type == "cpu"):
-            return kernels.mlp_residual_onednn(n, res, self.fc1.weight, self.fc1.bias, self.fc2.weight,
-                                               self.fc2.bias, self.act_kind[5:])
+        if (self.act_kind is not None and self.fc1.weight.dtype == torch.float32
+                and self.fc1.weight.device.type == "cpu" and onednn_usable(n)):
+            y = mlp_residual_onednn(n, res, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                    self.act_kind[5:])
+            if y is not None:
+                return y
         return res + self.fc2(self.act(self.fc1(n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -173,10 +173,6 @@ class Stem(nn.Module):
         self.norm = norm_layer(dim) if norm_layer else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dim() == 4:
-            # On CPU every later layer (oneDNN 1x1/3x3 convs, pooling, norms) is fastest in channels_last,
-            # and the layout then propagates by itself; the values are unchanged.
-            x = x.contiguous(memory_format=torch.channels_last)
         return self.norm(self.conv(x))
 
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from .layers import StarReLU
 
-__all__ = ["TokenMixer", "Pooling", "Identity", "Attention", "SpatialMLP", "SepConv", "RandomMixing"]
+__all__ = ["TokenMixer", "Pooling", "Identity", "Attention", "SpatialMLP", "SepConv", "RandomMixing",
+           "check_mixer_output"]
 
 
 @runtime_checkable
@@ -37,6 +38,23 @@ class TokenMixer(Protocol):
     """
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def check_mixer_output(mixer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Raises a clear error unless a mixer returned a tensor of its input's shape (no silent broadcasting).
+
+    Raises:
+        TypeError: if ``y`` is not a tensor.
+        ValueError: if ``y``'s shape differs from ``x``'s.
+    """
+    name = type(mixer).__name__
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"token mixer {name} returned {type(y).__name__}; a token mixer maps a (B, C, H, W) tensor "
+                        f"to a tensor of the same shape")
+    if y.shape != x.shape:
+        raise ValueError(f"token mixer {name} returned shape {tuple(y.shape)} for input {tuple(x.shape)}; a token "
+                         f"mixer must return its input's shape (B, C, H, W) (the block adds it to the residual, "
+                         f"so another shape would broadcast silently)")
 
 
 def _pair(size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
@@ -62,6 +80,8 @@ class Pooling(nn.Module):
 
     def __init__(self, dim: Optional[int] = None, pool_size: int = 3, **kwargs):
         super().__init__()
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int):
+            raise TypeError(f"pool_size must be an int, got {type(pool_size).__name__} {pool_size!r}")
         if pool_size < 1 or pool_size % 2 == 0:
             raise ValueError(f"pool_size must be a positive odd integer (the output keeps the input size), "
                              f"got {pool_size}")

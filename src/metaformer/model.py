@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from huggingface_hub import ModelHubMixin
 from torch import nn
 
 from .blocks import MetaFormerStage
+from .components import describe_arguments, resolve_arguments
 from .layers import ClassifierHead, GroupNorm1, Mlp, Stem, trunc_normal_
+from .limits import check_arguments, per_stage
 from .mixers import Pooling
+from .saving import SavedModelMixin
+from .tracing import is_eager
 
 __all__ = ["MetaFormer", "FeatureInfo"]
 
@@ -30,20 +34,19 @@ class FeatureInfo(list):
         return [f["reduction"] for f in self]
 
 
-def _per_stage(value, n: int, what: str) -> list:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{what}: expected one value per stage ({n}), got {len(value)}: {value!r}")
-        return list(value)
-    return [value] * n
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-class MetaFormer(nn.Module, ModelHubMixin, library_name="metaformer", tags=["image-classification", "metaformer"],
-                 repo_url="https://github.com/metaformer/metaformer", license="apache-2.0"):
+class MetaFormer(nn.Module, SavedModelMixin, library_name="metaformer", tags=["image-classification", "metaformer"],
+                 license="apache-2.0"):
     """A MetaFormer: PoolFormer, its hybrids and the MetaFormer baselines are all instances.
 
     Build the released models with :func:`metaformer.create`. ``save_pretrained(dir)``,
@@ -107,14 +110,9 @@ class MetaFormer(nn.Module, ModelHubMixin, library_name="metaformer", tags=["ima
         feature_norm: Optional[ModuleFactory] = None,
     ):
         super().__init__()
+        self.config: Dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        check_arguments(self.config)
         n = len(depths)
-        if n == 0 or len(dims) != n:
-            raise ValueError(f"depths and dims must be non-empty and of equal length, got {depths} and {dims}")
-        if init not in ("v1", "baselines"):
-            raise ValueError(f"init must be 'v1' or 'baselines', got {init!r}")
-        if num_classes < 0 or in_chans < 1:
-            raise ValueError(f"num_classes must be >= 0 and in_chans >= 1, got {num_classes} and {in_chans}")
-        self.config: Dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__", "n")}
         self.pretrained_cfg: Dict[str, Any] = {}
         self.depths, self.dims = list(depths), list(dims)
         self.num_classes = num_classes
@@ -122,12 +120,12 @@ class MetaFormer(nn.Module, ModelHubMixin, library_name="metaformer", tags=["ima
         self.num_features = dims[-1]
         self.features_only = features_only
 
-        mixers = _per_stage(token_mixers, n, "token_mixers")
-        norms = _per_stage(norm_layers, n, "norm_layers")
-        ratios = _per_stage(mlp_ratios, n, "mlp_ratios")
-        layer_scales = _per_stage(layer_scale_init_values, n, "layer_scale_init_values")
-        res_scales = _per_stage(res_scale_init_values, n, "res_scale_init_values")
-        pos_sizes = _per_stage(pos_embed_sizes, n, "pos_embed_sizes")
+        mixers = per_stage("token_mixers", token_mixers, n)
+        norms = per_stage("norm_layers", norm_layers, n)
+        ratios = per_stage("mlp_ratios", mlp_ratios, n)
+        layer_scales = per_stage("layer_scale_init_values", layer_scale_init_values, n)
+        res_scales = per_stage("res_scale_init_values", res_scale_init_values, n)
+        pos_sizes = per_stage("pos_embed_sizes", pos_embed_sizes, n)
         total = sum(depths)
         rates = [drop_path_rate * k / (total - 1) if total > 1 else 0.0 for k in range(total)]
 
@@ -146,10 +144,7 @@ class MetaFormer(nn.Module, ModelHubMixin, library_name="metaformer", tags=["ima
         self.stages = nn.Sequential(*stages)
 
         if features_only:
-            out_indices = tuple(out_indices)
-            if not out_indices or any(not 0 <= i < n for i in out_indices):
-                raise ValueError(f"out_indices must be a non-empty subset of {tuple(range(n))}, got {out_indices}")
-            self.out_indices = out_indices
+            self.out_indices = tuple(out_indices)
             self.feature_norms = nn.ModuleList(
                 (feature_norm or norms[i])(dims[i]) if i in out_indices else nn.Identity() for i in range(n))
             self.head = None
@@ -197,6 +192,10 @@ class MetaFormer(nn.Module, ModelHubMixin, library_name="metaformer", tags=["ima
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point input, got dtype {x.dtype}; "
                             f"convert with x.float() and normalise it")
+        weight = self.stem.conv.weight
+        if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
+            raise TypeError(f"input of dtype {x.dtype} but the model's weights are {weight.dtype}; convert the "
+                            f"input (x.to({weight.dtype})) or the model (model.to({x.dtype})), or use torch.autocast")
         h, w = x.shape[-2:]
         if h < 3 or w < 3:
             raise ValueError(f"input of spatial size {h}x{w} is too small: the stem needs at least 3x3")
@@ -217,6 +216,30 @@ class MetaFormer(nn.Module, ModelHubMixin, library_name="metaformer", tags=["ima
         size = self.pretrained_cfg.get("input_size")
         return f"{size[1]}x{size[2]}" if size else "its training-size"
 
+    # --------------------------------------------------------- architecture
+    def describe(self) -> Dict[str, Any]:
+        """The constructor arguments as JSON-able data, built-in components by name (``config.json``'s core).
+
+        Raises:
+            metaformer.components.UnserializableComponentError: if a component is not built in.
+        """
+        return describe_arguments(self.config)
+
+    @classmethod
+    def from_config(cls, arguments: Dict[str, Any]) -> MetaFormer:
+        """Builds a model from :meth:`describe` data (or any MetaFormer arguments, components by name).
+
+        Raises:
+            TypeError / ValueError: for unknown arguments or values of the wrong type or range.
+        """
+        if not isinstance(arguments, dict):
+            raise TypeError(f"a MetaFormer config must be a dict of constructor arguments, got "
+                            f"{type(arguments).__name__}")
+        unknown = sorted(set(arguments) - set(inspect.signature(cls.__init__).parameters) - {"self"})
+        if unknown:
+            raise TypeError(f"unknown MetaFormer argument(s) {', '.join(unknown)}")
+        return cls(**resolve_arguments(arguments))
+
     # ---------------------------------------------------------- the surface
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages: returns the last stage's (B, C, H/32, W/32) map."""
@@ -230,7 +253,8 @@ class MetaFormer(nn.Module, ModelHubMixin, library_name="metaformer", tags=["ima
 
     def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The raw output of every stage (no feature norms), for inspection and dense heads."""
-        self.check_input(x)
+        if not torch.jit.is_scripting() and is_eager(x):
+            self.check_input(x)
         x = self.stem(x)
         out = []
         for stage in self.stages:
@@ -240,7 +264,8 @@ class MetaFormer(nn.Module, ModelHubMixin, library_name="metaformer", tags=["ima
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         """Logits (B, num_classes), or with ``features_only`` the list of normalised stage maps."""
-        self.check_input(x)
+        if not torch.jit.is_scripting() and is_eager(x):
+            self.check_input(x)
         if not self.features_only:
             return self.forward_head(self.forward_features(x))
         x = self.stem(x)
@@ -279,36 +304,6 @@ class MetaFormer(nn.Module, ModelHubMixin, library_name="metaformer", tags=["ima
     def default_cfg(self) -> Dict[str, Any]:
         """Alias of ``pretrained_cfg`` for timm compatibility."""
         return self.pretrained_cfg
-
-    # ------------------------------------------------------------ the Hub
-    def _save_pretrained(self, save_directory) -> None:
-        from .hub import save_model
-
-        save_model(self, save_directory)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, force_download: bool = False, token=None,
-                        cache_dir=None, local_files_only: bool = False, revision=None,
-                        map_location: str = "cpu") -> MetaFormer:
-        """Builds a model saved by ``save_pretrained`` from a local folder or a Hub repo id.
-
-        Args:
-            pretrained_model_name_or_path: A folder, or a Hub repo id ``"org/name"``.
-            force_download: Download again even if cached.
-            token: Hub token (default: the logged-in one).
-            cache_dir: Hub cache folder (default: huggingface_hub's).
-            local_files_only: Never download.
-            revision: Branch, tag or commit of the Hub repo.
-            map_location: Device of the returned model.
-
-        Raises:
-            metaformer.PretrainedError: for a missing, corrupt or foreign folder or repo.
-        """
-        from .hub import load_model
-
-        return load_model(str(pretrained_model_name_or_path), map_location=map_location,
-                          force_download=force_download or None, token=token, cache_dir=cache_dir,
-                          local_files_only=local_files_only or None, revision=revision)
 
     def clone_config(self) -> Dict[str, Any]:
         """A copy of the constructor arguments that rebuild this architecture."""

@@ -118,7 +118,8 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
         A state dict with exactly the model's keys, minus allowed missing ones.
 
     Raises:
-        CheckpointError: naming missing, unexpected and mis-shaped tensors.
+        CheckpointError: naming missing, unexpected, mis-shaped and mis-typed tensors (a non-floating
+            tensor for a floating one: int8, bool, complex), and tensors holding NaN or infinity.
     """
     layout = layout or detect_layout(state_dict)
     if layout not in LAYOUTS:
@@ -130,6 +131,8 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
     out: Dict[str, torch.Tensor] = {}
     unexpected: List[str] = []
     mis_shaped: Dict[str, str] = {}  # model key -> description
+    mis_typed: Dict[str, str] = {}
+    non_finite: List[str] = []
     for key, value in state_dict.items():
         new = _rename(key, rules)
         if any(new.startswith(p) for p in skip):
@@ -143,11 +146,16 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
                 mis_shaped[new] = f"{new}: checkpoint {tuple(value.shape)} vs model {tuple(want)}"
                 continue
             value = value.reshape(want)
+        if value.dtype != target[new].dtype and not (value.is_floating_point() and target[new].is_floating_point()):
+            mis_typed[new] = f"{new}: checkpoint {value.dtype} vs model {target[new].dtype}"
+            continue
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            non_finite.append(new)
         out[new] = value
-    missing = [k for k in target if k not in out and k not in mis_shaped
+    missing = [k for k in target if k not in out and k not in mis_shaped and k not in mis_typed
                and not any(k.startswith(p) for p in allow_missing)
                and not any(k.startswith(p) for p in skip)]
-    if unexpected or missing or mis_shaped:
+    if unexpected or missing or mis_shaped or mis_typed or non_finite:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)}: {_summary(missing)}")
@@ -155,6 +163,11 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
             parts.append(f"unexpected {len(unexpected)}: {_summary(unexpected)}")
         if mis_shaped:
             parts.append(f"mis-shaped {len(mis_shaped)}: {_summary(mis_shaped.values())}")
+        if mis_typed:
+            parts.append(f"of another dtype (not floating point: a quantized or damaged file?) {len(mis_typed)}: "
+                         f"{_summary(mis_typed.values())}")
+        if non_finite:
+            parts.append(f"holding NaN or infinite values {len(non_finite)}: {_summary(non_finite)}")
         raise CheckpointError(f"checkpoint ({layout} layout) does not fit the model: " + "; ".join(parts))
     return out
 
@@ -172,26 +185,33 @@ def _unwrap(obj, path: str) -> Dict[str, torch.Tensor]:
 
 
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
-    """Reads a state dict from ``.safetensors`` or a PyTorch file (``.pth``, ``.pth.tar``, ``.bin``, ``.pt``).
+    """Reads a state dict from a safetensors or PyTorch file (``.pth``, ``.pth.tar``, ``.bin``, ``.pt``).
 
-    PyTorch files are read with ``torch.load(weights_only=True)``: no pickled code runs. A wrapping dict
-    (``{"state_dict": ...}``, ``{"model": ...}``) and DistributedDataParallel's ``module.`` prefix are
-    removed.
+    The format is recognised from the file's first bytes, whatever its suffix. PyTorch files are read
+    with ``torch.load(weights_only=True)``: no pickled code runs. A wrapping dict (``{"state_dict": ...}``,
+    ``{"model": ...}``) and DistributedDataParallel's ``module.`` prefix are removed.
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        CheckpointError: if it is truncated, corrupt, or not a state dict.
+        CheckpointError: if it is a folder, a broken link, truncated, corrupt, or not a state dict.
     """
     path = os.fspath(path)
-    if not path.endswith(".safetensors"):
+    _check_file(path)
+    if not _is_safetensors(path):
         return _unwrap(load_torch_file(path), path)
-    _check_exists(path)
     try:
         from safetensors.torch import load_file
 
         return dict(load_file(path, device="cpu"))
     except Exception as e:  # truncated file, bad header
         raise _unreadable(path, e) from e
+
+
+def _is_safetensors(path: str) -> bool:
+    """safetensors files start with an 8-byte header length and the JSON header's ``{``."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
 
 
 def load_torch_file(path: str):
@@ -202,20 +222,41 @@ def load_torch_file(path: str):
         CheckpointError: if it is truncated, corrupt, or holds anything but tensors and plain containers.
     """
     path = os.fspath(path)
-    _check_exists(path)
+    _check_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad header, forbidden pickle global...
         raise _unreadable(path, e) from e
 
 
-def _check_exists(path: str) -> None:
-    if not os.path.isfile(path):
+def _check_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the weights file inside it (a folder "
+                              f"written by save_pretrained loads with metaformer.create(PATH))")
+    if not os.path.exists(path):
+        if os.path.islink(path):
+            try:
+                os.stat(path)
+            except OSError as e:
+                raise CheckpointError(f"{path} is a symbolic link that leads nowhere ({e.strerror}); point it at "
+                                      f"the weights file") from None
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a regular file (a device, pipe or socket); pass a weights file")
 
 
 def _unreadable(path: str, e: Exception) -> CheckpointError:
-    return CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}. "
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return CheckpointError(
+            f"{path} holds a pickled Python object ({found.group(1)}), not only tensors; metaformer reads weights "
+            f"without running pickled code, so it cannot load it. Save the tensors instead: "
+            f"torch.save(model.state_dict(), path) or model.save_pretrained(folder)")
+    if "weights_only" in text or "Weights only load failed" in text:
+        return CheckpointError(f"{path} holds Python objects other than tensors and plain containers; metaformer "
+                               f"reads weights without running pickled code. Save model.state_dict() instead")
+    return CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {text.splitlines()[0] if text else ''}. "
                            f"The file may be truncated or corrupt; download it again.")
 
 

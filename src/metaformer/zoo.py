@@ -15,12 +15,11 @@ from torch import nn
 
 from .layers import GroupNorm1, LayerNorm, LayerNorm2d, StarReLU
 from .mixers import Attention, Identity, Pooling, RandomMixing, SepConv, SpatialMLP
+from .pretrained import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 
-__all__ = ["Variant", "PretrainedSource", "FAMILIES", "VARIANTS", "list_models", "get_variant", "IMAGENET_MEAN",
-           "IMAGENET_STD"]
+__all__ = ["Variant", "PretrainedCfg", "FAMILIES", "VARIANTS", "PRETRAINED_CFGS", "list_models", "get_variant",
+           "get_pretrained_cfg", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 P = functools.partial
 
 S12, S24, S36 = (2, 2, 6, 2), (4, 4, 12, 4), (6, 6, 18, 6)
@@ -41,44 +40,6 @@ FAMILIES: Dict[str, Dict[str, Any]] = {
     "baseline_gn": {**_BASELINE, "norm_layers": P(GroupNorm1, eps=1e-6, bias=False), "mlp_head": False},
     "baseline_ln": {**_BASELINE, "norm_layers": P(LayerNorm2d, eps=1e-6, bias=False), "mlp_head": True},
 }
-
-
-@dataclass(frozen=True)
-class PretrainedSource:
-    """Where one set of released weights lives and how to preprocess for it.
-
-    Attributes:
-        tag: The tag after the dot in ``name.tag``.
-        layout: Key layout of the file: ``"timm"``, ``"original_v1"`` or ``"original_baselines"``.
-        hf_hub_id: Hugging Face Hub repo holding the file, or None.
-        hf_filename: File in that repo.
-        url: Direct URL (downloaded through torch.hub's cache), used when there is no Hub repo.
-        num_classes: Classes of the released classifier.
-        input_size: (C, H, W) the weights were trained/evaluated at.
-        crop_pct: Center-crop fraction of the evaluation transform.
-        interpolation: Resize interpolation of the evaluation transform.
-    """
-
-    tag: str
-    layout: str
-    hf_hub_id: Optional[str] = None
-    hf_filename: str = "model.safetensors"
-    url: Optional[str] = None
-    num_classes: int = 1000
-    input_size: Tuple[int, int, int] = (3, 224, 224)
-    crop_pct: float = 0.9
-    interpolation: str = "bicubic"
-
-    @property
-    def location(self) -> str:
-        """A human-readable address of the file."""
-        return f"hf-hub:{self.hf_hub_id}/{self.hf_filename}" if self.hf_hub_id else str(self.url)
-
-    def data_config(self) -> Dict[str, Any]:
-        """The preprocessing settings as a dict that timm's ``resolve_data_config`` reads."""
-        return dict(input_size=self.input_size, crop_pct=self.crop_pct, interpolation=self.interpolation,
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=self.num_classes, tag=self.tag,
-                    source=self.location)
 
 
 @dataclass(frozen=True)
@@ -114,7 +75,7 @@ class Variant:
     crop_pct: float
     drop_path: float = 0.1
     extra: Dict[str, Any] = field(default_factory=dict)
-    sources: Tuple[PretrainedSource, ...] = ()
+    sources: Tuple[PretrainedCfg, ...] = ()
     paper: str = "poolformer"
 
     def model_kwargs(self) -> Dict[str, Any]:
@@ -122,7 +83,7 @@ class Variant:
         return {**FAMILIES[self.family], "depths": self.depths, "dims": self.dims,
                 "token_mixers": list(self.mixers), **self.extra}
 
-    def source(self, tag: Optional[str] = None) -> PretrainedSource:
+    def source(self, tag: Optional[str] = None) -> PretrainedCfg:
         """The pretrained source for ``tag`` (default: the first)."""
         if not self.sources:
             raise ValueError(f"{self.name} has no released weights")
@@ -136,114 +97,150 @@ class Variant:
                          f"{', '.join(self.name + '.' + t for t in close_matches(tag, [s.tag for s in self.sources]))}")
 
 
+# ------------------------------------------------------------------------------- released weights
 _GH = "https://github.com/sail-sg/poolformer/releases/download/v1.0/{}.pth.tar"
 
 
-def _v1_sources(name: str, crop: float, timm: bool) -> Tuple[PretrainedSource, ...]:
-    release = PretrainedSource("release_in1k", "original_v1", url=_GH.format(name), crop_pct=crop)
-    if not timm:
+def _v1_sources(name: str, *, crop_pct: float, on_timm: bool) -> Tuple[PretrainedCfg, ...]:
+    """The PoolFormer release's file on GitHub, and timm's copy on the Hub where there is one (listed first)."""
+    release = PretrainedCfg(architecture=name, tag="release_in1k", layout="original_v1", url=_GH.format(name),
+                            crop_pct=crop_pct)
+    if not on_timm:
         return (release,)
-    return (PretrainedSource("sail_in1k", "timm", hf_hub_id=f"timm/{name}.sail_in1k", crop_pct=crop), release)
+    timm = PretrainedCfg(architecture=name, tag="sail_in1k", layout="timm", hf_hub_id=f"timm/{name}.sail_in1k",
+                         crop_pct=crop_pct)
+    return (timm, release)
 
 
-def _dl(family: str, name: str, suffix: str = "") -> Dict[str, Any]:
-    return dict(layout="original_baselines", hf_hub_id="sail/dl", hf_filename=f"{family}/{name}{suffix}.pth")
+# The baselines' extra weights: (our release tag, timm's tag, sail/dl file suffix, input size, classes).
+_S384, _IN21K = (3, 384, 384), 21841
+_EXTENDED = [
+    ("in1k_384", "sail_in1k_384", "_384", _S384, 1000),
+    ("in22k_ft_in1k", "sail_in22k_ft_in1k", "_in21ft1k", (3, 224, 224), 1000),
+    ("in22k_ft_in1k_384", "sail_in22k_ft_in1k_384", "_384_in21ft1k", _S384, 1000),
+    ("in22k", "sail_in22k", "_in21k", (3, 224, 224), _IN21K),
+]
 
 
-def _baseline_sources(family: str, name: str, timm: bool, extended: bool) -> Tuple[PretrainedSource, ...]:
-    sources = []
-    if timm:
-        sources.append(PretrainedSource("sail_in1k", "timm", hf_hub_id=f"timm/{name}.sail_in1k", crop_pct=1.0))
-    sources.append(PretrainedSource("release_in1k", crop_pct=1.0, **_dl(family, name)))
+def _baseline_sources(family: str, name: str, *, on_timm: bool, extended: bool) -> Tuple[PretrainedCfg, ...]:
+    """timm's Hub copies (where they exist) and the release's ``sail/dl`` files, 224 ImageNet-1k first."""
+    def timm(tag: str, **kw) -> PretrainedCfg:
+        return PretrainedCfg(architecture=name, tag=tag, layout="timm", hf_hub_id=f"timm/{name}.{tag}", crop_pct=1.0,
+                             **kw)
+
+    def release(tag: str, suffix: str = "", **kw) -> PretrainedCfg:
+        return PretrainedCfg(architecture=name, tag=tag, layout="original_baselines", hf_hub_id="sail/dl",
+                             hf_filename=f"{family}/{name}{suffix}.pth", crop_pct=1.0, **kw)
+
+    sources = ([timm("sail_in1k")] if on_timm else []) + [release("release_in1k")]
     if extended:
-        s384, c21 = (3, 384, 384), 21841
-        for tag, hub_tag, suffix, size, classes in [
-            ("in1k_384", "sail_in1k_384", "_384", s384, 1000),
-            ("in22k_ft_in1k", "sail_in22k_ft_in1k", "_in21ft1k", (3, 224, 224), 1000),
-            ("in22k_ft_in1k_384", "sail_in22k_ft_in1k_384", "_384_in21ft1k", s384, 1000),
-            ("in22k", "sail_in22k", "_in21k", (3, 224, 224), c21),
-        ]:
-            sources.append(PretrainedSource(hub_tag, "timm", hf_hub_id=f"timm/{name}.{hub_tag}", crop_pct=1.0,
-                                            input_size=size, num_classes=classes))
-            sources.append(PretrainedSource(f"release_{tag}", crop_pct=1.0, input_size=size, num_classes=classes,
-                                            **_dl(family, name, suffix)))
+        for tag, timm_tag, suffix, size, classes in _EXTENDED:
+            sources += [timm(timm_tag, input_size=size, num_classes=classes),
+                        release(f"release_{tag}", suffix, input_size=size, num_classes=classes)]
     return tuple(sources)
 
 
-def _table():
-    rows = []
-    pool4 = (Pooling,) * 4
-    for name, depths, dims, ls, params, macs, top1, crop, dp in [
-        ("poolformer_s12", S12, S_DIMS, 1e-5, 11_915_176, 1.8, 77.2, 0.9, 0.1),
-        ("poolformer_s24", S24, S_DIMS, 1e-5, 21_388_968, 3.4, 80.3, 0.9, 0.1),
-        ("poolformer_s36", S36, S_DIMS, 1e-6, 30_862_760, 5.0, 81.4, 0.9, 0.2),
-        ("poolformer_m36", S36, M_DIMS, 1e-6, 56_172_520, 8.8, 82.1, 0.95, 0.3),
-        ("poolformer_m48", M48, M_DIMS, 1e-6, 73_473_448, 11.6, 82.5, 0.95, 0.4),
-    ]:
-        rows.append(Variant(name, "poolformer", depths, dims, pool4, params, macs, top1, crop, dp,
-                            {"layer_scale_init_values": ls}, _v1_sources(name, crop, timm=True)))
-
-    attn_v1 = P(Attention, head_dim=32, proj_bias=True)
-    # The hybrids' accuracies circulate only through secondary sources (REFERENCE.md asks to check the
-    # paper before printing them) and the release gives MACs for none but the identity model: left None.
-    for name, family, mixers, pos, params, macs, crop in [
-        ("metaformer_id_s12", "poolformer", (Identity,) * 4, None, 11_915_176, 1.8, 0.9),
-        ("metaformer_pppa_s12_224", "metaformer_v1_ln", (Pooling, Pooling, Pooling, attn_v1),
-         [None, None, None, (7, 7)], 14_038_440, None, 0.95),
-        ("metaformer_ppaa_s12_224", "metaformer_v1_ln", (Pooling, Pooling, attn_v1, attn_v1),
-         [None, None, (14, 14), None], 16_535_592, None, 0.95),
-        ("metaformer_pppf_s12_224", "poolformer", (Pooling, Pooling, Pooling, P(SpatialMLP, spatial_size=(7, 7))),
-         None, 11_919_978, None, 0.9),
-        ("metaformer_ppff_s12_224", "poolformer",
-         (Pooling, Pooling, P(SpatialMLP, spatial_size=(14, 14)), P(SpatialMLP, spatial_size=(7, 7))),
-         None, 12_150_474, None, 0.95),
-    ]:
-        extra = {"layer_scale_init_values": 1e-5}
-        if pos:
-            extra["pos_embed_sizes"] = pos
-        rows.append(Variant(name, family, S12, S_DIMS, mixers, params, macs, None, crop, 0.1, extra,
-                            _v1_sources(name, crop, timm=False)))
-
-    rand = (Identity, Identity, P(RandomMixing, spatial_size=(14, 14)), P(RandomMixing, spatial_size=(7, 7)))
-    for fam, mixers, timm, rows_ in [
-        ("identityformer", (Identity,) * 4, False, [
-            ("s12", 11_891_712, 1.8, 74.6), ("s24", 21_341_464, 3.4, 78.2), ("s36", 30_791_216, 5.0, 79.3),
-            ("m36", 56_077_168, 8.8, 80.0), ("m48", 73_346_056, 11.5, 80.4)]),
-        ("randformer", rand, False, [
-            ("s12", 12_127_010, 1.9, 76.6), ("s24", 21_812_060, 3.5, 78.2), ("s36", 31_497_110, 5.2, 79.5),
-            ("m36", 56_783_062, 9.0, 81.2), ("m48", 74_287_248, 11.9, 81.4)]),
-        ("poolformerv2", pool4, True, [
-            ("s12", 11_891_712, 1.8, 78.0), ("s24", 21_341_464, 3.4, 80.7), ("s36", 30_791_216, 5.0, 81.6),
-            ("m36", 56_077_168, 8.8, 82.2), ("m48", 73_346_056, 11.5, 82.6)]),
-    ]:
-        for size, params, macs, top1 in rows_:
-            depths = {"s12": S12, "s24": S24, "s36": S36, "m36": S36, "m48": M48}[size]
-            dims = S_DIMS if size.startswith("s") else M_DIMS
-            name = f"{fam}_{size}"
-            rows.append(Variant(name, "baseline_gn", depths, dims, mixers, params, macs, top1, 1.0,
-                                {"s12": 0.1, "s24": 0.15, "s36": 0.2, "m36": 0.3, "m48": 0.4}[size],
-                                sources=_baseline_sources(fam, name, timm, extended=False), paper="baselines"))
-
-    attn_b = P(Attention, head_dim=32, proj_bias=False)
-    for fam, mixers, rows_ in [
-        ("convformer", (SepConv,) * 4, [
-            ("s18", S18, S_DIMS, 26_774_448, 3.9, 83.0, 0.2), ("s36", X36, S_DIMS, 40_012_152, 7.6, 84.1, 0.3),
-            ("m36", X36, (96, 192, 384, 576), 57_051_640, 12.8, 84.5, 0.4),
-            ("b36", X36, (128, 256, 512, 768), 99_882_616, 22.6, 84.8, 0.6)]),
-        ("caformer", (SepConv, SepConv, attn_b, attn_b), [
-            ("s18", S18, S_DIMS, 26_341_656, 4.1, 83.6, 0.15), ("s36", X36, S_DIMS, 39_297_102, 8.0, 84.5, 0.3),
-            ("m36", X36, (96, 192, 384, 576), 56_204_878, 13.2, 85.2, 0.4),
-            ("b36", X36, (128, 256, 512, 768), 98_753_614, 23.2, 85.5, 0.6)]),
-    ]:
-        for size, depths, dims, params, macs, top1, dp in rows_:
-            name = f"{fam}_{size}"
-            rows.append(Variant(name, "baseline_ln", depths, dims, mixers, params, macs, top1, 1.0, dp,
-                                sources=_baseline_sources(fam, name, True, extended=True), paper="baselines"))
-    return {v.name: v for v in rows}
+# ------------------------------------------------------------------------------- the table
+_ATTN_V1 = P(Attention, head_dim=32, proj_bias=True)
+_ATTN_BASELINES = P(Attention, head_dim=32, proj_bias=False)
+_POOL4 = (Pooling,) * 4
+_RAND = (Identity, Identity, P(RandomMixing, spatial_size=(14, 14)), P(RandomMixing, spatial_size=(7, 7)))
+_SIZES = {"s12": (S12, S_DIMS), "s24": (S24, S_DIMS), "s36": (S36, S_DIMS), "m36": (S36, M_DIMS), "m48": (M48, M_DIMS)}
+_BASELINE_DROP_PATH = {"s12": 0.1, "s24": 0.15, "s36": 0.2, "m36": 0.3, "m48": 0.4}
 
 
-VARIANTS: Dict[str, Variant] = _table()
+def _poolformer(name, *, depths, dims, layer_scale, params, macs, top1, crop_pct, drop_path) -> Variant:
+    return Variant(name=name, family="poolformer", depths=depths, dims=dims, mixers=_POOL4, params=params, macs=macs,
+                   top1=top1, crop_pct=crop_pct, drop_path=drop_path, extra={"layer_scale_init_values": layer_scale},
+                   sources=_v1_sources(name, crop_pct=crop_pct, on_timm=True))
+
+
+def _hybrid(name, *, family, mixers, params, crop_pct, macs=None, pos_embed_sizes=None) -> Variant:
+    # The hybrids' accuracies circulate only through secondary sources, unchecked against the paper, and
+    # the release gives MACs for none but the identity model: left None.
+    extra: Dict[str, Any] = {"layer_scale_init_values": 1e-5}
+    if pos_embed_sizes:
+        extra["pos_embed_sizes"] = pos_embed_sizes
+    return Variant(name=name, family=family, depths=S12, dims=S_DIMS, mixers=mixers, params=params, macs=macs,
+                   top1=None, crop_pct=crop_pct, drop_path=0.1, extra=extra,
+                   sources=_v1_sources(name, crop_pct=crop_pct, on_timm=False))
+
+
+def _baseline_gn(family, size, *, mixers, params, macs, top1, on_timm) -> Variant:
+    name = f"{family}_{size}"
+    depths, dims = _SIZES[size]
+    return Variant(name=name, family="baseline_gn", depths=depths, dims=dims, mixers=mixers, params=params,
+                   macs=macs, top1=top1, crop_pct=1.0, drop_path=_BASELINE_DROP_PATH[size], paper="baselines",
+                   sources=_baseline_sources(family, name, on_timm=on_timm, extended=False))
+
+
+def _baseline_ln(family, size, *, depths, dims, mixers, params, macs, top1, drop_path) -> Variant:
+    name = f"{family}_{size}"
+    return Variant(name=name, family="baseline_ln", depths=depths, dims=dims, mixers=mixers, params=params,
+                   macs=macs, top1=top1, crop_pct=1.0, drop_path=drop_path, paper="baselines",
+                   sources=_baseline_sources(family, name, on_timm=True, extended=True))
+
+
+_CONV = (SepConv,) * 4
+_CA = (SepConv, SepConv, _ATTN_BASELINES, _ATTN_BASELINES)
+_ROWS = [
+    _poolformer("poolformer_s12", depths=S12, dims=S_DIMS, layer_scale=1e-5, params=11_915_176, macs=1.8, top1=77.2,
+                crop_pct=0.9, drop_path=0.1),
+    _poolformer("poolformer_s24", depths=S24, dims=S_DIMS, layer_scale=1e-5, params=21_388_968, macs=3.4, top1=80.3,
+                crop_pct=0.9, drop_path=0.1),
+    _poolformer("poolformer_s36", depths=S36, dims=S_DIMS, layer_scale=1e-6, params=30_862_760, macs=5.0, top1=81.4,
+                crop_pct=0.9, drop_path=0.2),
+    _poolformer("poolformer_m36", depths=S36, dims=M_DIMS, layer_scale=1e-6, params=56_172_520, macs=8.8, top1=82.1,
+                crop_pct=0.95, drop_path=0.3),
+    _poolformer("poolformer_m48", depths=M48, dims=M_DIMS, layer_scale=1e-6, params=73_473_448, macs=11.6, top1=82.5,
+                crop_pct=0.95, drop_path=0.4),
+    _hybrid("metaformer_id_s12", family="poolformer", mixers=(Identity,) * 4, params=11_915_176, macs=1.8,
+            crop_pct=0.9),
+    _hybrid("metaformer_pppa_s12_224", family="metaformer_v1_ln", mixers=(Pooling, Pooling, Pooling, _ATTN_V1),
+            pos_embed_sizes=[None, None, None, (7, 7)], params=14_038_440, crop_pct=0.95),
+    _hybrid("metaformer_ppaa_s12_224", family="metaformer_v1_ln", mixers=(Pooling, Pooling, _ATTN_V1, _ATTN_V1),
+            pos_embed_sizes=[None, None, (14, 14), None], params=16_535_592, crop_pct=0.95),
+    _hybrid("metaformer_pppf_s12_224", family="poolformer",
+            mixers=(Pooling, Pooling, Pooling, P(SpatialMLP, spatial_size=(7, 7))), params=11_919_978, crop_pct=0.9),
+    _hybrid("metaformer_ppff_s12_224", family="poolformer",
+            mixers=(Pooling, Pooling, P(SpatialMLP, spatial_size=(14, 14)), P(SpatialMLP, spatial_size=(7, 7))),
+            params=12_150_474, crop_pct=0.95),
+]
+for _family, _mixers, _on_timm, _rows in [
+    ("identityformer", (Identity,) * 4, False, [
+        dict(size="s12", params=11_891_712, macs=1.8, top1=74.6), dict(size="s24", params=21_341_464, macs=3.4, top1=78.2),
+        dict(size="s36", params=30_791_216, macs=5.0, top1=79.3), dict(size="m36", params=56_077_168, macs=8.8, top1=80.0),
+        dict(size="m48", params=73_346_056, macs=11.5, top1=80.4)]),
+    ("randformer", _RAND, False, [
+        dict(size="s12", params=12_127_010, macs=1.9, top1=76.6), dict(size="s24", params=21_812_060, macs=3.5, top1=78.2),
+        dict(size="s36", params=31_497_110, macs=5.2, top1=79.5), dict(size="m36", params=56_783_062, macs=9.0, top1=81.2),
+        dict(size="m48", params=74_287_248, macs=11.9, top1=81.4)]),
+    ("poolformerv2", _POOL4, True, [
+        dict(size="s12", params=11_891_712, macs=1.8, top1=78.0), dict(size="s24", params=21_341_464, macs=3.4, top1=80.7),
+        dict(size="s36", params=30_791_216, macs=5.0, top1=81.6), dict(size="m36", params=56_077_168, macs=8.8, top1=82.2),
+        dict(size="m48", params=73_346_056, macs=11.5, top1=82.6)]),
+]:
+    _ROWS += [_baseline_gn(_family, r.pop("size"), mixers=_mixers, on_timm=_on_timm, **r) for r in _rows]
+_M_DIMS_B, _B_DIMS = (96, 192, 384, 576), (128, 256, 512, 768)
+for _family, _mixers, _rows in [
+    ("convformer", _CONV, [
+        dict(size="s18", depths=S18, dims=S_DIMS, params=26_774_448, macs=3.9, top1=83.0, drop_path=0.2),
+        dict(size="s36", depths=X36, dims=S_DIMS, params=40_012_152, macs=7.6, top1=84.1, drop_path=0.3),
+        dict(size="m36", depths=X36, dims=_M_DIMS_B, params=57_051_640, macs=12.8, top1=84.5, drop_path=0.4),
+        dict(size="b36", depths=X36, dims=_B_DIMS, params=99_882_616, macs=22.6, top1=84.8, drop_path=0.6)]),
+    ("caformer", _CA, [
+        dict(size="s18", depths=S18, dims=S_DIMS, params=26_341_656, macs=4.1, top1=83.6, drop_path=0.15),
+        dict(size="s36", depths=X36, dims=S_DIMS, params=39_297_102, macs=8.0, top1=84.5, drop_path=0.3),
+        dict(size="m36", depths=X36, dims=_M_DIMS_B, params=56_204_878, macs=13.2, top1=85.2, drop_path=0.4),
+        dict(size="b36", depths=X36, dims=_B_DIMS, params=98_753_614, macs=23.2, top1=85.5, drop_path=0.6)]),
+]:
+    _ROWS += [_baseline_ln(_family, r.pop("size"), mixers=_mixers, **r) for r in _rows]
+
+VARIANTS: Dict[str, Variant] = {v.name: v for v in _ROWS}
 """Every registered model, by name: the one table that drives `create`, `list_models`, the docs and the tests."""
+
+PRETRAINED_CFGS: Dict[str, PretrainedCfg] = {s.key: s for v in _ROWS for s in v.sources}
+"""Every released set of weights, by ``name.tag``."""
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list:
@@ -262,6 +259,16 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list:
         else:
             names.append(v.name)
     return [n for n in names if fnmatch.fnmatch(n, pattern)]
+
+
+def get_pretrained_cfg(key: str) -> PretrainedCfg:
+    """The released weights ``name.tag`` (``name`` alone: its default, the first listed).
+
+    Raises:
+        ValueError: for an unknown model or tag, listing what exists.
+    """
+    base, _, tag = key.partition(".")
+    return get_variant(base).source(tag or None)
 
 
 def get_variant(name: str) -> Variant:

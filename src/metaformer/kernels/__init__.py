@@ -24,19 +24,13 @@ import warnings
 
 import torch
 
-from .torch_impl import (
-    mlp_residual_onednn,
-    onednn_mlp_usable,
-    pool_mixer_residual_reference,
-    pool_mixer_residual_torch,
-)
+from .torch_impl import pool_mixer_residual_reference, pool_mixer_residual_torch
 
 __all__ = [
     "BACKENDS",
     "TRITON_AVAILABLE",
+    "block_forward",
     "get_backend",
-    "mlp_residual_onednn",
-    "onednn_mlp_usable",
     "pool_mixer_residual",
     "resolve_backend",
     "set_backend",
@@ -210,3 +204,6 @@ def _validate(x, weight, pool_size, res_scale, sample_scale) -> None:
             )
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+from .dispatch import block_forward  # noqa: E402  (it reads the names defined above)

@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pool_mixer_residual_torch", "pool_mixer_residual_reference", "sample_rstd", "mlp_residual_onednn",
-           "onednn_mlp_usable"]
+__all__ = ["pool_mixer_residual_torch", "pool_mixer_residual_reference", "sample_rstd", "avg_pool_same"]
 
 _DIMS = (1, 2, 3)
 
@@ -47,7 +46,7 @@ def sample_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(var + eps)
 
 
-def _avg_pool(x: torch.Tensor, pool_size: int) -> torch.Tensor:
+def avg_pool_same(x: torch.Tensor, pool_size: int) -> torch.Tensor:
     """Stride-1 'same' average pooling with count_include_pad=False, in x's memory format.
 
     On CPU, ATen's NCHW avg_pool2d kernel is several times slower than its channels_last one
@@ -82,7 +81,7 @@ def pool_mixer_residual_torch(
     if sample_scale is not None:
         rstd = rstd * sample_scale.to(acc)
     coef = (rstd[:, None] * weight.to(acc)[None, :]).to(x.dtype)[:, :, None, None]
-    pooled = _avg_pool(x, pool_size)
+    pooled = avg_pool_same(x, pool_size)
     # lerp(x, p, c) = x + c * (p - x) in a single pass; it evaluates c * (p - x) directly for
     # c < 0.5 (always the case with layer-scale-sized weights), so it is exact to rounding, and
     # its weight gradient is sum(g * (p - x)), free of the cancellation of sum(g*p) - sum(g*x).
@@ -113,63 +112,3 @@ def pool_mixer_residual_reference(
         w = w * sample_scale.to(x.dtype)[:, None, None, None]
     res = x if res_scale is None else x * res_scale.to(x.dtype)[:, None, None]
     return res + w * mix
-
-
-def _onednn_pointwise_available() -> bool:
-    try:
-        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    except Exception:  # pragma: no cover - exotic builds
-        return False
-
-
-_ONEDNN = _onednn_pointwise_available()
-
-
-def onednn_mlp_usable(x: torch.Tensor) -> bool:
-    """Whether :func:`mlp_residual_onednn` may run for ``x``.
-
-    True for an fp32 CPU tensor in eager mode with nothing to differentiate (oneDNN's fused primitives
-    have no autograd formula), outside torch.compile / torch.export / TorchScript / ONNX tracing.
-    """
-    return (
-        _ONEDNN
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.onnx.is_in_onnx_export()
-    )
-
-
-def mlp_residual_onednn(
-    h: torch.Tensor,
-    residual: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor | None,
-    w2: torch.Tensor,
-    b2: torch.Tensor | None,
-    approximate: str = "none",
-) -> torch.Tensor:
-    """``residual + conv1x1(gelu(conv1x1(h, w1, b1)), w2, b2)`` as two oneDNN primitives.
-
-    The GELU is fused into the first convolution and the residual addition into the second, which
-    saves three passes over the activations. Inference only (no autograd); check
-    :func:`onednn_mlp_usable` first. The result has ``h``'s memory format.
-
-    Args:
-        h: (B, C, H, W) input of the MLP (the normalised block input), fp32 on CPU.
-        residual: (B, C', H, W) tensor added to the output.
-        w1: Weight of the first 1x1 convolution, (4C, C, 1, 1).
-        b1: Optional bias of the first convolution.
-        w2: Weight of the second 1x1 convolution, (C', 4C, 1, 1).
-        b2: Optional bias of the second convolution.
-        approximate: GELU form, ``"none"`` (erf) or ``"tanh"``.
-    """
-    ops = torch.ops.mkldnn
-    hidden = ops._convolution_pointwise(h, w1, b1, [0, 0], [1, 1], [1, 1], 1, "gelu", [], approximate)
-    fmt = torch.channels_last if not hidden.is_contiguous() else torch.contiguous_format
-    residual = residual.contiguous(memory_format=fmt)
-    return ops._convolution_pointwise.binary(hidden, residual, w2, b2, [0, 0], [1, 1], [1, 1], 1, "add", None,
-                                             None, [], None)
