@@ -128,14 +128,15 @@ class FusedMixerHalf(nn.Module):
     """The same half-block through ``pool_mixer_residual`` (norm bias cancels exactly)."""
 
     def __init__(self, ref: RefMixerHalf):
-        super().__init__()
-        self.ref = ref
-
-    def forward(self, x):
         from metaformer.kernels import pool_mixer_residual
 
+        super().__init__()
+        self.ref = ref
+        self.kernel = pool_mixer_residual  # imported here, not while torch.compile traces forward
+
+    def forward(self, x):
         r = self.ref
-        return pool_mixer_residual(x, r.norm.weight * r.ls, eps=r.norm.eps, pool_size=r.pool.kernel_size)
+        return self.kernel(x, r.norm.weight * r.ls, eps=r.norm.eps, pool_size=r.pool.kernel_size)
 
 
 def _grads(fn, x, params, dy):

@@ -66,3 +66,25 @@ def test_triton_kernels_compile_for_h100(suite_results):
     """Every kernel, with the arguments the launch code computes, compiles to a cubin for sm_90."""
     ok, out = suite_results["compile"]
     assert ok, out
+
+
+def test_samples_beyond_int32_offsets_are_refused():
+    """Offsets within a sample are int32: larger samples raise under a forced "triton" and take the
+    PyTorch path under "auto" (checked without memory: broadcast tensors have no storage)."""
+    ti = pytest.importorskip("metaformer.kernels.triton_impl", reason="triton is not installed")
+    import torch
+
+    import metaformer.kernels as K
+
+    huge = torch.empty(()).expand(2, 2**15, 2**8, 2**8)  # 2**31 elements per sample
+    assert "32-bit offsets" in ti.unsupported_reason(huge, 3)
+    assert ti.unsupported_reason(torch.empty(()).expand(128, 512, 56, 56), 7) is None
+    with pytest.raises(RuntimeError, match="too large.*set_backend"):
+        ti.pool_mixer_residual_triton(huge, torch.ones(2**15), eps=1e-5)
+    before = K.get_backend()
+    try:
+        K.set_backend("auto")
+        kwargs = dict(eps=1e-5, pool_size=3, res_scale=None, sample_scale=None)
+        assert K._run_triton(huge, torch.ones(2**15), kwargs) is None
+    finally:
+        K.set_backend(before)
