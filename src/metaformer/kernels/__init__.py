@@ -11,7 +11,9 @@ Backends:
 - ``"triton"``: Triton kernels (CUDA; CPU only under ``TRITON_INTERPRET=1``).
 - ``"reference"``: the plain GroupNorm + AvgPool2d composition; models do not fuse at all.
 - ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton imports, else ``"torch"``;
-  always ``"torch"`` while torch.compile / torch.export is tracing.
+  always ``"torch"`` while torch.compile / torch.export is tracing. On a GPU the kernels are
+  self-checked against ``"torch"`` on first use per configuration (``selfcheck``): a failure or
+  a wrong result warns and falls back to ``"torch"`` for that configuration.
 
 The initial backend comes from the ``METAFORMER_BACKEND`` environment variable (read on first
 use); ``set_backend`` overrides it.
@@ -20,10 +22,10 @@ use); ``set_backend`` overrides it.
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
+from . import selfcheck
 from .torch_impl import pool_mixer_residual_reference, pool_mixer_residual_torch
 
 __all__ = [
@@ -40,17 +42,17 @@ BACKENDS = ("auto", "torch", "triton", "reference")
 ENV_VAR = "METAFORMER_BACKEND"
 
 try:  # Triton is optional: any failure (missing, broken install, no driver) disables it.
+    from . import triton_impl
     from .triton_impl import pool_mixer_residual_triton
 
     TRITON_AVAILABLE = True
     TRITON_IMPORT_ERROR: BaseException | None = None
 except Exception as err:
-    pool_mixer_residual_triton = None
+    triton_impl = pool_mixer_residual_triton = None
     TRITON_AVAILABLE = False
     TRITON_IMPORT_ERROR = err
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRITON_RUNTIME_ERROR: BaseException | None = None  # set when the kernels failed at run time under "auto"
 _backend: str | None = None
 
 
@@ -114,8 +116,7 @@ def resolve_backend(x: torch.Tensor) -> str:
     """
     backend = get_backend()
     if backend == "auto":
-        if (TRITON_AVAILABLE and _TRITON_RUNTIME_ERROR is None and x.is_cuda and x.dtype in _TRITON_DTYPES
-                and not torch.compiler.is_compiling()):
+        if TRITON_AVAILABLE and x.is_cuda and x.dtype in _TRITON_DTYPES and not torch.compiler.is_compiling():
             return "triton"
         return "torch"
     if backend == "triton":
@@ -170,19 +171,26 @@ def pool_mixer_residual(
     backend = resolve_backend(x)
     kwargs = dict(eps=eps, pool_size=pool_size, res_scale=res_scale, sample_scale=sample_scale)
     if backend == "triton" and x.dtype in _TRITON_DTYPES:
-        try:
-            return pool_mixer_residual_triton(x, weight, **kwargs)
-        except Exception as e:  # a Triton/driver combination that cannot compile or launch the kernels
-            if get_backend() != "auto":
-                raise
-            global _TRITON_RUNTIME_ERROR
-            _TRITON_RUNTIME_ERROR = e
-            warnings.warn(f"metaformer: the Triton pooling kernels failed ({type(e).__name__}: {e}); the 'auto' "
-                          f"backend uses the PyTorch path from now on. set_backend('triton') shows the error.",
-                          RuntimeWarning, stacklevel=2)
+        y = _run_triton(x, weight, kwargs)
+        if y is not None:
+            return y
     if backend == "reference":
         return pool_mixer_residual_reference(x, weight, **kwargs)
     return pool_mixer_residual_torch(x, weight, **kwargs)
+
+
+def _run_triton(x, weight, kwargs):
+    """The Triton kernels under the self-check policy of ``selfcheck``; None: use the PyTorch path.
+
+    A real GPU self-checks each configuration on first use; under "auto" inputs the kernels cannot
+    take (a sample over ~2**31 elements), failures and wrong results fall back to the PyTorch path.
+    """
+    forced = get_backend() == "triton"
+    if not forced and triton_impl.unsupported_reason(x, kwargs["pool_size"]) is not None:
+        return None
+    return selfcheck.run_checked(x, weight, kwargs, kernel=pool_mixer_residual_triton,
+                                 reference=pool_mixer_residual_torch, forced=forced,
+                                 check=x.is_cuda and not _interpreting(), extra=(triton_impl.get_config(),))
 
 
 def _validate(x, weight, pool_size, res_scale, sample_scale) -> None:

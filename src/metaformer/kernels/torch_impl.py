@@ -46,6 +46,21 @@ def sample_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(var + eps)
 
 
+def _centred_stats(x: torch.Tensor, eps: float):
+    """``(mean, rstd, x - mean)``: the sample mean (B, 1, 1, 1), rstd (B,) and the centred input.
+
+    Computed as in ``sample_rstd``; the centred input is in the statistics' dtype (fp32 for half
+    inputs) and kept, so the variance needs a temporary of its own. The mean is detached: any
+    per-sample constant may be subtracted before pooling (the pooling weights sum to one), and the
+    variance's gradient through the mean is zero (the deviations sum to zero), so the gradients are
+    exact without differentiating through it.
+    """
+    mean = x.detach().mean(_DIMS, keepdim=True, dtype=_acc_dtype(x.dtype))
+    xm = x - mean
+    var = xm.square().mean(_DIMS)
+    return mean, torch.rsqrt(var + eps), xm
+
+
 def avg_pool_same(x: torch.Tensor, pool_size: int) -> torch.Tensor:
     """Stride-1 'same' average pooling with count_include_pad=False, in x's memory format.
 
@@ -77,18 +92,29 @@ def pool_mixer_residual_torch(
     Inputs are assumed validated by the caller.
     """
     acc = _acc_dtype(x.dtype)
-    rstd = sample_rstd(x, eps)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, weight, res_scale, sample_scale))
+    if grad:
+        # Pool the centred input: pool(x) - x == pool(x - m) - (x - m) for any per-sample m, and
+        # without the centring the weight gradient sum(g * (pool(x) - x)) cancels: both terms carry
+        # the rounding error of |mean| (at x ~ 300 + 3 randn, fp32, it lost two digits).
+        mean, rstd, src = _centred_stats(x, eps)
+    else:
+        # Forward only: uncentred pooling is exact to the rounding of y itself (the error of
+        # pool(x) ~ ulp(|x|) is multiplied by c < 1) and saves two passes over x on CPU.
+        mean, rstd, src = None, sample_rstd(x, eps), x
     if sample_scale is not None:
         rstd = rstd * sample_scale.to(acc)
-    coef = (rstd[:, None] * weight.to(acc)[None, :]).to(x.dtype)[:, :, None, None]
-    pooled = avg_pool_same(x, pool_size)
-    # lerp(x, p, c) = x + c * (p - x) in a single pass; it evaluates c * (p - x) directly for
-    # c < 0.5 (always the case with layer-scale-sized weights), so it is exact to rounding, and
-    # its weight gradient is sum(g * (p - x)), free of the cancellation of sum(g*p) - sum(g*x).
-    y = torch.lerp(x, pooled, coef)
+    coef = (rstd[:, None] * weight.to(acc)[None, :]).to(src.dtype)[:, :, None, None]
+    # lerp(s, p, c) = s + c * (p - s) in a single pass; it evaluates c * (p - s) directly for c < 0.5
+    # (always the case with layer-scale-sized weights), so it is exact to rounding, and its weight
+    # gradient is sum(g * (p - s)), free of the cancellation of sum(g * p) - sum(g * s).
+    y = torch.lerp(src, avg_pool_same(src, pool_size), coef)
+    if mean is not None:
+        y = y.add_(mean)  # in place is safe: lerp does not save its output for backward
     if res_scale is not None:
-        y = torch.addcmul(y, x, (res_scale.to(acc) - 1).to(x.dtype)[:, None, None])
-    return y
+        y = torch.addcmul(y, x, (res_scale.to(acc) - 1).to(y.dtype)[:, None, None])
+    return y.to(x.dtype)
 
 
 def pool_mixer_residual_reference(

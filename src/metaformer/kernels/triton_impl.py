@@ -1,370 +1,257 @@
-"""Triton kernels for the fused PoolFormer token-mixer half-block.
+"""Launch code of the Triton kernels for the fused PoolFormer token-mixer half-block.
 
-Forward (two launches for the statistics, one for the output):
+The kernels themselves (and the description of what each computes) are in ``triton_kernels``.
+Forward: two launches. Backward: two launches plus one small reduction for the weight gradient
+(and one for the residual scale's, when it needs one). Without anything to differentiate the
+forward runs outside ``torch.autograd.Function`` and saves nothing.
 
-1. ``_stats_partial_kernel``: each program loads one chunk of one sample (samples are dense in
-   both contiguous and channels_last layouts) and writes the chunk's mean and sum of squared
-   deviations (M2) in fp32 (fp64 for fp64 inputs).
-2. ``_stats_combine_kernel``: one program per sample merges the chunk partials with Chan's
-   parallel formula into ``mean[b]`` and ``rstd[b] = 1 / sqrt(M2 / N + eps)``.
-3. ``_fwd_kernel``: the stencil ``y = r[c] x + w[c] rstd[b] s[b] (avgpool(x) - x)`` with the
-   count_include_pad=False divisor (number of in-bounds neighbours), for any odd pool size.
-
-Backward (two launches plus a few ops on (B, C) tensors): ``_bwd_reduce_kernel`` recomputes the
-pooling and reduces ``T[b, c] = sum_hw g (avgpool(x) - x)`` and ``G[b, c] = sum_hw g x``;
-``_bwd_dx_kernel`` applies the transposed stencil (each output's contribution divided by the
-OUTPUT position's count) plus the term that flows through ``rstd``:
-``d rstd[b] / d x = -rstd[b]^3 (x - mean[b]) / N``.
-
-Only ``x``, ``mean``, ``rstd`` and the small vectors are saved for backward.
-
-The kernels address elements as ``base + c * stride_c + (h * W + w) * stride_w``, which covers
-both dense layouts (NCHW: stride_w = 1; channels_last: stride_c = 1, stride_h = W * stride_w);
-anything else is made contiguous first.
+Tile, part and split sizes live in one :class:`TritonConfig`; :func:`set_config` /
+:func:`configured` change them (tests use tiny sizes so that the multi-tile, multi-part and
+multi-split paths run on small tensors; the GPU session sweeps them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["pool_mixer_residual_triton", "sample_stats_triton"]
+from . import triton_kernels as tk
 
-_STATS_CHUNK = 4096
-_TILE = 1024  # elements per program in the stencil kernels
-_BWD_ITERS = 4  # pixel tiles per program in the backward reduction
+__all__ = ["TritonConfig", "configured", "get_config", "launch_sizes", "pool_mixer_residual_triton", "set_config",
+           "unsupported_reason"]
 
-
-# --------------------------------------------------------------------------------------------
-# kernels
-# --------------------------------------------------------------------------------------------
-@triton.jit
-def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, N, NCHUNK, CHUNK: tl.constexpr, ACC: tl.constexpr):
-    chunk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    mask = offs < N
-    v = tl.load(x_ptr + b * N + offs, mask=mask, other=0.0).to(ACC)
-    n = tl.minimum(N - chunk * CHUNK, CHUNK).to(ACC)
-    m = tl.sum(v, axis=0) / n
-    d = tl.where(mask, v - m, 0.0)
-    m2 = tl.sum(d * d, axis=0)
-    tl.store(pmean_ptr + b * NCHUNK + chunk, m)
-    tl.store(pm2_ptr + b * NCHUNK + chunk, m2)
+_INT32_MAX = 2**31 - 1
 
 
-@triton.jit
-def _stats_combine_kernel(
-    pmean_ptr,
-    pm2_ptr,
-    mean_ptr,
-    rstd_ptr,
-    N,
-    NCHUNK,
-    eps,
-    CHUNK: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    base = b * NCHUNK
-    total = tl.zeros([BLOCK_R], dtype=ACC)
-    for start in range(0, NCHUNK, BLOCK_R):
-        i = start + tl.arange(0, BLOCK_R)
-        mask = i < NCHUNK
-        n_i = tl.minimum(N - i * CHUNK, CHUNK).to(ACC)
-        m_i = tl.load(pmean_ptr + base + i, mask=mask, other=0.0)
-        total += tl.where(mask, n_i * m_i, 0.0)
-    mean = tl.sum(total, axis=0) / N
-    m2 = tl.zeros([BLOCK_R], dtype=ACC)
-    for start in range(0, NCHUNK, BLOCK_R):
-        i = start + tl.arange(0, BLOCK_R)
-        mask = i < NCHUNK
-        n_i = tl.minimum(N - i * CHUNK, CHUNK).to(ACC)
-        m_i = tl.load(pmean_ptr + base + i, mask=mask, other=0.0)
-        q_i = tl.load(pm2_ptr + base + i, mask=mask, other=0.0)
-        dm = m_i - mean
-        m2 += tl.where(mask, q_i + n_i * dm * dm, 0.0)
-    var = tl.sum(m2, axis=0) / N
-    tl.store(mean_ptr + b, mean)
-    tl.store(rstd_ptr + b, 1.0 / tl.sqrt(var + eps))
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+    """Tile and launch sizes of the Triton pooling kernels.
+
+    Attributes:
+        tile: Elements per program in the stencil kernels (power of two).
+        max_block_c: Most channels per program for channels_last inputs (power of two).
+        stats_block: Elements per step of the statistics kernel (power of two).
+        max_stats_parts: Most statistics partials per sample (merged by every stencil program).
+        bwd_iters: Pixel tiles per program of the backward reduction (at least).
+        max_bwd_parts: Most rstd-gradient partials per sample (merged by every dx program), unless
+            the channel blocks alone are more.
+        num_warps: Warps per program of the stencil kernels.
+        stats_num_warps: Warps per program of the statistics kernel.
+    """
+
+    tile: int = 1024
+    max_block_c: int = 64
+    stats_block: int = 4096
+    max_stats_parts: int = 128
+    bwd_iters: int = 4
+    max_bwd_parts: int = 256
+    num_warps: int = 4
+    stats_num_warps: int = 8
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TritonConfig.{f.name} must be a positive integer, got {v!r}")
+        for name in ("tile", "max_block_c", "stats_block", "num_warps", "stats_num_warps"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ValueError(f"TritonConfig.{name} must be a power of two, got {v}")
 
 
-@triton.jit
-def _count(i, L, P: tl.constexpr):
-    """Number of in-bounds positions of a window of half-width P centred at i (0 <= i < L)."""
-    return tl.minimum(i + P, L - 1) - tl.maximum(i - P, 0) + 1
+_config = TritonConfig()
 
 
-@triton.jit
-def _fwd_kernel(
-    x_ptr,
-    y_ptr,
-    w_ptr,
-    r_ptr,
-    s_ptr,
-    rstd_ptr,
-    C,
-    H,
-    W,
-    stride_b,
-    stride_c,
-    stride_w,
-    K: tl.constexpr,
-    HAS_R: tl.constexpr,
-    HAS_S: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    P: tl.constexpr = K // 2
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < H * W
-    mask_c = offs_c < C
-    h = offs_p // W
-    w = offs_p % W
-    base = b * stride_b + offs_c[:, None] * stride_c
-    mask = mask_c[:, None] & mask_p[None, :]
-
-    xc = tl.load(x_ptr + base + offs_p[None, :] * stride_w, mask=mask, other=0.0).to(ACC)
-    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    for i in tl.static_range(K):
-        hh = h + (i - P)
-        ok_h = mask_p & (hh >= 0) & (hh < H)
-        for j in tl.static_range(K):
-            ww = w + (j - P)
-            ok = ok_h & (ww >= 0) & (ww < W)
-            nb = offs_p + ((i - P) * W + (j - P))
-            acc += tl.load(
-                x_ptr + base + nb[None, :] * stride_w, mask=mask_c[:, None] & ok[None, :], other=0.0
-            ).to(ACC)
-    cnt = tl.where(mask_p, _count(h, H, P) * _count(w, W, P), 1).to(ACC)  # 1 off-image: no 0/0
-    pooled = acc / cnt[None, :]
-
-    rs = tl.load(rstd_ptr + b).to(ACC)
-    if HAS_S:
-        rs = rs * tl.load(s_ptr + b).to(ACC)
-    coef = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC) * rs
-    out = coef[:, None] * (pooled - xc)
-    if HAS_R:
-        r = tl.load(r_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        out += r[:, None] * xc
-    else:
-        out += xc
-    tl.store(y_ptr + base + offs_p[None, :] * stride_w, out.to(y_ptr.dtype.element_ty), mask=mask)
+def get_config() -> TritonConfig:
+    """Returns the current :class:`TritonConfig`."""
+    return _config
 
 
-@triton.jit
-def _bwd_reduce_kernel(
-    x_ptr,
-    g_ptr,
-    t_ptr,
-    gx_ptr,
-    C,
-    H,
-    W,
-    stride_b,
-    stride_c,
-    stride_w,
-    NSPLIT,
-    ITERS,
-    K: tl.constexpr,
-    NEED_G: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """Partial sums over pixels of g * (avgpool(x) - x) and (optionally) g * x."""
-    P: tl.constexpr = K // 2
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    base = b * stride_b + offs_c[:, None] * stride_c
-    t_acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    g_acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    for it in range(0, ITERS):
-        offs_p = (pid_s * ITERS + it) * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < H * W
-        h = offs_p // W
-        w = offs_p % W
-        mask = mask_c[:, None] & mask_p[None, :]
-        xc = tl.load(x_ptr + base + offs_p[None, :] * stride_w, mask=mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + base + offs_p[None, :] * stride_w, mask=mask, other=0.0).to(ACC)
-        acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-        for i in tl.static_range(K):
-            hh = h + (i - P)
-            ok_h = mask_p & (hh >= 0) & (hh < H)
-            for j in tl.static_range(K):
-                ww = w + (j - P)
-                ok = ok_h & (ww >= 0) & (ww < W)
-                nb = offs_p + ((i - P) * W + (j - P))
-                acc += tl.load(
-                    x_ptr + base + nb[None, :] * stride_w, mask=mask_c[:, None] & ok[None, :], other=0.0
-                ).to(ACC)
-        cnt = tl.where(mask_p, _count(h, H, P) * _count(w, W, P), 1).to(ACC)  # 1 off-image: no 0/0
-        t_acc += g * (acc / cnt[None, :] - xc)
-        if NEED_G:
-            g_acc += g * xc
-    out = (b * C + offs_c) * NSPLIT + pid_s
-    tl.store(t_ptr + out, tl.sum(t_acc, axis=1), mask=mask_c)
-    if NEED_G:
-        tl.store(gx_ptr + out, tl.sum(g_acc, axis=1), mask=mask_c)
+def set_config(config: TritonConfig | None = None, **changes) -> TritonConfig:
+    """Sets the kernels' tile sizes; returns the previous configuration.
+
+    Args:
+        config: A whole configuration (default: the current one).
+        **changes: Fields of :class:`TritonConfig` to change.
+
+    Raises:
+        ValueError: On an unknown field or an invalid size.
+    """
+    global _config
+    previous = _config
+    base = previous if config is None else config
+    unknown = set(changes) - {f.name for f in dataclasses.fields(TritonConfig)}
+    if unknown:
+        raise ValueError(f"unknown TritonConfig fields {sorted(unknown)}; valid: "
+                         f"{[f.name for f in dataclasses.fields(TritonConfig)]}")
+    _config = dataclasses.replace(base, **changes)
+    return previous
 
 
-@triton.jit
-def _bwd_dx_kernel(
-    x_ptr,
-    g_ptr,
-    dx_ptr,
-    coef_ptr,
-    r_ptr,
-    k_ptr,
-    mean_ptr,
-    C,
-    H,
-    W,
-    stride_b,
-    stride_c,
-    stride_w,
-    K: tl.constexpr,
-    HAS_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """dx = r g + coef (poolT(g) - g) + k[b] (x - mean[b]); poolT divides by the output's count."""
-    P: tl.constexpr = K // 2
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < H * W
-    mask_c = offs_c < C
-    h = offs_p // W
-    w = offs_p % W
-    base = b * stride_b + offs_c[:, None] * stride_c
-    mask = mask_c[:, None] & mask_p[None, :]
-
-    g = tl.load(g_ptr + base + offs_p[None, :] * stride_w, mask=mask, other=0.0).to(ACC)
-    xc = tl.load(x_ptr + base + offs_p[None, :] * stride_w, mask=mask, other=0.0).to(ACC)
-    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    for i in tl.static_range(K):
-        hh = h + (i - P)
-        ok_h = mask_p & (hh >= 0) & (hh < H)
-        ch = _count(hh, H, P)
-        for j in tl.static_range(K):
-            ww = w + (j - P)
-            ok = ok_h & (ww >= 0) & (ww < W)
-            nb = offs_p + ((i - P) * W + (j - P))
-            gn = tl.load(g_ptr + base + nb[None, :] * stride_w, mask=mask_c[:, None] & ok[None, :], other=0.0)
-            cnt = tl.where(ok, ch * _count(ww, W, P), 1).to(ACC)
-            acc += gn.to(ACC) / cnt[None, :]
-
-    coef = tl.load(coef_ptr + b * C + offs_c, mask=mask_c, other=0.0)
-    kb = tl.load(k_ptr + b)
-    mean = tl.load(mean_ptr + b)
-    dx = coef[:, None] * (acc - g) + kb * (xc - mean)
-    if HAS_R:
-        r = tl.load(r_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        dx += r[:, None] * g
-    else:
-        dx += g
-    tl.store(dx_ptr + base + offs_p[None, :] * stride_w, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+@contextlib.contextmanager
+def configured(**changes):
+    """Context manager: ``set_config(**changes)`` inside, the previous configuration after."""
+    previous = set_config(**changes)
+    try:
+        yield _config
+    finally:
+        set_config(previous)
 
 
 # --------------------------------------------------------------------------------------------
-# launch helpers
+# layout and sizes
 # --------------------------------------------------------------------------------------------
 def _acc(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def _layout(x: torch.Tensor):
-    """(x in a supported dense layout, stride_b, stride_c, stride_w, channels_last?)."""
-    B, C, H, W = x.shape
+def _strides(t: torch.Tensor):
+    """(stride_b, stride_c, stride_w) if t is addressable as base + c*sc + (h*W + w)*sw, else None."""
+    _, _, H, W = t.shape
+    sb, sc, sh, sw = t.stride()
+    if W == 1:
+        sw = sh
+    return (sb, sc, sw) if H == 1 or sh == W * sw else None
+
+
+def _dense(x: torch.Tensor):
+    """(x, channels_last?): x itself when contiguous or channels_last, else a contiguous copy."""
     if x.is_contiguous():
-        return x, C * H * W, H * W, 1, False
+        return x, False
     if x.is_contiguous(memory_format=torch.channels_last):
-        return x, C * H * W, 1, C, True
-    x = x.contiguous()
-    return x, C * H * W, H * W, 1, False
+        return x, True
+    return x.contiguous(), False
 
 
-def _tiles(C: int, HW: int, channels_last: bool):
-    if channels_last:
-        block_c = min(triton.next_power_of_2(C), 64)
-        block_p = max(1, min(_TILE // block_c, triton.next_power_of_2(HW)))
-    else:
-        block_p = min(triton.next_power_of_2(HW), _TILE)
-        block_c = max(1, min(_TILE // block_p, triton.next_power_of_2(C)))
-    return block_c, block_p
-
-
-def sample_stats_triton(x: torch.Tensor, eps: float):
-    """Per-sample mean and rstd over (C, H, W) of a dense (contiguous or channels_last) tensor.
+def launch_sizes(shape, channels_last: bool, config: TritonConfig | None = None) -> dict:
+    """The launch geometry for an input of ``shape`` (what the kernels will split it into).
 
     Args:
-        x: (B, C, H, W) tensor, contiguous or channels_last.
-        eps: Added to the biased variance.
+        shape: (B, C, H, W).
+        channels_last: The memory layout.
+        config: Tile sizes (default: the current configuration).
 
     Returns:
-        ``(mean, rstd)``, two (B,) tensors in fp32 (fp64 for fp64 inputs).
+        A dict: ``block_c``, ``block_p`` (channels and pixels per stencil program),
+        ``pixel_tiles``, ``channel_blocks``, ``stats_parts``, ``stats_iters`` (blocks per part),
+        ``bwd_splits``, ``bwd_iters`` (pixel tiles per backward-reduction program).
     """
-    B = x.shape[0]
-    N = x[0].numel()
-    tl_acc, torch_acc = _acc(x.dtype)
-    chunk = min(_STATS_CHUNK, triton.next_power_of_2(N))
-    nchunk = triton.cdiv(N, chunk)
-    pmean = torch.empty((B, nchunk), device=x.device, dtype=torch_acc)
-    pm2 = torch.empty_like(pmean)
-    mean = torch.empty((B,), device=x.device, dtype=torch_acc)
-    rstd = torch.empty_like(mean)
-    _stats_partial_kernel[(nchunk, B)](x, pmean, pm2, N, nchunk, CHUNK=chunk, ACC=tl_acc, num_warps=8)
-    block_r = min(triton.next_power_of_2(nchunk), 1024)
-    _stats_combine_kernel[(B,)](
-        pmean, pm2, mean, rstd, N, nchunk, eps, CHUNK=chunk, BLOCK_R=block_r, ACC=tl_acc, num_warps=4
-    )
-    return mean, rstd
+    cfg = config or _config
+    _, C, H, W = shape
+    HW = H * W
+    if channels_last:
+        block_c = min(triton.next_power_of_2(C), cfg.max_block_c)
+        block_p = max(1, min(cfg.tile // block_c, triton.next_power_of_2(HW)))
+    else:
+        block_p = min(triton.next_power_of_2(HW), cfg.tile)
+        block_c = max(1, min(cfg.tile // block_p, triton.next_power_of_2(C)))
+    npt, ncb = triton.cdiv(HW, block_p), triton.cdiv(C, block_c)
+    blocks = triton.cdiv(C * HW, cfg.stats_block)
+    stats_iters = triton.cdiv(blocks, min(blocks, cfg.max_stats_parts))
+    nsplit = min(triton.cdiv(npt, cfg.bwd_iters), max(1, cfg.max_bwd_parts // ncb))
+    bwd_iters = triton.cdiv(npt, nsplit)
+    return dict(block_c=block_c, block_p=block_p, pixel_tiles=npt, channel_blocks=ncb,
+                stats_parts=triton.cdiv(blocks, stats_iters), stats_iters=stats_iters,
+                bwd_splits=triton.cdiv(npt, bwd_iters), bwd_iters=bwd_iters)
 
 
-def _forward(x, weight, res_scale, sample_scale, eps, pool_size):
-    x, sb, sc, sw, cl = _layout(x)
+def unsupported_reason(x: torch.Tensor, pool_size: int) -> str | None:
+    """Why the kernels cannot take ``x`` (offsets within a sample are int32), or None."""
     B, C, H, W = x.shape
-    tl_acc, _ = _acc(x.dtype)
-    mean, rstd = sample_stats_triton(x, eps)
+    N = C * H * W
+    reach = N + (pool_size // 2 + 1) * (W + 1) * C + _config.stats_block * 2
+    if reach > _INT32_MAX:
+        return (f"a sample of {C}x{H}x{W} = {N} elements is too large for the Triton kernels' 32-bit "
+                f"offsets (at most about 2**31 elements per sample)")
+    return None
+
+
+def _eps_parts(eps: float):
+    hi = float(np.float32(eps))
+    return hi, float(np.float32(eps - hi))
+
+
+# --------------------------------------------------------------------------------------------
+# forward / backward
+# --------------------------------------------------------------------------------------------
+def _forward(x, weight, res_scale, sample_scale, eps, pool_size):
+    """(x as used, y, mean, rstd); x is made dense first."""
+    cfg = _config
+    x, cl = _dense(x)
+    B, C, H, W = x.shape
+    N = C * H * W
+    tl_acc, acc = _acc(x.dtype)
+    sb, sc, sw = _strides(x)
+    sz = launch_sizes(x.shape, cl, cfg)
+    nparts, iters = sz["stats_parts"], sz["stats_iters"]
+    pmean = torch.empty((B, nparts), device=x.device, dtype=acc)
+    pm2 = torch.empty_like(pmean)
+    mean = torch.empty((B,), device=x.device, dtype=acc)
+    rstd = torch.empty_like(mean)
     y = torch.empty_like(x)
-    block_c, block_p = _tiles(C, H * W, cl)
-    grid = (triton.cdiv(H * W, block_p), triton.cdiv(C, block_c), B)
-    _fwd_kernel[grid](
-        x,
-        y,
-        weight,
-        res_scale if res_scale is not None else weight,
-        sample_scale if sample_scale is not None else rstd,
-        rstd,
-        C,
-        H,
-        W,
-        sb,
-        sc,
-        sw,
-        K=pool_size,
-        HAS_R=res_scale is not None,
-        HAS_S=sample_scale is not None,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        ACC=tl_acc,
-        num_warps=4,
+    tk.stats_kernel[(B * nparts,)](x, pmean, pm2, N, nparts, iters, BLOCK=cfg.stats_block, ACC=tl_acc,
+                                   num_warps=cfg.stats_num_warps)
+    block_c, block_p, npt, ncb = sz["block_c"], sz["block_p"], sz["pixel_tiles"], sz["channel_blocks"]
+    eps_hi, eps_lo = _eps_parts(eps)
+    tk.fwd_kernel[(npt * ncb * B,)](
+        x, y, weight, res_scale if res_scale is not None else weight,
+        sample_scale if sample_scale is not None else weight, pmean, pm2, mean, rstd,
+        C, H, W, N, nparts, iters * cfg.stats_block, eps_hi, eps_lo, npt, ncb, sb, sc, sw,
+        K=pool_size, HAS_R=res_scale is not None, HAS_S=sample_scale is not None,
+        BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_R=triton.next_power_of_2(nparts), ACC=tl_acc,
+        num_warps=cfg.num_warps,
     )
     return x, y, mean, rstd
+
+
+def _backward(x, mean, rstd, weight, res_scale, sample_scale, grad_y, pool_size, needs):
+    cfg = _config
+    need_x, need_w, need_r, need_s = needs
+    B, C, H, W = x.shape
+    N = C * H * W
+    tl_acc, acc = _acc(x.dtype)
+    cl = not x.is_contiguous()
+    sb, sc, sw = _strides(x)
+    g_strides = _strides(grad_y)
+    if g_strides is None:  # e.g. a transposed gradient: one copy into x's layout
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        g_strides = _strides(grad_y)
+    sz = launch_sizes(x.shape, cl, cfg)
+    block_c, block_p, npt, ncb = sz["block_c"], sz["block_p"], sz["pixel_tiles"], sz["channel_blocks"]
+    nsplit, iters = sz["bwd_splits"], sz["bwd_iters"]
+    tw = torch.empty((B, C, nsplit), device=x.device, dtype=acc)
+    twb = torch.empty((B, ncb, nsplit), device=x.device, dtype=acc)
+    gx = torch.empty_like(tw) if need_r else tw
+    s_arg = sample_scale if sample_scale is not None else weight
+    has_s = sample_scale is not None
+    tk.bwd_reduce_kernel[(nsplit * ncb * B,)](
+        x, grad_y, tw, twb, gx, weight, s_arg, mean, rstd,
+        C, H, W, nsplit, iters, ncb, sb, sc, sw, *g_strides,
+        K=pool_size, HAS_S=has_s, NEED_R=bool(need_r), BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_acc,
+        num_warps=cfg.num_warps,
+    )
+    grad_x = grad_w = grad_r = grad_s = None
+    if need_w:
+        grad_w = tw.sum((0, 2)).to(weight.dtype)
+    if need_s:
+        grad_s = (twb.sum((1, 2)) * rstd).to(sample_scale.dtype)
+    if need_r:
+        grad_r = gx.sum((0, 2)).to(res_scale.dtype)
+    if need_x:
+        grad_x = torch.empty_like(x)
+        ntw = ncb * nsplit
+        tk.bwd_dx_kernel[(npt * ncb * B,)](
+            x, grad_y, grad_x, weight, res_scale if res_scale is not None else weight, s_arg, twb, mean, rstd,
+            C, H, W, N, npt, ncb, ntw, sb, sc, sw, *g_strides,
+            K=pool_size, HAS_R=res_scale is not None, HAS_S=has_s, BLOCK_C=block_c, BLOCK_P=block_p,
+            BLOCK_T=min(triton.next_power_of_2(ntw), 1024), ACC=tl_acc, num_warps=cfg.num_warps,
+        )
+    return grad_x, grad_w, grad_r, grad_s
 
 
 class _PoolMixerResidual(torch.autograd.Function):
@@ -379,88 +266,23 @@ class _PoolMixerResidual(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, mean, rstd, weight, res_scale, sample_scale = ctx.saved_tensors
-        need_x, need_w, need_r, need_s = ctx.needs_input_grad[:4]
-        k = ctx.pool_size
-        B, C, H, W = x.shape
-        N = C * H * W
-        tl_acc, acc = _acc(x.dtype)
-        _, sb, sc, sw, cl = _layout(x)
-        g = grad_y.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-
-        block_c, block_p = _tiles(C, H * W, cl)
-        n_ptiles = triton.cdiv(H * W, block_p)
-        iters = min(_BWD_ITERS, n_ptiles)
-        nsplit = triton.cdiv(n_ptiles, iters)
-        t_part = torch.empty((B, C, nsplit), device=x.device, dtype=acc)
-        gx_part = torch.empty_like(t_part) if need_r else t_part
-        _bwd_reduce_kernel[(nsplit, triton.cdiv(C, block_c), B)](
-            x,
-            g,
-            t_part,
-            gx_part,
-            C,
-            H,
-            W,
-            sb,
-            sc,
-            sw,
-            nsplit,
-            iters,
-            K=k,
-            NEED_G=bool(need_r),
-            BLOCK_C=block_c,
-            BLOCK_P=block_p,
-            ACC=tl_acc,
-            num_warps=4,
-        )
-        t = t_part.sum(-1)  # (B, C): sum_hw g * (avgpool(x) - x)
-        w = weight.to(acc)
-        s = sample_scale.to(acc) if sample_scale is not None else None
-        rs = rstd * s if s is not None else rstd
-        tw = t @ w  # (B,): sum_c T[b, c] w[c]
-
-        grad_x = grad_w = grad_r = grad_s = None
-        if need_w:
-            grad_w = (rs @ t).to(weight.dtype)
-        if need_s:
-            grad_s = (tw * rstd).to(sample_scale.dtype)
-        if need_r:
-            grad_r = gx_part.sum((0, 2)).to(res_scale.dtype)
-        if need_x:
-            grad_rstd = tw * s if s is not None else tw
-            kb = (-grad_rstd * rstd.pow(3) / N).contiguous()
-            coef = (rs[:, None] * w[None, :]).contiguous()
-            grad_x = torch.empty_like(x)
-            _bwd_dx_kernel[(n_ptiles, triton.cdiv(C, block_c), B)](
-                x,
-                g,
-                grad_x,
-                coef,
-                res_scale if res_scale is not None else coef,
-                kb,
-                mean,
-                C,
-                H,
-                W,
-                sb,
-                sc,
-                sw,
-                K=k,
-                HAS_R=res_scale is not None,
-                BLOCK_C=block_c,
-                BLOCK_P=block_p,
-                ACC=tl_acc,
-                num_warps=4,
-            )
-        return grad_x, grad_w, grad_r, grad_s, None, None
+        grads = _backward(x, mean, rstd, weight, res_scale, sample_scale, grad_y, ctx.pool_size,
+                          ctx.needs_input_grad[:4])
+        return (*grads, None, None)
 
 
-def _device_ctx(x: torch.Tensor):
-    if x.is_cuda:
-        return torch.cuda.device(x.device)
-    import contextlib
+class _Empty(torch.autograd.Function):
+    """An empty input: nothing to launch (the launch arithmetic would divide by zero)."""
 
-    return contextlib.nullcontext()
+    @staticmethod
+    def forward(ctx, x, weight, res_scale, sample_scale):
+        ctx.save_for_backward(x, weight, res_scale, sample_scale)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return tuple(None if t is None or not need else torch.zeros_like(t)
+                     for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad))
 
 
 def pool_mixer_residual_triton(
@@ -476,9 +298,22 @@ def pool_mixer_residual_triton(
 
     The small vectors are made contiguous; ``x`` is used as is when contiguous or channels_last
     (the output keeps that layout) and made contiguous otherwise.
+
+    Raises:
+        RuntimeError: If a sample is too large for the kernels' 32-bit offsets (see
+            :func:`unsupported_reason`).
     """
+    reason = unsupported_reason(x, pool_size)
+    if reason is not None:
+        raise RuntimeError(reason + "; use set_backend('auto') or set_backend('torch') for such inputs")
     weight = weight.contiguous()
     res_scale = res_scale.contiguous() if res_scale is not None else None
     sample_scale = sample_scale.contiguous() if sample_scale is not None else None
-    with _device_ctx(x):
+    if x.numel() == 0:
+        return _Empty.apply(x, weight, res_scale, sample_scale)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, res_scale, sample_scale))
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if not grad:
+            return _forward(x, weight, res_scale, sample_scale, float(eps), int(pool_size))[1]
         return _PoolMixerResidual.apply(x, weight, res_scale, sample_scale, float(eps), int(pool_size))

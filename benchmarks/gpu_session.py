@@ -1,0 +1,221 @@
+"""One command for a GPU session: the CUDA kernel tests, a tile-size sweep, then the benchmark.
+
+    PYTHONPATH=src python benchmarks/gpu_session.py --out-dir benchmarks/results   # about 8 minutes
+
+Steps, each a subprocess with its own log and a share of the time budget (``--budget-s``, default
+470 s), killed if it overruns (recorded as such, never silently):
+
+1. ``tests``: tests/test_kernels_cuda.py and test_kernels_selfcheck.py (pytest-xdist when installed).
+   A skipped CUDA test on a machine with a GPU counts as a failure.
+2. ``sweep``: the Triton tile sizes and warps (``TritonConfig``), one field at a time from the
+   defaults, scored by the fwd+bwd time of the mixer half summed over poolformer_s12's stages
+   (weighted by blocks per stage), bf16 channels_last, batch 128; every configuration is
+   self-checked against the PyTorch path on first use (the backend is forced, so a wrong one
+   raises and is recorded as failed). Writes ``sweep.json`` after each configuration.
+3. ``bench``: bench_pool_mixer_gpu.py with the best configuration (compiled baselines for bf16),
+   writing ``gpu.json`` after each part (mixer half, then each whole-model variant).
+
+Writes ``gpu_session.json`` (machine, each step's status and time, tests' counts, the sweep, the
+benchmark's results and the issue's targets) and prints a summary. Exit status 0 only if every step
+passed in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from gpu_common import write_json  # noqa: E402
+
+SWEEP_AXES = [("tile", [512, 2048, 4096]), ("num_warps", [2, 8]), ("max_block_c", [32, 128]),
+              ("bwd_iters", [2, 8]), ("stats_block", [2048, 8192]), ("stats_num_warps", [4, 16])]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--budget-s", type=float, default=470.0, help="whole session (default 470 s)")
+    p.add_argument("--tests-s", type=float, default=150.0, help="most time for the tests step")
+    p.add_argument("--sweep-s", type=float, default=90.0, help="most time for the sweep step")
+    p.add_argument("--skip", nargs="*", default=[], choices=["tests", "sweep", "bench"])
+    p.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)  # the sweep step itself
+    return p.parse_args(argv)
+
+
+def run_step(name: str, cmd: list, timeout: float, out_dir: Path) -> dict:
+    """Runs cmd with its output in ``out_dir/NAME.log``; kills its process group after ``timeout``."""
+    log = out_dir / f"{name}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("METAFORMER_BACKEND", None)
+    print(f"\n=== {name}: {' '.join(map(str, cmd))} (at most {timeout:.0f} s)", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout))
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc, timed_out = proc.wait(), True
+    elapsed = time.perf_counter() - t0
+    tail = log.read_text(errors="replace")[-3000:]
+    print(tail[-1500:], flush=True)
+    status = "timed out" if timed_out else ("passed" if rc == 0 else f"failed (exit status {rc})")
+    print(f"=== {name}: {status} after {elapsed:.0f} s; log {log}", flush=True)
+    return {"status": status, "returncode": rc, "seconds": round(elapsed, 1), "log": str(log), "tail": tail}
+
+
+def _pytest_counts(text: str) -> dict:
+    return {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed)", text)}
+
+
+# ------------------------------------------------------------------------------ the sweep step
+def sweep(args) -> int:
+    import torch
+    import triton.testing as tt
+    from bench_pool_mixer_gpu import STAGES, FusedMixerHalf, RefMixerHalf
+
+    import metaformer.kernels as K
+    from metaformer.kernels import triton_impl as ti
+
+    t_end = time.perf_counter() + args.sweep_s
+    K.set_backend("triton")  # forced: a configuration whose self-check fails raises
+    cases = []
+    for C, S, blocks in STAGES:
+        ref = RefMixerHalf(C).cuda().to(torch.bfloat16)
+        x = torch.randn(128, C, S, S, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        cases.append((f"{C}x{S}x{S}", blocks, FusedMixerHalf(ref), x, torch.randn_like(x),
+                      [ref.norm.weight, ref.ls]))
+
+    def measure(cfg):
+        ti.set_config(cfg)
+        per_stage, total = {}, 0.0
+        for name, blocks, fn, x, dy, params in cases:
+            xg = x.detach().requires_grad_(True)
+
+            def step(fn=fn, xg=xg, dy=dy, params=params):
+                torch.autograd.grad(fn(xg), [xg, *params], dy)
+
+            per_stage[name] = tt.do_bench(step, warmup=10, rep=40, return_mode="median")
+            total += blocks * per_stage[name]
+        return {"config": vars(cfg), "weighted_fwd_bwd_ms": total, "per_stage_ms": per_stage}
+
+    out = {"dtype": "bf16", "layout": "channels_last", "batch": 128, "score": "sum of blocks x fwd+bwd median ms",
+           "configs": [], "best": None}
+    best = ti.get_config()
+    tried = set()
+    for field, values in [(None, [None])] + SWEEP_AXES:
+        for value in values:
+            if time.perf_counter() > t_end:
+                out["stopped"] = "time budget reached"
+                break
+            cfg = best if field is None else ti.TritonConfig(**{**vars(best), field: value})
+            if cfg in tried:
+                continue
+            tried.add(cfg)
+            try:
+                row = measure(cfg)
+            except Exception as e:  # a configuration that fails to compile, launch or self-check
+                row = {"config": vars(cfg), "error": f"{type(e).__name__}: {e}"}
+            out["configs"].append(row)
+            print(json.dumps(row), flush=True)
+            scored = [r for r in out["configs"] if "weighted_fwd_bwd_ms" in r]
+            if scored:
+                winner = min(scored, key=lambda r: r["weighted_fwd_bwd_ms"])
+                best = ti.TritonConfig(**winner["config"])
+                out["best"] = winner
+            write_json(args.out_dir / "sweep.json", out)
+    return 0 if out["best"] else 1
+
+
+# ------------------------------------------------------------------------------ the session
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out_dir = args.out_dir.resolve()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        return sweep(args)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_session: no CUDA device; this script runs the GPU tests and benchmarks. Exiting.", file=sys.stderr)
+        return 1
+    t_end = time.perf_counter() + args.budget_s
+    session = {"kind": "gpu_session", "device": torch.cuda.get_device_name(), "steps": {}}
+
+    def left(reserve: float = 0.0) -> float:
+        return t_end - time.perf_counter() - reserve
+
+    if "tests" not in args.skip:
+        xdist = ["-n", "8"] if _has("xdist") else []
+        step = run_step("tests", [sys.executable, "-m", "pytest", "tests/test_kernels_cuda.py",
+                                  "tests/test_kernels_selfcheck.py", "-q", "-p", "no:cacheprovider", "-rs", *xdist],
+                        min(args.tests_s, left(300)), args.out_dir)
+        step["counts"] = _pytest_counts(step["tail"])
+        if step["counts"].get("skipped") and step["status"] == "passed":
+            step["status"] = "failed (CUDA tests skipped on a machine with a GPU)"
+        session["steps"]["tests"] = step
+    config = ""
+    if "sweep" not in args.skip:
+        step = run_step("sweep", [sys.executable, str(HERE / "gpu_session.py"), "--sweep", "--out-dir", str(args.out_dir),
+                                  "--sweep-s", str(min(args.sweep_s, left(240)))],
+                        min(args.sweep_s, left(240)) + 60, args.out_dir)
+        sweep_file = args.out_dir / "sweep.json"
+        step["result"] = json.loads(sweep_file.read_text()) if sweep_file.exists() else None
+        best = (step["result"] or {}).get("best")
+        if best:
+            config = ",".join(f"{k}={v}" for k, v in best["config"].items())
+        session["steps"]["sweep"] = step
+    if "bench" not in args.skip:
+        out = args.out_dir / "gpu.json"
+        cmd = [sys.executable, str(HERE / "bench_pool_mixer_gpu.py"), "--compile-dtypes", "bf16", "--output", str(out)]
+        step = run_step("bench", cmd + (["--triton-config", config] if config else []), left(10), args.out_dir)
+        step["result"] = json.loads(out.read_text()) if out.exists() else None
+        mixer = args.out_dir / "gpu_mixer.json"
+        step["mixer"] = json.loads(mixer.read_text())["records"] if mixer.exists() else None
+        session["steps"]["bench"] = step
+    session["targets"] = _targets(session)
+    write_json(args.out_dir / "gpu_session.json", session)
+    _summary(session)
+    return 0 if all(s["status"] == "passed" for s in session["steps"].values()) else 1
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _targets(session: dict) -> dict:
+    bench = (session["steps"].get("bench") or {}).get("result") or {}
+    train = bench.get("train_step", {}).get("ours", {})
+    return {**{k: v for k, v in bench.items() if k.startswith(("mixer_", "target_"))},
+            "train_step_ours_vs_timm_speed": train.get("speedup_vs_timm"),
+            "train_step_ours_vs_timm_peak_memory": train.get("peak_mem_vs_timm")}
+
+
+def _summary(session: dict) -> None:
+    print("\n=== summary", session["device"])
+    for name, step in session["steps"].items():
+        extra = f" {step['counts']}" if "counts" in step else ""
+        print(f"  {name:6} {step['status']} in {step['seconds']:.0f} s{extra}")
+    best = ((session["steps"].get("sweep") or {}).get("result") or {}).get("best")
+    if best:
+        print(f"  best tile sizes: {best['config']} ({best['weighted_fwd_bwd_ms']:.3f} ms weighted)")
+    print(f"  targets: {json.dumps(session['targets'])}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The GPU benchmark scripts' plumbing, without a GPU (their timings are never asserted anywhere).
+
+benchmarks/bench_pool_mixer_gpu.py and benchmarks/gpu_session.py must fail loudly where they
+cannot measure, and their CPU smoke mode must run the same code path as a real run: correctness
+comparisons, the table, the JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import gpu_common  # noqa: E402
+import gpu_session  # noqa: E402
+
+
+def _run(script, *args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+@pytest.mark.parametrize("script", ["bench_pool_mixer_gpu.py", "gpu_session.py"])
+def test_without_cuda_exits_with_a_message(script, tmp_path):
+    out = _run(script, "--output" if script.startswith("bench") else "--out-dir", str(tmp_path / "x"))
+    assert out.returncode == 1
+    assert "no CUDA device" in out.stderr
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_smoke_run_checks_times_and_writes_json(tmp_path):
+    path = tmp_path / "gpu.json"
+    out = _run("bench_pool_mixer_gpu.py", "--smoke", "--no-compile", "--dtypes", "fp32", "bf16", "--layouts", "nchw",
+               "--model-variants", "timm", "ours", "--output", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    res = json.loads(path.read_text())
+    records = json.loads((tmp_path / "gpu_mixer.json").read_text())["records"]
+    cases = [r for r in records if r["shape"] != "poolformer_s12 (blocks x stages)"]
+    assert {(r["dtype"], r["shape"], r["pass"], r["variant"]) for r in cases} == {
+        (d, s, p, v) for d in ("fp32", "bf16") for s in ("8x9x9", "16x5x5") for p in ("fwd", "fwd+bwd")
+        for v in ("torch", "eager")}
+    for r in cases:
+        assert r["median_ms"] > 0 and r["gbps_ideal"] > 0
+        if r["variant"] == "torch":  # checked against the fp32 (fp64) reference before timing
+            assert r["max_rel_error"] <= (2e-5 if r["dtype"] == "fp32" else 2e-2)
+    weighted = [r for r in records if r["shape"] == "poolformer_s12 (blocks x stages)"]
+    assert len(weighted) == 8
+    assert set(res["inference"]) == set(res["train_step"]) == {"timm", "ours"}
+    assert res["train_step"]["timm"]["speedup_vs_timm"] == 1.0
+    assert res["mixer_file"] == "gpu_mixer.json"
+
+
+def test_compare_stops_on_wrong_or_nan_results():
+    want = {"y - x": torch.tensor([1.0, -2.0], dtype=torch.float64), "dx": torch.tensor([0.5, 0.5])}
+    errors = gpu_common.compare("v", {"y - x": torch.tensor([1.0, -2.0 + 1e-6], dtype=torch.float64), "dx": want["dx"]},
+                                want, 1e-5)
+    assert errors["y - x"] == pytest.approx(0.5e-6, rel=1e-3) and errors["dx"] == 0
+    with pytest.raises(gpu_common.BenchmarkError, match=r"v gives wrong results: y - x"):
+        gpu_common.compare("v", {"y - x": torch.tensor([1.0, -2.1]), "dx": want["dx"]}, want, 1e-3)
+    with pytest.raises(gpu_common.BenchmarkError, match="dx"):
+        gpu_common.compare("v", {"y - x": want["y - x"], "dx": torch.tensor([float("nan"), 0.5])}, want, 1e-3)
+
+
+@pytest.mark.parametrize(("name", "gbps"), [("NVIDIA H100 80GB HBM3", 3350), ("NVIDIA H100 PCIe", 2000),
+                                            ("NVIDIA H100 NVL", 3900), ("NVIDIA H200", 4800),
+                                            ("NVIDIA A100-SXM4-80GB", 2039)])
+def test_peak_bandwidth_is_the_cards_own(name, gbps):
+    assert gpu_common.peak_gbps(name)[0] == gbps
+    assert gpu_common.peak_gbps(name, 1234.0) == (1234.0, "--peak-gbps")
+
+
+def test_session_step_is_killed_at_its_time_limit(tmp_path):
+    quick = gpu_session.run_step("quick", [sys.executable, "-c", "print('3 passed, 1 skipped in 0.1s')"], 60, tmp_path)
+    assert quick["status"] == "passed" and gpu_session._pytest_counts(quick["tail"]) == {"passed": 3, "skipped": 1}
+    slow = gpu_session.run_step("slow", [sys.executable, "-c", "import time; print('started', flush=True); "
+                                         "time.sleep(60)"], 2, tmp_path)
+    assert slow["status"] == "timed out" and "started" in (tmp_path / "slow.log").read_text()
+    failed = gpu_session.run_step("failed", [sys.executable, "-c", "raise SystemExit(3)"], 60, tmp_path)
+    assert failed["status"] == "failed (exit status 3)"
