@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from helpers import place_release_identityformer_s12
 from reference import mm_dense
 from torch import nn
 
@@ -146,6 +147,16 @@ def test_the_library_layout_round_trips(detectors, tmp_path):
         load_detector_checkpoint(other, tmp_path / "det.pth")
     for k, v in other.state_dict().items():
         assert torch.equal(v, before[k]), k  # nothing loaded
+
+
+def test_pretrained_starts_the_backbone_from_imagenet(tmp_path):
+    release = place_release_identityformer_s12(tmp_path)
+    model = metaformer.create_detector("identityformer_s12", "retinanet", pretrained=True, **SMALL)
+    expected = release.state_dict()
+    for ours, theirs in (("stem.conv.weight", "downsample_layers.0.conv.weight"),
+                         ("stages.3.blocks.1.mlp.fc2.weight", "stages.3.1.mlp.fc2.weight")):
+        torch.testing.assert_close(model.backbone.body.state_dict()[ours].flatten(1), expected[theirs].flatten(1))
+    assert model.backbone.body.out_indices == (1, 2, 3)
 
 
 def test_bad_checkpoints_and_arguments(mmdet_checkpoint, detectors):

@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import place_release_identityformer_s12
 from reference import mm_dense
 
 import metaformer
@@ -95,6 +96,18 @@ def test_fine_tuning_replaces_only_the_classifier(s12, caplog):
     torch.testing.assert_close(model.neck.fpn_convs[2].conv.weight, sd["neck.fpn_convs.2.conv.weight"])
     torch.testing.assert_close(model.decode_head.scale_heads[3][4].bn.running_var,
                                sd["decode_head.scale_heads.3.4.bn.running_var"])
+
+
+def test_pretrained_starts_the_backbone_from_imagenet(tmp_path):
+    release = place_release_identityformer_s12(tmp_path)
+    model = metaformer.create_segmenter("identityformer_s12", num_classes=3, pretrained=True).eval()
+    ref = mm_dense.baselines_backbone("identityformer_s12")  # its per-stage norms fresh, as ours
+    ref.load_state_dict({k: v for k, v in release.state_dict().items() if not k.startswith(("norm.", "head."))},
+                        strict=False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for got, want in zip(model.backbone(x), ref(x)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_misfitting_checkpoints_are_refused_and_load_nothing(tmp_path):

@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .weights import CheckpointError, load_state_dict_into
+from .weights import CheckpointError, _summary, load_state_dict_into
 
 __all__ = ["split_by_prefix", "fit_parts", "load_parts"]
 
@@ -33,12 +33,6 @@ def split_by_prefix(state_dict: StateDict, prefixes: Iterable[str]) -> Tuple[Dic
         else:
             rest[key] = value
     return parts, rest
-
-
-def _summary(names: Sequence[str], limit: int = 8) -> str:
-    names = sorted(names)
-    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def fit_parts(specs: Sequence[Tuple[nn.Module, StateDict, str, Sequence[str]]]) -> List[StateDict]:
