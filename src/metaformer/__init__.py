@@ -8,6 +8,7 @@ Quick start::
 """
 
 from .blocks import MetaFormerBlock, MetaFormerStage
+from .detection import MetaFormerFPN, create_detector
 from .factory import create
 from .hub import PretrainedError
 from .inference import optimize_for_inference
@@ -15,6 +16,9 @@ from .kernels import get_backend, set_backend
 from .layers import GroupNorm1, LayerNorm, LayerNorm2d, Scale, SquaredReLU, StarReLU
 from .mixers import Attention, Identity, Pooling, RandomMixing, SepConv, SpatialMLP, TokenMixer
 from .model import FeatureInfo, MetaFormer
+from .seg_data import SegEvalTransform, SegmentationFolder, SegTrainTransform
+from .seg_metrics import SegmentationMetrics
+from .segmentation import SemanticFPN, create_segmenter
 from .weights import CheckpointError, convert_state_dict, load_checkpoint, read_checkpoint
 from .zoo import VARIANTS, get_variant, list_models
 
@@ -50,5 +54,13 @@ __all__ = [
     "convert_state_dict",
     "CheckpointError",
     "PretrainedError",
+    "create_segmenter",
+    "SemanticFPN",
+    "create_detector",
+    "MetaFormerFPN",
+    "SegmentationFolder",
+    "SegTrainTransform",
+    "SegEvalTransform",
+    "SegmentationMetrics",
     "__version__",
 ]

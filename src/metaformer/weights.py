@@ -57,6 +57,7 @@ _BASELINE_RULES: Rules = [
     (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
     (r"^head\.(weight|bias)$", r"head.fc.\1"),
     (r"^head\.(fc1|norm|fc2)\.", r"head.fc.\1."),
+    (r"^norm(\d+)\.", r"feature_norms.\1."),  # per-stage norms of a dense backbone (ConvNeXt's convention)
     (r"^norm\.", "head.norm."),  # after the head rules, which would otherwise rename its result again
 ]
 
