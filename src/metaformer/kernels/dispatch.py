@@ -4,16 +4,26 @@
 mode its ``forward`` hands itself to :func:`block_forward`, which picks, for each half, a fused path
 when one computes exactly the same function, or the block's own half otherwise:
 
-- token-mixer half: :class:`~metaformer.mixers.Pooling` after a one-group
-  :class:`~metaformer.layers.GroupNorm1` runs as :func:`~metaformer.kernels.pool_mixer_residual`
-  (PyTorch or Triton; both have autograd, so this also serves training);
-- MLP half: on CPU, in fp32, where autograd needs no graph, an ``Mlp`` with GELU runs as two oneDNN
-  primitives (:mod:`metaformer.kernels.onednn`);
-- on CPU a fused block works in channels_last, where oneDNN and ATen's pooling are fastest; the layout
-  then carries through the following blocks (values are unchanged).
+- token-mixer half:
+
+  - :class:`~metaformer.mixers.Pooling` after a one-group :class:`~metaformer.layers.GroupNorm1`:
+    :func:`~metaformer.kernels.pool_mixer_residual` (PyTorch or Triton, with autograd; on CPU in
+    training, a written-out backward, :mod:`metaformer.kernels.autograd_halves`);
+  - :class:`~metaformer.mixers.Identity` and :class:`~metaformer.mixers.RandomMixing`: the norm with the
+    layer scale folded into its affine, then one addition or one batched product that adds the residual
+    (standard ops, so also in training; :mod:`metaformer.kernels.torch_halves`);
+  - :class:`~metaformer.mixers.SepConv`, :class:`~metaformer.mixers.Attention`: on CPU in fp32 where
+    nothing needs a gradient, oneDNN primitives on folded weights (:mod:`metaformer.kernels.cpu_eval`);
+
+- MLP half: on CPU in fp32, oneDNN primitives on folded weights where nothing needs a gradient, and in
+  training an ``autograd.Function`` with a written-out backward that keeps one hidden tensor instead of
+  four (:mod:`metaformer.kernels.autograd_halves`);
+- on CPU a block with a fused half works in channels_last, where oneDNN, ATen's pooling and the channel
+  LayerNorm are fastest; the layout then carries through the following layers (values are unchanged).
 
 Nothing here runs under TorchScript (the block skips it), FX symbolic tracing, ``torch.jit.trace`` or
-ONNX export, or with the ``"reference"`` backend: those see the plain composition.
+ONNX export, or with the ``"reference"`` backend: those see the plain composition. Under
+``torch.compile`` only the standard-op paths run (pooling identity, identity and random mixing).
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import torch
 from torch import nn
 
 # The package defines these before it imports this module (at its end).
-from . import get_backend, onednn, pool_mixer_residual
+from . import autograd_halves, cpu_eval, get_backend, onednn, pool_mixer_residual, torch_halves
 
 __all__ = ["block_forward", "fast_paths_active", "pool_mixer_fusable"]
 
@@ -40,16 +50,63 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The output of a :class:`~metaformer.MetaFormerBlock`, through fused paths where they apply."""
     if not fast_paths_active(x):
         return block.mlp_half(block.mixer_half(x))
-    fused_mixer = pool_mixer_fusable(block)
-    if fused_mixer and x.device.type == "cpu" and _nchw_contiguous(x):
+    if x.device.type == "cpu" and _nchw_contiguous(x) and _cpu_fused(block, x):
         x = x.contiguous(memory_format=torch.channels_last)
-    x = _fused_pool_half(block, x) if fused_mixer else block.mixer_half(x)
-    y = _onednn_mlp_half(block, x)
-    return y if y is not None else block.mlp_half(x)
+    y = _mixer_half(block, x)
+    x = block.mixer_half(x) if y is None else y
+    y = _mlp_half(block, x)
+    return block.mlp_half(x) if y is None else y
 
 
 def _nchw_contiguous(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous()
+
+
+def _cpu_fused(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether some half of ``block`` takes a fused CPU path for ``x`` (then channels_last pays)."""
+    from ..mixers import Identity, RandomMixing
+
+    if pool_mixer_fusable(block) or type(block.token_mixer) in (Identity, RandomMixing):
+        return True
+    return onednn.onednn_ok(x)
+
+
+def _no_grad_needed(x: torch.Tensor, *modules: nn.Module) -> bool:
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in modules
+                                                           for p in m.parameters())):
+        return False
+    return True
+
+
+def _mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    from ..mixers import Identity, RandomMixing
+
+    if pool_mixer_fusable(block):
+        return _fused_pool_half(block, x)
+    draw = lambda: _drop_path_scale(block.drop_path1, block.training, x)  # noqa: E731
+    if type(block.token_mixer) is Identity:
+        return torch_halves.identity_half(block, x, draw)
+    if type(block.token_mixer) is RandomMixing:
+        return torch_halves.random_mixing_half(block, x, draw)
+    if block.training or not onednn.onednn_ok(x):
+        return None
+    if not _no_grad_needed(x, block.norm1, block.token_mixer, block.layer_scale1, block.res_scale1):
+        return None
+    y = cpu_eval.sepconv_half(block, x)
+    return cpu_eval.attention_half(block, x) if y is None else y
+
+
+def _mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if not block.training and onednn.onednn_ok(x) and \
+            _no_grad_needed(x, block.norm2, block.mlp, block.layer_scale2, block.res_scale2):
+        y = cpu_eval.mlp_half(block, x)
+        if y is not None:
+            return y
+    if not torch.is_grad_enabled():
+        return None
+    return autograd_halves.mlp_half(block, x, lambda: _drop_path_scale(block.drop_path2, block.training, x))
 
 
 def pool_mixer_fusable(block: nn.Module) -> bool:
@@ -76,33 +133,22 @@ def _fused_pool_half(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # gets that zero gradient, as DistributedDataParallel expects of every parameter.
         weight = weight + 0.0 * bias
     res_scale = block.res_scale1.scale if type(block.res_scale1) is Scale else None
-    sample_scale = _drop_path_scale(block, x)
+    sample_scale = _drop_path_scale(block.drop_path1, block.training, x)
     return pool_mixer_residual(x, weight, eps=block.norm1.eps, pool_size=block.token_mixer.pool_size,
-                               res_scale=res_scale, sample_scale=sample_scale)
+                               res_scale=res_scale, sample_scale=None if sample_scale is None else sample_scale.view(-1))
 
 
-def _drop_path_scale(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The per-sample factor of the block's stochastic depth in training (keep mask / keep prob), or None."""
-    rate = float(getattr(block.drop_path1, "drop_prob", 0.0) or 0.0)
-    if not block.training or rate <= 0.0:
+def _drop_path_scale(drop_path: nn.Module, training: bool, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (B, 1, 1, 1) factor of stochastic depth in training (keep mask / keep prob), or None.
+
+    Drawn exactly as timm's ``DropPath`` draws it (same shape, dtype and RNG call), so that a seeded run
+    takes the same samples as the plain composition.
+    """
+    rate = float(getattr(drop_path, "drop_prob", 0.0) or 0.0)
+    if not training or rate <= 0.0 or not getattr(drop_path, "training", True):
         return None
     keep = 1.0 - rate
-    return x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep).div_(keep)
-
-
-def _onednn_mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """Eval-mode CPU MLP half as two oneDNN primitives (GELU and residual add fused), else None."""
-    from ..layers import Mlp, Scale
-
-    mlp, ls, rs = block.mlp, block.layer_scale2, block.res_scale2
-    if (block.training or type(mlp) is not Mlp or type(mlp.act) is not nn.GELU
-            or type(ls) not in (Scale, nn.Identity) or type(rs) not in (Scale, nn.Identity)
-            or not onednn.onednn_usable(x, block.parameters())):
-        return None
-    w2, b2 = mlp.fc2.weight, mlp.fc2.bias
-    if type(ls) is Scale:  # fold layer scale 2 into fc2 (a few KB of weights per call)
-        w2 = w2 * ls.scale.view(-1, 1, 1, 1)
-        b2 = None if b2 is None else b2 * ls.scale
-    res = x if type(rs) is nn.Identity else rs(x)
-    return onednn.mlp_residual_onednn(block.norm2(x), res, mlp.fc1.weight, mlp.fc1.bias, w2, b2,
-                                      mlp.act.approximate)
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    if getattr(drop_path, "scale_by_keep", True):
+        mask.div_(keep)
+    return mask

@@ -1,20 +1,25 @@
-"""oneDNN fused primitives for the MLP half of a block on CPU (inference only).
+"""oneDNN convolution primitives with fused post-ops, for the CPU fast paths.
 
-``mlp_residual_onednn`` runs ``residual + fc2(act(fc1(h)))`` as two oneDNN convolution primitives, the
-activation fused into the first and the residual addition into the second, which saves three passes
-over the activations. The primitives are PyTorch's private ``torch.ops.mkldnn._convolution_pointwise``
-(what Inductor itself emits on CPU): they have no autograd formula, so :func:`onednn_usable` admits them
-only where nothing needs a gradient, and a build without them (or one whose signature differs) makes
-:func:`mlp_residual_onednn` return None so that the caller runs the plain composition.
+PyTorch's private ``torch.ops.mkldnn._convolution_pointwise`` (what Inductor itself emits on CPU) runs a
+convolution as one oneDNN primitive with an element-wise post-op (``relu``, ``gelu``) or with the
+addition of another tensor fused in, which saves whole passes over the activations; weights can be
+pre-packed once into oneDNN's blocked layout (:func:`prepack`) instead of being reordered on every call.
+
+These primitives have no autograd formula: :func:`onednn_usable` admits them where nothing needs a
+gradient, and the training paths (:mod:`metaformer.kernels.autograd_halves`) call them only inside the
+forward of an ``autograd.Function`` whose backward is written out. A build without them, or whose
+private signature differs, makes every function here return None (once, then never tries again), and the
+callers run standard PyTorch ops.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["ONEDNN_AVAILABLE", "onednn_usable", "mlp_residual_onednn"]
+__all__ = ["ONEDNN_AVAILABLE", "onednn_usable", "onednn_ok", "prepack", "conv", "conv_add",
+           "mlp_residual_onednn"]
 
 
 def _available() -> bool:
@@ -26,22 +31,79 @@ def _available() -> bool:
 
 ONEDNN_AVAILABLE = _available()
 _BROKEN = False  # set when the private op exists but rejects our call (another torch build)
+_ONE = [1, 1]
+
+
+def onednn_ok(x: torch.Tensor) -> bool:
+    """Whether the primitives can run on ``x`` at all: an fp32 CPU tensor, in eager mode, on a build that has them."""
+    if not (ONEDNN_AVAILABLE and not _BROKEN and x.device.type == "cpu" and x.dtype == torch.float32):
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
 
 
 def onednn_usable(x: torch.Tensor, params: Iterable[torch.Tensor] = ()) -> bool:
-    """Whether the oneDNN MLP may run for input ``x`` and the weights ``params`` it would read.
+    """Whether the oneDNN primitives may run, as a module's forward, for input ``x`` and weights ``params``.
 
     True for an fp32 CPU tensor in eager mode where autograd needs no graph: gradients are off, or
-    neither ``x`` nor any of ``params`` requires one (oneDNN's fused primitives have no backward), and
+    neither ``x`` nor any of ``params`` requires one (the fused primitives have no backward), and
     outside torch.compile / torch.export / TorchScript / ONNX tracing.
     """
-    if not (ONEDNN_AVAILABLE and not _BROKEN and x.device.type == "cpu" and x.dtype == torch.float32):
-        return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if not onednn_ok(x):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return False
     return True
+
+
+def _broken(err: Exception) -> None:
+    global _BROKEN
+    _BROKEN = True
+
+
+def prepack(w: torch.Tensor, padding: int, groups: int, input_shape: Sequence[int]) -> torch.Tensor:
+    """``w`` reordered once into oneDNN's blocked layout for inputs like ``input_shape`` (or ``w`` itself).
+
+    The packed tensor is opaque (``layout == torch._mkldnn``) and only the primitives here take it; any
+    input size still works with it.
+    """
+    if _BROKEN:
+        return w
+    try:
+        return torch.ops.mkldnn._reorder_convolution_weight(w.detach().contiguous(), [padding, padding], _ONE,
+                                                            _ONE, groups, list(input_shape))
+    except (RuntimeError, TypeError, AttributeError):
+        return w  # unpacked weights work too (reordered per call)
+
+
+def conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], attr: str = "none", padding: int = 0,
+         groups: int = 1, algorithm: str = "") -> Optional[torch.Tensor]:
+    """``attr(conv2d(x, w, b, stride 1, padding, groups))`` as one primitive; None if the build refuses.
+
+    ``attr`` is ``"none"``, ``"relu"`` or ``"gelu"`` (``algorithm`` ``"none"`` / ``"tanh"``). The result
+    has ``x``'s memory format.
+    """
+    if _BROKEN:
+        return None
+    try:
+        return torch.ops.mkldnn._convolution_pointwise(x, w, b, [padding, padding], _ONE, _ONE, groups, attr, [],
+                                                       algorithm or "")
+    except (RuntimeError, TypeError) as err:
+        _broken(err)
+        return None
+
+
+def conv_add(x: torch.Tensor, other: torch.Tensor, w: torch.Tensor,
+             b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``conv2d(x, w, b) + other`` (1x1, stride 1) as one primitive; None if the build refuses."""
+    if _BROKEN:
+        return None
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    try:
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, other.contiguous(memory_format=fmt), w, b, [0, 0],
+                                                              _ONE, _ONE, 1, "add", None, None, [], None)
+    except (RuntimeError, TypeError) as err:
+        _broken(err)
+        return None
 
 
 def mlp_residual_onednn(
@@ -51,30 +113,29 @@ def mlp_residual_onednn(
     b1: Optional[torch.Tensor],
     w2: torch.Tensor,
     b2: Optional[torch.Tensor],
+    act: str = "gelu",
     approximate: str = "none",
 ) -> Optional[torch.Tensor]:
-    """``residual + conv1x1(gelu(conv1x1(h, w1, b1)), w2, b2)`` as two oneDNN primitives, or None.
+    """``residual + conv1x1(act(conv1x1(h, w1, b1)), w2, b2)`` as two primitives, or None.
 
-    Check :func:`onednn_usable` first. The result has ``h``'s memory format. Returns None (and never
-    tries again in this process) when this torch build's private op does not take the call.
+    Check :func:`onednn_usable` (or :func:`onednn_ok` inside an ``autograd.Function``) first. The
+    result has ``h``'s memory format.
 
     Args:
         h: (B, C, H, W) input of the MLP (the normalised block input), fp32 on CPU.
         residual: (B, C', H, W) tensor added to the output.
-        w1: Weight of the first 1x1 convolution, (4C, C, 1, 1).
+        w1: Weight of the first 1x1 convolution, (C_hidden, C, 1, 1), plain or :func:`prepack` -ed.
         b1: Optional bias of the first convolution.
-        w2: Weight of the second 1x1 convolution, (C', 4C, 1, 1).
+        w2: Weight of the second 1x1 convolution, (C', C_hidden, 1, 1), plain or pre-packed.
         b2: Optional bias of the second convolution.
+        act: ``"gelu"``, ``"relu"`` or ``"relu_square"`` (``relu(t) ** 2``: the ReLU fused, the square
+            one in-place pass; StarReLU's scale and bias belong folded into ``w2`` and ``b2``).
         approximate: GELU form, ``"none"`` (erf) or ``"tanh"``.
     """
-    global _BROKEN
-    ops = torch.ops.mkldnn
-    try:
-        hidden = ops._convolution_pointwise(h, w1, b1, [0, 0], [1, 1], [1, 1], 1, "gelu", [], approximate)
-        fmt = torch.channels_last if not hidden.is_contiguous() else torch.contiguous_format
-        residual = residual.contiguous(memory_format=fmt)
-        return ops._convolution_pointwise.binary(hidden, residual, w2, b2, [0, 0], [1, 1], [1, 1], 1, "add", None,
-                                                 None, [], None)
-    except (RuntimeError, TypeError):  # a private oneDNN op of another torch build: use the plain path
-        _BROKEN = True
+    attr = "gelu" if act == "gelu" else "relu"
+    hidden = conv(h, w1, b1, attr, algorithm=approximate if act == "gelu" else "")
+    if hidden is None:
         return None
+    if act == "relu_square":
+        hidden.square_()
+    return conv_add(hidden, residual, w2, b2)

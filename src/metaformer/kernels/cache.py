@@ -1,0 +1,79 @@
+"""A cache of tensors derived from a module's parameters (folded weights), never stale.
+
+The evaluation-mode fast paths fold norms' affines, layer scales and StarReLU's scale and bias into the
+neighbouring convolutions' weights, and pre-pack them for oneDNN. Refolding on every call would cost
+a pass over every weight per forward, so :func:`derived` keeps the result per (module, tag) together
+with a key made of every source tensor's identity, ``_version`` counter, storage address, dtype, device
+and shape. Any in-place change (an optimiser step, ``load_state_dict``, ``p.mul_()`` under
+``torch.no_grad()``), a replaced parameter or a move to another device changes the key, and the next
+call refolds.
+
+One change is invisible to it, as to autograd: writing through ``tensor.data`` (``p.data.copy_(w)``)
+bypasses the version counter. After such a write call :func:`clear_cache` (or modify the parameter
+under ``torch.no_grad()`` instead, as optimisers and ``load_state_dict`` do).
+
+The cache holds the modules weakly: it never keeps a model alive, and a deleted model's entries go.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Callable, Optional, Sequence, TypeVar
+
+import torch
+from torch import nn
+
+__all__ = ["derived", "clear_cache", "cache_size"]
+
+T = TypeVar("T")
+_ENTRIES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _key(t: Optional[torch.Tensor]):
+    if t is None:
+        return None
+    return (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.requires_grad)
+
+
+def derived(owner: nn.Module, tag: str, sources: Sequence[Optional[torch.Tensor]], build: Callable[[], T]) -> T:
+    """``build()``, computed once per state of ``sources`` and kept with ``owner``.
+
+    Args:
+        owner: The module the derived tensors belong to (held weakly).
+        tag: Which derived value of ``owner`` this is (a module can have several).
+        sources: Every tensor ``build`` reads; a change to any of them invalidates the entry.
+        build: Computes the value; called without autograd.
+
+    Returns:
+        The cached or freshly built value.
+    """
+    key = tuple(_key(t) for t in sources)
+    with _LOCK:
+        slot = _ENTRIES.get(owner)
+        hit = None if slot is None else slot.get(tag)
+    if hit is not None and hit[1] == key and all(r() is t for r, t in zip(hit[0], sources)):
+        return hit[2]
+    with torch.no_grad():
+        value = build()
+    refs = tuple(_NoneRef if t is None else weakref.ref(t) for t in sources)
+    with _LOCK:
+        _ENTRIES.setdefault(owner, {})[tag] = (refs, key, value)
+    return value
+
+
+def _NoneRef():  # stands in for a weak reference to an absent (None) source
+    return None
+
+
+def clear_cache() -> None:
+    """Forgets every derived tensor (needed only after writing a parameter through ``tensor.data``)."""
+    with _LOCK:
+        _ENTRIES.clear()
+
+
+def cache_size() -> int:
+    """The number of cached entries (for tests and diagnostics)."""
+    with _LOCK:
+        return sum(len(v) for v in _ENTRIES.values())

@@ -1,0 +1,190 @@
+"""Evaluation-mode halves of a block on CPU, as oneDNN primitives on folded, pre-packed weights.
+
+Each function takes a :class:`~metaformer.MetaFormerBlock` and its input and returns the half's output,
+or None when the half is not one it knows (the caller then runs the block's own half). The caller
+(:mod:`metaformer.kernels.dispatch`) has checked that nothing needs a gradient and that the input is an
+fp32 CPU tensor in eager mode. Every half computes the same function as the plain composition; the
+folds are those of :mod:`metaformer.kernels.folding`:
+
+- MLP half ``rs * x + ls * fc2(act(fc1(norm(x))))``: the norm without its affine (folded into fc1),
+  fc1 with the activation fused (GELU, ReLU; for StarReLU and SquaredReLU a ReLU, then the square as one
+  in-place pass, StarReLU's scale and bias and the layer scale folded into fc2), fc2 with the residual
+  addition fused;
+- SepConv half ``rs * x + ls * pw2(dw(act(pw1(norm(x)))))``: the same for ``pw1``, then StarReLU's
+  ``s * r * r + b`` as one in-place pass (its bias cannot fold through the zero-padded depthwise
+  convolution), the depthwise convolution as a oneDNN primitive, ``pw2`` with the residual fused;
+- attention half: the norm's affine folded into ``qkv``, the layer scale into ``proj``, the tokens
+  read straight from the channels_last memory (a view), ``proj`` with the residual addition fused.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import onednn
+from .cache import derived
+from .folding import Folded, act_kind, cast, fold_in, fold_out, norm_kind, normalise, scale_of, scales_known
+
+__all__ = ["mlp_half", "sepconv_half", "attention_half"]
+
+_RELU_FIRST = {"relu": "relu", "star": "relu", "square": "relu", "gelu": "gelu", "gelu_tanh": "gelu"}
+
+
+def _residual(block_scale: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    rs = scale_of(block_scale)
+    return x if rs is None else x * rs.view(1, -1, 1, 1)
+
+
+def _half_ok(norm: nn.Module, drop_path: nn.Module, *scales: nn.Module) -> Optional[str]:
+    from ..layers import DropPath
+
+    kind = norm_kind(norm)
+    if kind is None or not scales_known(*scales) or type(drop_path) not in (DropPath, nn.Identity):
+        return None
+    return kind
+
+
+def _star(act: nn.Module, kind: str):
+    return (act.scale, act.bias) if kind == "star" else None
+
+
+# ------------------------------------------------------------------------------------------ MLP half
+def _mlp_parts(block: nn.Module):
+    from ..layers import Mlp
+
+    mlp = block.mlp
+    if type(mlp) is not Mlp:
+        return None
+    kind = _half_ok(block.norm2, block.drop_path2, block.layer_scale2, block.res_scale2)
+    act = act_kind(mlp.act)
+    if kind is None or act is None:
+        return None
+    return kind, act
+
+
+def _fold_mlp(block: nn.Module, act: str, x: torch.Tensor) -> Folded:
+    mlp, norm = block.mlp, block.norm2
+    w1, b1 = fold_in(mlp.fc1.weight, mlp.fc1.bias, norm.weight, norm.bias)
+    w2, b2 = fold_out(mlp.fc2.weight, mlp.fc2.bias, scale_of(block.layer_scale2), _star(mlp.act, act))
+    like = mlp.fc1.weight
+    hidden_shape = (x.shape[0], w1.shape[0], *x.shape[2:])
+    return Folded(onednn.prepack(cast(w1, like), 0, 1, x.shape), cast(b1, like),
+                  onednn.prepack(cast(w2, like), 0, 1, hidden_shape), cast(b2, like))
+
+
+def mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The MLP half ``rs2 * x + ls2 * Mlp(norm2(x))`` in evaluation, or None if not fusable."""
+    parts = _mlp_parts(block)
+    if parts is None:
+        return None
+    kind, act = parts
+    mlp = block.mlp
+    sources = [block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+               *(_star(mlp.act, act) or ()), scale_of(block.layer_scale2)]
+    p = derived(block, "mlp_half", sources, lambda: _fold_mlp(block, act, x))
+    n = normalise(kind, x, block.norm2.eps)
+    fused = "relu_square" if act in ("star", "square") else _RELU_FIRST[act]
+    return onednn.mlp_residual_onednn(n, _residual(block.res_scale2, x), p.w1, p.b1, p.w2, p.b2, fused,
+                                      "tanh" if act == "gelu_tanh" else "none")
+
+
+# --------------------------------------------------------------------------------------- SepConv half
+def _sepconv_parts(block: nn.Module):
+    from ..mixers import SepConv
+
+    mixer = block.token_mixer
+    if type(mixer) is not SepConv or type(mixer.act2) is not nn.Identity:
+        return None
+    kind = _half_ok(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1)
+    act = act_kind(mixer.act1)
+    if kind is None or act is None:
+        return None
+    return kind, act
+
+
+def _fold_sepconv(block: nn.Module, act: str, x: torch.Tensor) -> Folded:
+    m, norm = block.token_mixer, block.norm1
+    w1, b1 = fold_in(m.pwconv1.weight, m.pwconv1.bias, norm.weight, norm.bias)
+    w2, b2 = fold_out(m.pwconv2.weight, m.pwconv2.bias, scale_of(block.layer_scale1))
+    like = m.pwconv1.weight
+    mid_shape = (x.shape[0], w1.shape[0], *x.shape[2:])
+    k = m.dwconv.kernel_size[0]
+    dw = onednn.prepack(m.dwconv.weight.detach().contiguous(), k // 2, m.dwconv.groups, mid_shape)
+    star = (float(m.act1.scale), m.act1.bias.detach().clone()) if act == "star" else None
+    return Folded(onednn.prepack(cast(w1, like), 0, 1, x.shape), cast(b1, like),
+                  onednn.prepack(cast(w2, like), 0, 1, mid_shape), cast(b2, like),
+                  (dw, None if m.dwconv.bias is None else m.dwconv.bias.detach().clone(), star))
+
+
+def sepconv_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The SepConv token-mixer half ``rs1 * x + ls1 * SepConv(norm1(x))`` in evaluation, or None."""
+    parts = _sepconv_parts(block)
+    if parts is None:
+        return None
+    kind, act = parts
+    m = block.token_mixer
+    if m.dwconv.kernel_size[0] != m.dwconv.kernel_size[1] or m.dwconv.kernel_size[0] % 2 == 0:
+        return None
+    sources = [block.norm1.weight, block.norm1.bias, m.pwconv1.weight, m.pwconv1.bias, m.dwconv.weight,
+               m.dwconv.bias, m.pwconv2.weight, m.pwconv2.bias, *(_star(m.act1, act) or ()),
+               scale_of(block.layer_scale1)]
+    p = derived(block, "sepconv_half", sources, lambda: _fold_sepconv(block, act, x))
+    dw, dw_bias, star = p.extra
+    n = normalise(kind, x, block.norm1.eps)
+    h = onednn.conv(n, p.w1, p.b1, _RELU_FIRST[act], algorithm="tanh" if act == "gelu_tanh" else "none")
+    if h is None:
+        return None
+    if star is not None:
+        torch.addcmul(star[1], h, h, value=star[0], out=h)
+    elif act == "square":
+        h.square_()
+    k = m.dwconv.kernel_size[0]
+    d = onednn.conv(h, dw, dw_bias, "none", padding=k // 2, groups=m.dwconv.groups)
+    if d is None:
+        return None
+    return onednn.conv_add(d, _residual(block.res_scale1, x), p.w2, p.b2)
+
+
+# ------------------------------------------------------------------------------------- attention half
+def _attention_parts(block: nn.Module):
+    from ..mixers import Attention
+
+    mixer = block.token_mixer
+    if type(mixer) is not Attention:
+        return None
+    return _half_ok(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1)
+
+
+def _fold_attention(block: nn.Module) -> Folded:
+    m, norm = block.token_mixer, block.norm1
+    wq, bq = fold_in(m.qkv.weight, m.qkv.bias, norm.weight, norm.bias)
+    wp, bp = fold_out(m.proj.weight, m.proj.bias, scale_of(block.layer_scale1))
+    like = m.qkv.weight
+    return Folded(cast(wq, like), cast(bq, like), cast(wp.t(), like), cast(bp, like))
+
+
+def attention_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The attention token-mixer half ``rs1 * x + ls1 * Attention(norm1(x))`` in evaluation, or None."""
+    kind = _attention_parts(block)
+    if kind is None:
+        return None
+    m = block.token_mixer
+    sources = [block.norm1.weight, block.norm1.bias, m.qkv.weight, m.qkv.bias, m.proj.weight, m.proj.bias,
+               scale_of(block.layer_scale1)]
+    p = derived(block, "attention_half", sources, lambda: _fold_attention(block))
+    b, c, h, w = x.shape
+    n = normalise(kind, x, block.norm1.eps)
+    tokens = n.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for a channels_last x
+    qkv = F.linear(tokens, p.w1, p.b1).view(b, h * w, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=m.scale)
+    out = out.transpose(1, 2).reshape(b * h * w, c)
+    res = _residual(block.res_scale1, x).permute(0, 2, 3, 1).reshape(b * h * w, c)
+    if p.b2 is not None:
+        y = torch.addmm(p.b2, out, p.w2).add_(res)
+    else:
+        y = torch.addmm(res, out, p.w2)
+    return y.view(b, h, w, c).permute(0, 3, 1, 2)

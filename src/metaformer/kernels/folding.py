@@ -1,0 +1,140 @@
+"""What the fast paths recognise in a block, and the folded weights they run with.
+
+Recognition is by exact type (a subclass may change the maths): one-group :class:`~metaformer.layers.GroupNorm1`
+or channel :class:`~metaformer.layers.LayerNorm2d` norms, :class:`~metaformer.layers.Scale` or identity
+scales, GELU / ReLU / :class:`~metaformer.layers.StarReLU` / :class:`~metaformer.layers.SquaredReLU`
+activations. The folds, computed in float64 and cast back (see ``docs/kernels.md``)::
+
+    fc1(gamma * n + beta)            = (W1 * gamma) n + (W1 beta + b1)          norm affine -> next conv
+    ls * fc2(s * relu(h)**2 + b)     = (ls * s * W2) relu(h)**2 + ls * (W2 b 1 + b2)
+                                                                             layer scale, StarReLU -> fc2
+
+Everything here is evaluation-time maths on parameters; the results are cached per block by
+:func:`metaformer.kernels.cache.derived` (refolded whenever a parameter changes).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["norm_kind", "act_kind", "scale_of", "normalise", "fold_in", "fold_out", "Folded", "NORM_TYPES"]
+
+
+def _layers():
+    from .. import layers
+
+    return layers
+
+
+def norm_kind(norm: nn.Module) -> Optional[str]:
+    """``"gn"`` (one-group GroupNorm1), ``"ln"`` (channel LayerNorm2d), or None for anything else."""
+    layers = _layers()
+    if type(norm) is layers.GroupNorm1:
+        return "gn"
+    if type(norm) is layers.LayerNorm2d:
+        return "ln"
+    return None
+
+
+NORM_TYPES = ("gn", "ln")
+
+
+def act_kind(act: nn.Module) -> Optional[str]:
+    """``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"star"`` (StarReLU), ``"square"`` (SquaredReLU) or None."""
+    layers = _layers()
+    if type(act) is nn.GELU:
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if type(act) is nn.ReLU:
+        return "relu"
+    if type(act) is layers.StarReLU:
+        return "star"
+    if type(act) is layers.SquaredReLU:
+        return "square"
+    return None
+
+
+def scale_of(module: nn.Module) -> Optional[torch.Tensor]:
+    """The (C,) parameter of a :class:`Scale`; None for an identity. Raises TypeError for anything else."""
+    layers = _layers()
+    if type(module) is layers.Scale:
+        return module.scale
+    if type(module) is nn.Identity:
+        return None
+    raise TypeError(type(module).__name__)
+
+
+def scales_known(*modules: nn.Module) -> bool:
+    """Whether every module is a :class:`Scale` or an identity."""
+    layers = _layers()
+    return all(type(m) in (layers.Scale, nn.Identity) for m in modules)
+
+
+def normalise(kind: str, x: torch.Tensor, eps: float, weight: Optional[torch.Tensor] = None,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The norm of ``x`` (``kind`` as :func:`norm_kind`), with an optional per-channel affine.
+
+    The channel LayerNorm works on the NHWC view of ``x``: for a channels_last ``x`` that is a
+    contiguous view (no copy) and the result is channels_last too.
+    """
+    if kind == "gn":
+        return F.group_norm(x, 1, weight, bias, eps)
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps)
+    return y.permute(0, 3, 1, 2)
+
+
+def _f64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def fold_in(weight: torch.Tensor, bias: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
+            beta: Optional[torch.Tensor]):
+    """``(W', b')`` with ``W' x + b' = W (gamma * x + beta) + b`` for a 1x1 conv or linear weight, in float64."""
+    w = _f64(weight)
+    b = _f64(bias)
+    if beta is not None:
+        extra = w.reshape(w.shape[0], w.shape[1]) @ _f64(beta)
+        b = extra if b is None else b + extra
+    if gamma is not None:
+        w = w * _f64(gamma).view(1, -1, *([1] * (w.dim() - 2)))
+    return w, b
+
+
+def fold_out(weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Optional[torch.Tensor] = None,
+             star: Optional[tuple] = None):
+    """``(W', b')`` with ``W' a + b' = scale * (W (s * a + c) + b)``, in float64.
+
+    ``star = (s, c)`` are StarReLU's scale and bias (absent: 1 and 0), ``scale`` a per-output-channel
+    factor (a layer scale; absent: 1). ``weight`` is a conv (any kernel size is fine only without
+    ``c``) or linear weight.
+    """
+    w = _f64(weight)
+    b = _f64(bias)
+    if star is not None:
+        s, c = (_f64(t) for t in star)
+        b_star = c * w.reshape(w.shape[0], -1).sum(1)
+        b = b_star if b is None else b + b_star
+        w = w * s
+    if scale is not None:
+        sc = _f64(scale)
+        w = w * sc.view(-1, *([1] * (w.dim() - 1)))
+        b = None if b is None else b * sc
+    return w, b
+
+
+class Folded(NamedTuple):
+    """The weights of one folded half: plain float tensors, oneDNN-packed where noted."""
+
+    w1: torch.Tensor
+    b1: Optional[torch.Tensor]
+    w2: torch.Tensor
+    b2: Optional[torch.Tensor]
+    extra: tuple = ()
+
+
+def cast(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t`` (float64) cast to ``like``'s dtype and device, contiguous."""
+    return None if t is None else t.to(dtype=like.dtype, device=like.device).contiguous()

@@ -1,0 +1,83 @@
+"""Token-mixer halves in standard PyTorch ops, with fewer passes than the plain composition.
+
+They have autograd through the ops themselves, so they also serve training (with stochastic depth)
+and run under torch.compile:
+
+- identity mixer ``rs * x + ls * norm(x)``: the norm with ``ls`` folded into its affine
+  (``ls * (gamma * n + beta) = (ls * gamma) * n + ls * beta``, computed inside the norm kernel), then one
+  addition (``torch.addcmul`` with the res scale): two kernels instead of four;
+- random mixing ``rs * x + ls * (norm(x) R^T over positions)``: the same norm, then one batched matrix
+  product on the channels_last rows that adds the residual as it goes (``baddbmm``); no layout copy.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .folding import norm_kind, normalise, scale_of, scales_known
+
+__all__ = ["identity_half", "random_mixing_half"]
+
+
+def _parts(block: nn.Module):
+    from ..layers import DropPath
+
+    kind = norm_kind(block.norm1)
+    if kind is None or not scales_known(block.layer_scale1, block.res_scale1) \
+            or type(block.drop_path1) not in (DropPath, nn.Identity):
+        return None
+    return kind
+
+
+def _scaled_norm(block: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
+    norm, ls = block.norm1, scale_of(block.layer_scale1)
+    weight = norm.weight if ls is None else norm.weight * ls
+    bias = norm.bias if ls is None or norm.bias is None else norm.bias * ls
+    return normalise(kind, x, norm.eps, weight, bias)
+
+
+def identity_half(block: nn.Module, x: torch.Tensor,
+                  draw_sample: Callable[[], Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """``rs1 * x + ls1 * DropPath(norm1(x))`` for an identity mixer, or None if the parts are not known ones.
+
+    ``draw_sample`` returns the stochastic-depth factor (B, 1, 1, 1) or None; it is called once, after
+    the checks, where the plain composition draws it.
+    """
+    kind = _parts(block)
+    if kind is None:
+        return None
+    mixed = _scaled_norm(block, kind, x)
+    sample = draw_sample()
+    if sample is not None:
+        mixed = mixed * sample
+    rs = scale_of(block.res_scale1)
+    return x + mixed if rs is None else torch.addcmul(mixed, x, rs.view(1, -1, 1, 1))
+
+
+def random_mixing_half(block: nn.Module, x: torch.Tensor,
+                       draw_sample: Callable[[], Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """``rs1 * x + ls1 * DropPath(RandomMixing(norm1(x)))`` on the channels_last rows, or None.
+
+    Applies to a channels_last ``x`` (the dispatch converts CPU inputs) of the mixer's spatial size.
+    """
+    kind = _parts(block)
+    mixer = block.token_mixer
+    b, c, h, w = x.shape
+    if kind is None or not x.is_contiguous(memory_format=torch.channels_last) \
+            or tuple(mixer.spatial_size) != (h, w) or mixer.random_matrix.dtype != x.dtype:
+        return None
+    n = _scaled_norm(block, kind, x).contiguous(memory_format=torch.channels_last)
+    tokens = n.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    matrix = mixer.random_matrix.expand(b, h * w, h * w)
+    sample = draw_sample()
+    rs = scale_of(block.res_scale1)
+    res = x if rs is None else x * rs.view(1, -1, 1, 1)
+    res_rows = res.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    if sample is None:
+        y = torch.baddbmm(res_rows, matrix, tokens)
+    else:
+        y = torch.addcmul(res_rows, torch.bmm(matrix, tokens), sample.view(b, 1, 1))
+    return y.view(b, h, w, c).permute(0, 3, 1, 2)

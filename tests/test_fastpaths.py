@@ -1,0 +1,214 @@
+"""Every fused path equals the plain composition (``set_backend("reference")``).
+
+Small models of every family (one block per stage, narrow), odd sizes and batch 1, NCHW and channels_last
+inputs, evaluation and training, stochastic depth on and off, fp32 and fp64. The fp32 gradients are
+compared with an fp64 oracle (the plain composition in float64 on the same weights and masks): the
+fused path's error must stay within twice the plain composition's own fp32 error, or 1e-5 of the
+gradient's scale (5e-4 for the scalar StarReLU parameters, whose gradients sum every position with
+cancellation). fp64 runs are held to 1e-9.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import metaformer
+from metaformer import MetaFormer
+from metaformer.kernels import cache, onednn
+from metaformer.mixers import Attention, Identity, Pooling, RandomMixing, SepConv
+from metaformer.zoo import get_variant
+
+P = functools.partial
+ATTN_V1 = P(Attention, head_dim=16, proj_bias=True)
+ATTN_B = P(Attention, head_dim=16, proj_bias=False)
+# name -> (registered variant whose parts are used, token mixers or None for the variant's own)
+FAMILIES = {
+    "poolformer": ("poolformer_s12", None),
+    "poolformerv2": ("poolformerv2_s12", None),
+    "identityformer": ("identityformer_s12", None),
+    "randformer": ("randformer_s12", "rand"),
+    "convformer": ("convformer_s18", None),
+    "caformer": ("caformer_s18", (SepConv, SepConv, ATTN_B, ATTN_B)),
+    "id_v1": ("metaformer_id_s12", None),
+    "attention_v1_ln": ("metaformer_ppaa_s12_224", (Pooling, Pooling, ATTN_V1, ATTN_V1)),
+}
+SIZE = (45, 61)  # stages: 11x15, 6x8, 3x4, 2x2
+
+
+@functools.cache
+def tiny(family: str, drop_path_rate: float = 0.0) -> MetaFormer:
+    name, mixers = FAMILIES[family]
+    kwargs = get_variant(name).model_kwargs()
+    kwargs.pop("pos_embed_sizes", None)
+    if mixers == "rand":
+        mixers = (Identity, Identity, P(RandomMixing, spatial_size=(3, 4)), P(RandomMixing, spatial_size=(2, 2)))
+    if mixers is not None:
+        kwargs["token_mixers"] = list(mixers)
+    kwargs.update(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), num_classes=7, drop_path_rate=drop_path_rate)
+    torch.manual_seed(0)
+    model = MetaFormer(**kwargs)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-looking affines, scales and StarReLU parameters
+        for p in model.parameters():
+            if p.dim() <= 1 and p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _run(model, x, backend, seed=0, grad=True, input_grad=True):
+    previous = metaformer.get_backend()
+    metaformer.set_backend(backend)
+    try:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        x = x.detach().requires_grad_(grad and input_grad)
+        y = model(x)
+        if not grad:
+            return y.detach(), {}
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+        if input_grad:
+            grads["input"] = x.grad.detach().clone()
+        return y.detach(), grads
+    finally:
+        metaformer.set_backend(previous)
+
+
+def _close(actual, expected, oracle=None, rtol=1e-5, what="", floor=0.0):
+    """Scale-relative closeness; with an oracle, within twice the reference's own error too.
+
+    ``floor``: a scale to use where the true value is zero (a pooling block's norm bias cancels exactly,
+    so its gradient is rounding noise around zero in the plain composition).
+    """
+    scale = max((oracle if oracle is not None else expected).abs().max().item(), floor)
+    err = (actual - (oracle if oracle is not None else expected)).abs().max().item()
+    allowed = rtol * scale
+    if oracle is not None:
+        allowed = max(allowed, 2 * (expected - oracle).abs().max().item())
+    assert err <= allowed + 1e-30, f"{what}: error {err:.3g} > allowed {allowed:.3g} (scale {scale:.3g})"
+
+
+def _floor(grads, key):
+    """The scale of a norm bias's gradient: its weight's (the bias of a pooling block's norm cancels)."""
+    if key.endswith("norm1.bias") and key[:-4] + "weight" in grads:
+        return grads[key[:-len("bias")] + "weight"].abs().max().item()
+    return 0.0
+
+
+def _compare(family, x, *, train, drop_path=0.0, dtype=torch.float32, subset=None):
+    model = copy.deepcopy(tiny(family, drop_path)).to(dtype)
+    model.train(train)
+    if subset is not None:  # fine-tuning some parameters: the input needs no gradient
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(part in name for part in subset.split("|")) and "random_matrix" not in name)
+        assert any(p.requires_grad for p in model.parameters())
+    x = x.to(dtype)
+    fast, fast_g = _run(model, x, "auto", input_grad=subset is None)
+    ref, ref_g = _run(model, x, "reference", input_grad=subset is None)
+    assert set(fast_g) == set(ref_g) and all(g is not None for g in fast_g.values())
+    if dtype == torch.float64:
+        _close(fast, ref, rtol=1e-9, what="output")
+        for k in ref_g:
+            _close(fast_g[k], ref_g[k], rtol=1e-9, what=k, floor=_floor(ref_g, k))
+        return
+    oracle, oracle_g = _run(copy.deepcopy(model).double(), x.double(), "reference", input_grad=subset is None)
+    _close(fast, ref, rtol=1e-5, what="output")
+    for k in ref_g:
+        # A scalar gradient (StarReLU's scale and bias) sums every position of a block, with cancellation:
+        # its fp32 rounding reaches 1e-4 of its value in the plain composition too (fp64: 1e-9 below).
+        rtol = 5e-4 if ref_g[k].numel() == 1 else 1e-5
+        _close(fast_g[k], ref_g[k], oracle_g[k].float(), rtol=rtol, what=k, floor=_floor(oracle_g, k))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_eval_inference_matches_reference(family, layout):
+    x = torch.randn(2, 3, *SIZE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    model = tiny(family).eval()
+    with torch.inference_mode():
+        fast = model(x)
+        metaformer.set_backend("reference")
+        try:
+            ref = model(x)
+        finally:
+            metaformer.set_backend("auto")
+    _close(fast, ref, what=family)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("train,drop_path", [(True, 0.0), (True, 0.3), (False, 0.0)],
+                         ids=["train", "train-droppath", "eval-with-grad"])
+def test_gradients_match_reference_fp32(family, train, drop_path):
+    _compare(family, torch.randn(2, 3, *SIZE), train=train, drop_path=drop_path)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fp64_train_droppath_batch1(family):
+    size = (33, 29) if family != "randformer" else SIZE
+    if family == "randformer":
+        x = torch.randn(1, 3, *SIZE)
+    else:
+        x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
+    _compare(family, x, train=True, drop_path=0.3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", ["poolformer", "convformer", "caformer", "randformer"])
+def test_fp64_eval(family):
+    _compare(family, torch.randn(2, 3, *SIZE), train=False, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("subset", ["mlp", "token_mixer|scale", "norm"])
+def test_eval_mode_finetuning_of_a_subset_gets_every_gradient(family, subset):
+    """An eval-mode model with only some parameters trainable: the inference-only paths must not run."""
+    _compare(family, torch.randn(2, 3, *SIZE), train=False, subset=subset)
+
+
+@pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
+@pytest.mark.parametrize("family", ["poolformer", "poolformerv2", "convformer", "caformer"])
+def test_folded_weights_are_never_stale(family):
+    """The eval paths cache folded weights; in-place changes and replaced parameters are seen."""
+    model = copy.deepcopy(tiny(family)).eval()
+    x = torch.randn(2, 3, *SIZE)
+
+    def check():
+        with torch.inference_mode():
+            fast = model(x)
+            metaformer.set_backend("reference")
+            try:
+                ref = model(x)
+            finally:
+                metaformer.set_backend("auto")
+        _close(fast, ref, what=family)
+
+    check()
+    assert cache.cache_size() > 0
+    block = model.stages[2].blocks[0]
+    with torch.no_grad():
+        block.mlp.fc1.weight.mul_(1.5)
+        block.norm2.weight.add_(0.25)
+        for m in block.modules():
+            if isinstance(m, metaformer.layers.StarReLU):
+                m.scale.mul_(-0.5)
+                m.bias.add_(0.7)
+        for m in model.modules():
+            if isinstance(m, metaformer.layers.Scale):
+                m.scale.mul_(0.9)
+    check()
+    block.mlp.fc2.weight = nn.Parameter(torch.randn_like(block.mlp.fc2.weight) * 0.05)  # replaced
+    check()
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    check()
+    for p in model.parameters():  # an optimiser step
+        p.grad = 0.01 * torch.randn_like(p) if p.requires_grad else None
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    check()
