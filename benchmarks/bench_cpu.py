@@ -1,23 +1,33 @@
-"""CPU benchmark of poolformer_s12: timm's eager model vs metaformer's default and optimized models.
+"""CPU benchmark of every MetaFormer family: timm (NCHW, channels_last, torch.compile) against ours.
 
-One process, one interleaved loop: every round times each variant once, so machine load drifts
-affect all of them alike; the table reports medians over the rounds. Variants (fp32, batch 16,
-224x224, ``torch.inference_mode``):
+One process; for each model and pass, every variant is built, warmed up (torch.compile compiles
+then), and timed in interleaved rounds: each round calls every variant once, in an order rotated from
+round to round, so load drifts affect all of them alike. The table reports medians over the rounds.
+fp32, batch 16, 224x224 by default, torch's default thread count (the machine's cores).
 
-- ``timm``: ``timm.create_model("poolformer_s12")`` in eval mode, called on a plain NCHW batch;
-- ``ours``: ``metaformer.create("poolformer_s12")``, default forward, same NCHW batch;
-- ``ours_optimized``: ``metaformer.optimize_for_inference`` of that model, same batch.
+Variants:
 
-Also a training step (forward + backward of ``logits.sum()``, train mode, batch 16) of ``timm``
-and ``ours``. Throughput is compared with the machine's fp32 GEMM peak, measured in the same loop
-as a 2048x2048 ``torch.mm`` (``2 * 2048**3`` FLOPs); model FLOPs are ``2 * MACs`` with the MACs
-counted by ``torch.utils.flop_counter`` (convolutions and matmuls) on timm's model at batch 1
-(the variant table says 1.8 GMACs).
+- ``timm_nchw``, ``timm_cl``: timm's model on an NCHW batch, and with the model and batch in
+  channels_last (``model.to(memory_format=torch.channels_last)``); ``timm_best`` is the faster of the two;
+- ``timm_compiled``: ``torch.compile(timm model)`` (Inductor, default mode) on the NCHW batch;
+- ``ours``: ``metaformer.create(name)``, default forward (the fused paths), on the NCHW batch;
+- ``ours_optimized`` (inference): ``metaformer.optimize_for_inference`` of that model;
+- ``ours_compiled``: ``torch.compile(our model)``.
+
+Passes: ``inference`` (eval mode, ``torch.inference_mode``) and ``train`` (a training step: forward,
+cross-entropy, backward, SGD with momentum). Peak memory of a training step is measured for the eager
+variants, each in a fresh process: the peak resident set (``ru_maxrss``) minus the resident set after
+building the model, optimiser and batch, i.e. what the steps themselves took at their peak.
+
+GEMM-peak share: img/s x FLOPs per image / the machine's fp32 GEMM rate, where the FLOPs are twice the
+multiply-accumulates of every convolution, linear map, matrix product and attention product
+(``torch.utils.flop_counter`` on the plain composition, batch 1) and the GEMM rate is the best of the
+2048^3 ``torch.mm`` calls timed in the same rounds. A training step counts 3x the forward FLOPs.
 
 Usage::
 
-    python benchmarks/bench_cpu.py                       # writes benchmarks/results/cpu.json
-    python benchmarks/bench_cpu.py --reps 15 --train-reps 5 --threads 2
+    python benchmarks/bench_cpu.py                                   # everything -> results/cpu.json
+    python benchmarks/bench_cpu.py --models convformer_s18 --no-compile --no-memory --output /tmp/c.json
 """
 
 from __future__ import annotations
@@ -27,35 +37,37 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-import metaformer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpu_models  # noqa: E402
 
-MODEL = "poolformer_s12"
+import metaformer  # noqa: E402
+from metaformer.files import write_text  # noqa: E402
+
+INFERENCE = ("timm_nchw", "timm_cl", "timm_compiled", "ours", "ours_optimized", "ours_compiled")
+TRAIN = ("timm_nchw", "timm_cl", "timm_compiled", "ours", "ours_compiled")
 GEMM_N = 2048
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(cpu_models.MODELS), choices=cpu_models.MODELS)
     p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--size", type=int, default=224, help="image side (default 224)")
     p.add_argument("--reps", type=int, default=11, help="interleaved inference rounds (median reported)")
-    p.add_argument("--train-reps", type=int, default=5, help="interleaved training-step rounds (0: skip)")
+    p.add_argument("--train-reps", type=int, default=5, help="interleaved training rounds (0: no training)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
+    p.add_argument("--no-memory", action="store_true", help="leave out the training peak-memory processes")
     p.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "cpu.json",
                    help="JSON results file (default benchmarks/results/cpu.json)")
     return p.parse_args(argv)
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _cpu_name() -> str:
@@ -69,117 +81,109 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _macs_per_image(model: torch.nn.Module, size: int) -> float:
-    # Counted on timm's model: FlopCounterMode does not see the oneDNN fused primitives our eval path uses.
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(torch.randn(1, 3, size, size))
-    return counter.get_total_flops() / 2
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_pass(name: str, train: bool, variants, args, gemm_times: list) -> dict:
+    """Median seconds per call of each variant, interleaved; the GEMM is timed in the same rounds."""
+    calls = {}
+    for v in variants:
+        torch.manual_seed(0)
+        calls[v], _ = cpu_models.make_variant(name, v, train, args.batch, args.size)
+    a, b = torch.randn(GEMM_N, GEMM_N), torch.randn(GEMM_N, GEMM_N)
+    reps = args.train_reps if train else args.reps
+    times = {v: [] for v in calls}
+    ctx = torch.enable_grad if train else torch.inference_mode
+    with ctx():
+        for v, fn in calls.items():  # warm-up: compiles, oneDNN primitive caches, allocator
+            t0 = time.perf_counter()
+            fn()
+            fn()
+            print(f"  warm-up {v}: {time.perf_counter() - t0:.1f} s", flush=True)
+        order = list(calls)
+        for r in range(reps):
+            gemm_times.append(_timed(lambda: torch.mm(a, b)))
+            for v in order[r % len(order):] + order[:r % len(order)]:
+                times[v].append(_timed(calls[v]))
+    return {v: ts for v, ts in times.items()}
+
+
+def summarise(name, pass_name, times, flops, peak, batch, memory) -> list:
+    rows = []
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    best_timm = min(med["timm_nchw"], med["timm_cl"])
+    factor = 3 if pass_name == "train" else 1
+    for v, m in med.items():
+        ips = batch / m
+        row = {"model": name, "pass": pass_name, "variant": v, "img_per_s": ips, "median_ms": m * 1e3,
+               "min_ms": min(times[v]) * 1e3, "vs_timm_best": best_timm / m,
+               "gemm_peak_share": ips * factor * flops / peak}
+        if "timm_compiled" in med:
+            row["vs_timm_compiled"] = med["timm_compiled"] / m
+        if v in memory:
+            row.update(memory[v])
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    load_before = os.getloadavg()
-
-    timm_model = timm.create_model(MODEL).eval()
-    ours = metaformer.create(MODEL).eval()
-    ours_opt = metaformer.optimize_for_inference(ours)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    a, b = torch.randn(GEMM_N, GEMM_N), torch.randn(GEMM_N, GEMM_N)
-    macs = _macs_per_image(timm_model, args.size)
-
-    infer = {"timm": lambda: timm_model(x), "ours": lambda: ours(x), "ours_optimized": lambda: ours_opt(x)}
-    times = {k: [] for k in infer}
-    gemm = []
-    with torch.inference_mode():
-        for fn in infer.values():  # warm-up (oneDNN primitive caches, allocator)
-            fn()
-        torch.mm(a, b)
-        for _ in range(args.reps):
-            gemm.append(_timed(lambda: torch.mm(a, b)))
-            for k, fn in infer.items():
-                times[k].append(_timed(fn))
-    peak = 2 * GEMM_N ** 3 / statistics.median(gemm)  # FLOP/s
-    peak_best = 2 * GEMM_N ** 3 / min(gemm)
-    load_mid = os.getloadavg()
-
-    train_times = {}
-    if args.train_reps > 0:
-        t_train = timm.create_model(MODEL).train()
-        o_train = metaformer.create(MODEL).train()
-
-        def step(model):
-            def run():
-                model.zero_grad(set_to_none=True)
-                model(x).sum().backward()
-            return run
-
-        steps = {"timm": step(t_train), "ours": step(o_train)}
-        train_times = {k: [] for k in steps}
-        for fn in steps.values():
-            fn()
-        for _ in range(args.train_reps):
-            for k, fn in steps.items():
-                train_times[k].append(_timed(fn))
-    load_after = os.getloadavg()
-
-    flops_per_image = 2 * macs
+    loads = {"start": os.getloadavg()}
+    gemm_times: list = []
+    rows = []
+    flops = {}
+    for name in args.models:
+        flops[name] = cpu_models.flops_per_image(name, args.size)
+        for train, variants in ((False, INFERENCE), (True, TRAIN)):
+            if train and args.train_reps <= 0:
+                continue
+            variants = [v for v in variants if not (args.no_compile and v.endswith("compiled"))]
+            pass_name = "train" if train else "inference"
+            print(f"{name} {pass_name} (load {_fmt(os.getloadavg())})", flush=True)
+            times = run_pass(name, train, variants, args, gemm_times)
+            memory = {}
+            if train and not args.no_memory:
+                for v in (v for v in variants if not v.endswith("compiled")):
+                    memory[v] = cpu_models.peak_memory_subprocess(name, v, args.batch, args.size,
+                                                                  threads=args.threads)
+            peak = 2 * GEMM_N ** 3 / min(gemm_times)
+            new = summarise(name, pass_name, times, flops[name], peak, args.batch, memory)
+            rows += new
+            loads[f"{name} {pass_name}"] = os.getloadavg()
+            _print(new)
+    peak = 2 * GEMM_N ** 3 / min(gemm_times)
     results = {
-        "model": MODEL, "batch": args.batch, "size": args.size, "dtype": "float32",
-        "macs_per_image": macs, "flops_per_image": flops_per_image,
-        "gemm_peak_gflops_median": peak / 1e9, "gemm_peak_gflops_best": peak_best / 1e9,
-        "inference": {}, "train_step": {},
-        "machine": {
-            "cpu": _cpu_name(), "os_cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "timm": timm.__version__, "metaformer": metaformer.__version__,
-            "python": platform.python_version(),
-            "loadavg_before": load_before, "loadavg_after_inference": load_mid, "loadavg_after": load_after,
-        },
-        "reps": args.reps, "train_reps": args.train_reps,
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "timm": timm.__version__, "metaformer": metaformer.__version__,
+                    "python": platform.python_version(), "loadavg_1_5_15": loads},
+        "settings": {"batch": args.batch, "size": args.size, "dtype": "float32", "reps": args.reps,
+                     "train_reps": args.train_reps, "gemm_n": GEMM_N,
+                     "gemm_peak_gflops_best": peak / 1e9,
+                     "gemm_peak_gflops_median": 2 * GEMM_N ** 3 / statistics.median(gemm_times) / 1e9},
+        "flops_per_image": flops,
+        "rows": rows,
     }
-    base = statistics.median(times["timm"])
-    for k, ts in times.items():
-        med = statistics.median(ts)
-        ips = args.batch / med
-        results["inference"][k] = {
-            "median_s": med, "min_s": min(ts), "img_per_s": ips, "speedup_vs_timm": base / med,
-            "gemm_peak_share": ips * flops_per_image / peak, "times_s": ts,
-        }
-    if train_times:
-        base_t = statistics.median(train_times["timm"])
-        for k, ts in train_times.items():
-            med = statistics.median(ts)
-            results["train_step"][k] = {"median_s": med, "min_s": min(ts), "img_per_s": args.batch / med,
-                                        "speedup_vs_timm": base_t / med, "times_s": ts}
-
-    m = results["machine"]
-    print(f"{MODEL}, batch {args.batch}, {args.size}x{args.size}, fp32, CPU: {m['cpu']} "
-          f"({m['os_cpu_count']} cores, {m['torch_threads']} torch threads), torch {m['torch']}, timm {m['timm']}")
-    print(f"load average (1/5/15 min) before {_fmt_load(load_before)}, after inference {_fmt_load(load_mid)}, "
-          f"after training {_fmt_load(load_after)}")
-    print(f"fp32 GEMM peak ({GEMM_N}^3 torch.mm): median {peak / 1e9:.1f} GFLOP/s, best {peak_best / 1e9:.1f}; "
-          f"model {macs / 1e9:.2f} GMACs/image = {flops_per_image / 1e9:.2f} GFLOPs/image")
-    print(f"\ninference ({args.reps} interleaved rounds, median)")
-    print(f"{'variant':<16}{'ms/batch':>10}{'min ms':>9}{'img/s':>9}{'vs timm':>9}{'GEMM peak':>11}")
-    for k, r in results["inference"].items():
-        print(f"{k:<16}{r['median_s'] * 1e3:>10.0f}{r['min_s'] * 1e3:>9.0f}{r['img_per_s']:>9.2f}"
-              f"{r['speedup_vs_timm']:>8.2f}x{100 * r['gemm_peak_share']:>10.1f}%")
-    if train_times:
-        print(f"\ntraining step, forward + backward ({args.train_reps} interleaved rounds, median)")
-        print(f"{'variant':<16}{'ms/step':>10}{'min ms':>9}{'img/s':>9}{'vs timm':>9}")
-        for k, r in results["train_step"].items():
-            print(f"{k:<16}{r['median_s'] * 1e3:>10.0f}{r['min_s'] * 1e3:>9.0f}{r['img_per_s']:>9.2f}"
-                  f"{r['speedup_vs_timm']:>8.2f}x")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    write_text(args.output, json.dumps(results, indent=2) + "\n")
+    print(f"\nfp32 GEMM peak {peak / 1e9:.0f} GFLOP/s; wrote {args.output}")
     return results
 
 
-def _fmt_load(load) -> str:
+def _print(rows) -> None:
+    print(f"  {'variant':<16}{'ms':>9}{'img/s':>9}{'vs timm best':>14}{'vs compiled':>13}{'GEMM peak':>11}"
+          f"{'train MiB':>11}")
+    for r in rows:
+        comp = f"{r['vs_timm_compiled']:.2f}x" if "vs_timm_compiled" in r else "-"
+        mem = f"{r['train_peak_mib']:.0f}" if "train_peak_mib" in r else "-"
+        print(f"  {r['variant']:<16}{r['median_ms']:>9.0f}{r['img_per_s']:>9.2f}{r['vs_timm_best']:>13.2f}x"
+              f"{comp:>13}{100 * r['gemm_peak_share']:>10.1f}%{mem:>11}", flush=True)
+
+
+def _fmt(load) -> str:
     return "/".join(f"{v:.2f}" for v in load)
 
 

@@ -105,6 +105,12 @@ def test_benchmark_page_placeholder_and_plot(tmp_path):
     page = hooks.benchmarks_markdown(tmp_path)
     assert page.count("<svg") == 2
     assert "img_per_sec" in page and "poolformer_s24" in page and "speedup" in page and "64x56" in page
+    # A results object with machine and settings (benchmarks/bench_cpu.py's layout) shows them as context.
+    (tmp_path / "cpu.json").write_text(json.dumps({
+        "machine": {"cpu": "Some CPU", "torch_threads": 2}, "settings": {"batch": 16},
+        "rows": [{"model": "convformer_s18", "variant": "ours", "img_per_s": 20.5}]}))
+    page = hooks.benchmarks_markdown(tmp_path)
+    assert page.count("<svg") == 3 and "cpu: Some CPU, torch_threads: 2" in page and "batch: 16" in page
 
 
 def test_docstring_roles_become_optional_autorefs():

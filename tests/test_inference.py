@@ -16,6 +16,8 @@ from metaformer.layers import GroupNorm1
 CASES = [
     ("poolformer_s12", (45, 61)),
     ("poolformerv2_s12", (45, 61)),
+    ("identityformer_s12", (45, 61)),
+    ("randformer_s12", (224, 224)),
     ("convformer_s18", (37, 50)),
     ("caformer_s18", (64, 64)),
     ("metaformer_pppa_s12_224", (224, 224)),
@@ -68,6 +70,23 @@ def test_optimized_matches_original(name, size):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not model.training and all(p.requires_grad for p in model.parameters())
     assert is_inference_optimized(fast) and not is_inference_optimized(model)
+
+
+def test_starrelu_scale_and_bias_are_folded_into_fc2():
+    """ConvFormer's MLP StarReLU leaves only relu(h)**2; its s and b are in fc2 (sail-sg/metaformer#5)."""
+    model = _randomise(metaformer.create("convformer_s18")).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, metaformer.layers.StarReLU):
+                m.scale.fill_(0.7)
+                m.bias.fill_(-0.3)
+    fast = metaformer.optimize_for_inference(model)
+    blocks = [m for m in fast.modules() if isinstance(m, InferenceBlock)]
+    assert blocks and all(b.act_kind == "square" and type(b.act) is metaformer.layers.SquaredReLU for b in blocks)
+    assert not any(isinstance(m, metaformer.layers.StarReLU) for b in blocks for m in b.act.modules())
+    x = torch.randn(2, 3, 37, 50)
+    with torch.inference_mode():
+        _assert_close_scaled(fast(x), model(x))
 
 
 def test_optimized_features_only_backbone():

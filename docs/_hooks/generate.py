@@ -220,6 +220,29 @@ def bar_chart_svg(labels: list, values: list, metric: str) -> str:
     return "".join(parts)
 
 
+def _context_lines(path: Path) -> list:
+    """A results file's ``machine`` and ``settings`` objects (if it has them) as one line each."""
+    if path.suffix != ".json":
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, dict):
+        return []
+    lines = []
+    for key in ("machine", "settings"):
+        fields = data.get(key)
+        if isinstance(fields, dict):
+            flat = ", ".join(f"{k}: {_short(v)}" for k, v in fields.items() if not isinstance(v, (dict, list)))
+            lines += [f"**{key}**: {html.escape(flat)}", ""]
+    return lines
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def benchmarks_markdown(folder: Path) -> str:
     """A chart and a table per results file under ``folder``, or how to produce them."""
     files = sorted(p for p in folder.glob("*") if p.suffix in (".json", ".jsonl", ".csv")) if folder.is_dir() else []
@@ -235,6 +258,7 @@ def benchmarks_markdown(folder: Path) -> str:
         keys = list(dict.fromkeys(k for r in records for k in r))
         metric = _metric(records)
         out += [f"### `{path.relative_to(ROOT)}`", ""]
+        out += _context_lines(path)
         if metric:
             out += [bar_chart_svg([_label(r, metric) for r in records], [float(r[metric]) for r in records],
                                   metric), ""]

@@ -226,4 +226,4 @@ def _validate(x, weight, pool_size, res_scale, sample_scale) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-from .dispatch import block_forward  # noqa: E402  (it reads the names defined above)
+from .dispatch import block_forward, fast_paths_active  # noqa: E402  (it reads the names defined above)

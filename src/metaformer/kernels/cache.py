@@ -44,7 +44,8 @@ def derived(owner: nn.Module, tag: str, sources: Sequence[Optional[torch.Tensor]
         owner: The module the derived tensors belong to (held weakly).
         tag: Which derived value of ``owner`` this is (a module can have several).
         sources: Every tensor ``build`` reads; a change to any of them invalidates the entry.
-        build: Computes the value; called without autograd.
+        build: Computes the value; called without autograd and outside inference mode (so that the
+            value is an ordinary tensor wherever it is used later).
 
     Returns:
         The cached or freshly built value.
@@ -55,7 +56,7 @@ def derived(owner: nn.Module, tag: str, sources: Sequence[Optional[torch.Tensor]
         hit = None if slot is None else slot.get(tag)
     if hit is not None and hit[1] == key and all(r() is t for r, t in zip(hit[0], sources)):
         return hit[2]
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable outside inference_mode too
         value = build()
     refs = tuple(_NoneRef if t is None else weakref.ref(t) for t in sources)
     with _LOCK:

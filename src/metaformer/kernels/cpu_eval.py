@@ -29,14 +29,9 @@ from . import onednn
 from .cache import derived
 from .folding import Folded, act_kind, cast, fold_in, fold_out, norm_kind, normalise, scale_of, scales_known
 
-__all__ = ["mlp_half", "sepconv_half", "attention_half"]
+__all__ = ["mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention"]
 
 _RELU_FIRST = {"relu": "relu", "star": "relu", "square": "relu", "gelu": "gelu", "gelu_tanh": "gelu"}
-
-
-def _residual(block_scale: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    rs = scale_of(block_scale)
-    return x if rs is None else x * rs.view(1, -1, 1, 1)
 
 
 def _half_ok(norm: nn.Module, drop_path: nn.Module, *scales: nn.Module) -> Optional[str]:
@@ -86,9 +81,16 @@ def mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     sources = [block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
                *(_star(mlp.act, act) or ()), scale_of(block.layer_scale2)]
     p = derived(block, "mlp_half", sources, lambda: _fold_mlp(block, act, x))
-    n = normalise(kind, x, block.norm2.eps)
-    fused = "relu_square" if act in ("star", "square") else _RELU_FIRST[act]
-    return onednn.mlp_residual_onednn(n, _residual(block.res_scale2, x), p.w1, p.b1, p.w2, p.b2, fused,
+    return run_mlp(x, kind, block.norm2.eps, p, "square" if act == "star" else act, scale_of(block.res_scale2))
+
+
+def run_mlp(x: torch.Tensor, kind: str, eps: float, p: Folded, act: str,
+            res_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``res_scale * x + fc2(act(fc1(norm(x))))`` with the folded weights ``p`` (``act`` not StarReLU)."""
+    n = normalise(kind, x, eps)
+    fused = "relu_square" if act == "square" else _RELU_FIRST[act]
+    res = x if res_scale is None else x * res_scale.view(1, -1, 1, 1)
+    return onednn.mlp_residual_onednn(n, res, p.w1, p.b1, p.w2, p.b2, fused,
                                       "tanh" if act == "gelu_tanh" else "none")
 
 
@@ -133,8 +135,18 @@ def sepconv_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
                m.dwconv.bias, m.pwconv2.weight, m.pwconv2.bias, *(_star(m.act1, act) or ()),
                scale_of(block.layer_scale1)]
     p = derived(block, "sepconv_half", sources, lambda: _fold_sepconv(block, act, x))
+    return run_sepconv(x, kind, block.norm1.eps, p, act, m.dwconv.kernel_size[0], m.dwconv.groups,
+                       scale_of(block.res_scale1))
+
+
+def run_sepconv(x: torch.Tensor, kind: str, eps: float, p: Folded, act: str, kernel_size: int, groups: int,
+                res_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``res_scale * x + pw2(dw(act(pw1(norm(x)))))`` with the folded weights ``p``.
+
+    ``p.extra`` is ``(depthwise weight, depthwise bias, (s, b) of a StarReLU or None)``.
+    """
     dw, dw_bias, star = p.extra
-    n = normalise(kind, x, block.norm1.eps)
+    n = normalise(kind, x, eps)
     h = onednn.conv(n, p.w1, p.b1, _RELU_FIRST[act], algorithm="tanh" if act == "gelu_tanh" else "none")
     if h is None:
         return None
@@ -142,11 +154,11 @@ def sepconv_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         torch.addcmul(star[1], h, h, value=star[0], out=h)
     elif act == "square":
         h.square_()
-    k = m.dwconv.kernel_size[0]
-    d = onednn.conv(h, dw, dw_bias, "none", padding=k // 2, groups=m.dwconv.groups)
+    d = onednn.conv(h, dw, dw_bias, "none", padding=kernel_size // 2, groups=groups)
     if d is None:
         return None
-    return onednn.conv_add(d, _residual(block.res_scale1, x), p.w2, p.b2)
+    res = x if res_scale is None else x * res_scale.view(1, -1, 1, 1)
+    return onednn.conv_add(d, res, p.w2, p.b2)
 
 
 # ------------------------------------------------------------------------------------- attention half
@@ -176,13 +188,21 @@ def attention_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     sources = [block.norm1.weight, block.norm1.bias, m.qkv.weight, m.qkv.bias, m.proj.weight, m.proj.bias,
                scale_of(block.layer_scale1)]
     p = derived(block, "attention_half", sources, lambda: _fold_attention(block))
+    return run_attention(x, kind, block.norm1.eps, p, m, scale_of(block.res_scale1))
+
+
+def run_attention(x: torch.Tensor, kind: str, eps: float, p: Folded, mixer: nn.Module,
+                  res_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``res_scale * x + proj(attention(qkv(norm(x))))`` with the folded weights ``p`` (``p.w2``: proj's
+    weight transposed), heads and scale from ``mixer``."""
     b, c, h, w = x.shape
-    n = normalise(kind, x, block.norm1.eps)
+    n = normalise(kind, x, eps)
     tokens = n.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for a channels_last x
-    qkv = F.linear(tokens, p.w1, p.b1).view(b, h * w, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=m.scale)
+    qkv = F.linear(tokens, p.w1, p.b1).view(b, h * w, 3, mixer.num_heads, mixer.head_dim).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=mixer.scale)
     out = out.transpose(1, 2).reshape(b * h * w, c)
-    res = _residual(block.res_scale1, x).permute(0, 2, 3, 1).reshape(b * h * w, c)
+    res = x if res_scale is None else x * res_scale.view(1, -1, 1, 1)
+    res = res.permute(0, 2, 3, 1).reshape(b * h * w, c)
     if p.b2 is not None:
         y = torch.addmm(p.b2, out, p.w2).add_(res)
     else:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .folding import norm_kind, normalise, scale_of, scales_known
 
-__all__ = ["identity_half", "random_mixing_half"]
+__all__ = ["identity_half", "random_mixing_half", "identity_mix", "random_mix"]
 
 
 def _parts(block: nn.Module):
@@ -32,11 +32,11 @@ def _parts(block: nn.Module):
     return kind
 
 
-def _scaled_norm(block: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
+def _scaled_affine(block: nn.Module):
     norm, ls = block.norm1, scale_of(block.layer_scale1)
     weight = norm.weight if ls is None else norm.weight * ls
     bias = norm.bias if ls is None or norm.bias is None else norm.bias * ls
-    return normalise(kind, x, norm.eps, weight, bias)
+    return weight, bias
 
 
 def identity_half(block: nn.Module, x: torch.Tensor,
@@ -49,12 +49,17 @@ def identity_half(block: nn.Module, x: torch.Tensor,
     kind = _parts(block)
     if kind is None:
         return None
-    mixed = _scaled_norm(block, kind, x)
+    weight, bias = _scaled_affine(block)
+    return identity_mix(x, kind, block.norm1.eps, weight, bias, scale_of(block.res_scale1), draw_sample)
+
+
+def identity_mix(x, kind, eps, weight, bias, res_scale, draw_sample=lambda: None) -> torch.Tensor:
+    """``res_scale * x + sample * norm(x; weight, bias)``."""
+    mixed = normalise(kind, x, eps, weight, bias)
     sample = draw_sample()
     if sample is not None:
         mixed = mixed * sample
-    rs = scale_of(block.res_scale1)
-    return x + mixed if rs is None else torch.addcmul(mixed, x, rs.view(1, -1, 1, 1))
+    return x + mixed if res_scale is None else torch.addcmul(mixed, x, res_scale.view(1, -1, 1, 1))
 
 
 def random_mixing_half(block: nn.Module, x: torch.Tensor,
@@ -65,17 +70,23 @@ def random_mixing_half(block: nn.Module, x: torch.Tensor,
     """
     kind = _parts(block)
     mixer = block.token_mixer
-    b, c, h, w = x.shape
     if kind is None or not x.is_contiguous(memory_format=torch.channels_last) \
-            or tuple(mixer.spatial_size) != (h, w) or mixer.random_matrix.dtype != x.dtype:
+            or tuple(mixer.spatial_size) != tuple(x.shape[2:]) or mixer.random_matrix.dtype != x.dtype:
         return None
-    n = _scaled_norm(block, kind, x).contiguous(memory_format=torch.channels_last)
+    weight, bias = _scaled_affine(block)
+    return random_mix(x, kind, block.norm1.eps, weight, bias, mixer.random_matrix, scale_of(block.res_scale1),
+                      draw_sample)
+
+
+def random_mix(x, kind, eps, weight, bias, matrix, res_scale, draw_sample=lambda: None) -> torch.Tensor:
+    """``res_scale * x + sample * (norm(x; weight, bias) mixed over positions by matrix)``, channels_last."""
+    b, c, h, w = x.shape
+    n = normalise(kind, x, eps, weight, bias).contiguous(memory_format=torch.channels_last)
     tokens = n.permute(0, 2, 3, 1).reshape(b, h * w, c)
-    matrix = mixer.random_matrix.expand(b, h * w, h * w)
+    matrix = matrix.expand(b, h * w, h * w)
     sample = draw_sample()
-    rs = scale_of(block.res_scale1)
-    res = x if rs is None else x * rs.view(1, -1, 1, 1)
-    res_rows = res.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    res = x if res_scale is None else x * res_scale.view(1, -1, 1, 1)
+    res_rows = res.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(b, h * w, c)
     if sample is None:
         y = torch.baddbmm(res_rows, matrix, tokens)
     else:

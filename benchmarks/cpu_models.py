@@ -1,0 +1,156 @@
+"""Models and measurements shared by ``bench_cpu.py``: timm's side, FLOP counts, peak memory.
+
+timm has no IdentityFormer or RandFormer; their timm side is timm's own ``MetaFormer`` class built with
+the released configuration (``GroupNorm1NoBias``, StarReLU, res scales in stages 3-4, no MLP head, as
+timm's ``poolformerv2_s12``) and the release's mixers: ``nn.Identity``, and a random-mixing module
+written as the original code computes it (a frozen row-softmax matrix applied over the positions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import timm
+import torch
+from timm.models.metaformer import GroupNorm1NoBias, MetaFormer
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import metaformer
+
+MODELS = ("poolformer_s12", "poolformerv2_s12", "identityformer_s12", "randformer_s12", "convformer_s18",
+          "caformer_s18")
+
+
+class TimmRandomMixing(nn.Module):
+    """The original release's RandomMixing, on the NCHW tensors timm's non-attention stages use."""
+
+    def __init__(self, dim=None, num_tokens=196, **kwargs):
+        super().__init__()
+        self.random_matrix = nn.Parameter(torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1),
+                                          requires_grad=False)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        return torch.einsum("mn,bcn->bcm", self.random_matrix, x.reshape(b, c, h * w)).reshape(b, c, h, w)
+
+
+def _random_mixing(num_tokens: int) -> type:
+    return type(f"TimmRandomMixing{num_tokens}", (TimmRandomMixing,),
+                {"__init__": lambda self, dim=None, **kw: TimmRandomMixing.__init__(self, dim, num_tokens)})
+
+
+def timm_model(name: str) -> nn.Module:
+    """timm's model of ``name`` (or timm's MetaFormer class in the release's configuration)."""
+    if name in ("identityformer_s12", "randformer_s12"):
+        if name == "identityformer_s12":
+            mixers = nn.Identity
+        else:
+            # timm's stage checks issubclass(mixer, Attention): classes, not partials
+            mixers = [nn.Identity, nn.Identity, _random_mixing(196), _random_mixing(49)]
+        return MetaFormer(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), token_mixers=mixers,
+                          norm_layers=GroupNorm1NoBias, use_mlp_head=False)
+    return timm.create_model(name)
+
+
+def ours(name: str) -> nn.Module:
+    return metaformer.create(name)
+
+
+def flops_per_image(name: str, size: int) -> float:
+    """2 x the multiply-accumulates of convolutions, linear maps, matrix products and attention, at batch 1.
+
+    Counted by ``torch.utils.flop_counter`` on our model through the plain composition (the oneDNN
+    primitives of the fast paths are invisible to the counter).
+    """
+    model = ours(name).eval()
+    previous = metaformer.get_backend()
+    metaformer.set_backend("reference")
+    try:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(torch.randn(1, 3, size, size))
+    finally:
+        metaformer.set_backend(previous)
+    return float(counter.get_total_flops())
+
+
+def gemm_peak(n: int = 2048, reps: int = 5) -> float:
+    """The machine's fp32 GEMM rate (FLOP/s): the best of ``reps`` n x n x n ``torch.mm``."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def train_step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
+    """One step: forward, cross-entropy, backward, SGD with momentum (the optimiser's state included)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), target).backward()
+        opt.step()
+    return step
+
+
+def make_variant(name: str, variant: str, train: bool, batch: int, size: int):
+    """``(callable, input)`` for one benchmark variant (see bench_cpu.VARIANTS)."""
+    side, _, how = variant.partition("_")
+    model = timm_model(name) if side == "timm" else ours(name)
+    model.train(train)
+    x = torch.randn(batch, 3, size, size)
+    if "cl" in how.split("_"):
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if how == "optimized":
+        model = metaformer.optimize_for_inference(model)
+    if "compiled" in how.split("_"):
+        model = torch.compile(model)
+    if train:
+        target = torch.randint(0, 1000, (batch,))
+        return train_step_fn(model, x, target), x
+    return (lambda: model(x)), x
+
+
+def peak_memory_subprocess(name: str, variant: str, batch: int, size: int, steps: int = 2,
+                           threads: int | None = None) -> dict:
+    """Peak RSS of training steps of one variant, in a fresh process (``ru_maxrss``).
+
+    Returns the process's peak RSS and the increase over its RSS after building the model, optimiser
+    and batch (MiB): what the training steps themselves took at their peak (activations kept for the
+    backward, gradients, momentum buffers, workspace).
+    """
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import cpu_models as c; "
+            f"print(c._memory_child({name!r}, {variant!r}, {batch}, {size}, {steps}, {threads!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(name, variant, batch, size, steps, threads):
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    step, _ = make_variant(name, variant, True, batch, size)
+    base = _rss_mb()
+    for _ in range(steps):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return json.dumps({"peak_rss_mib": peak, "base_rss_mib": base, "train_peak_mib": peak - base})
