@@ -33,6 +33,7 @@ __all__ = [
     "BACKENDS",
     "TRITON_AVAILABLE",
     "block_forward",
+    "fast_paths_active",
     "get_backend",
     "pool_mixer_residual",
     "resolve_backend",

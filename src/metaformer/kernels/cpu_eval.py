@@ -27,7 +27,19 @@ from torch import nn
 
 from . import onednn
 from .cache import derived
-from .folding import Folded, act_kind, cast, fold_in, fold_out, norm_kind, normalise, scale_of, scales_known
+from .folding import (
+    Folded,
+    act_kind,
+    cast,
+    fold_in,
+    fold_out,
+    norm_kind,
+    normalise,
+    plain_1x1,
+    plain_sepconv,
+    scale_of,
+    scales_known,
+)
 
 __all__ = ["mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention"]
 
@@ -52,7 +64,7 @@ def _mlp_parts(block: nn.Module):
     from ..layers import Mlp
 
     mlp = block.mlp
-    if type(mlp) is not Mlp:
+    if type(mlp) is not Mlp or not (plain_1x1(mlp.fc1) and plain_1x1(mlp.fc2)):
         return None
     kind = _half_ok(block.norm2, block.drop_path2, block.layer_scale2, block.res_scale2)
     act = act_kind(mlp.act)
@@ -99,7 +111,7 @@ def _sepconv_parts(block: nn.Module):
     from ..mixers import SepConv
 
     mixer = block.token_mixer
-    if type(mixer) is not SepConv or type(mixer.act2) is not nn.Identity:
+    if type(mixer) is not SepConv or not plain_sepconv(mixer):
         return None
     kind = _half_ok(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1)
     act = act_kind(mixer.act1)
@@ -129,8 +141,6 @@ def sepconv_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
     kind, act = parts
     m = block.token_mixer
-    if m.dwconv.kernel_size[0] != m.dwconv.kernel_size[1] or m.dwconv.kernel_size[0] % 2 == 0:
-        return None
     sources = [block.norm1.weight, block.norm1.bias, m.pwconv1.weight, m.pwconv1.bias, m.dwconv.weight,
                m.dwconv.bias, m.pwconv2.weight, m.pwconv2.bias, *(_star(m.act1, act) or ()),
                scale_of(block.layer_scale1)]

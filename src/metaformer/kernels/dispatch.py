@@ -88,24 +88,23 @@ def _mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         return torch_halves.identity_half(block, x, draw)
     if type(block.token_mixer) is RandomMixing:
         return torch_halves.random_mixing_half(block, x, draw)
-    if block.training or not onednn.onednn_ok(x):
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return None
-    if not _no_grad_needed(x, block.norm1, block.token_mixer, block.layer_scale1, block.res_scale1):
-        return None
-    y = cpu_eval.sepconv_half(block, x)
-    return cpu_eval.attention_half(block, x) if y is None else y
+    if _no_grad_needed(x, block.norm1, block.token_mixer, block.layer_scale1, block.res_scale1):
+        if block.training or not onednn.onednn_ok(x):
+            return None
+        y = cpu_eval.sepconv_half(block, x)
+        return cpu_eval.attention_half(block, x) if y is None else y
+    return autograd_halves.sepconv_half(block, x, draw)
 
 
 def _mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return None
-    if not block.training and onednn.onednn_ok(x) and \
-            _no_grad_needed(x, block.norm2, block.mlp, block.layer_scale2, block.res_scale2):
-        y = cpu_eval.mlp_half(block, x)
-        if y is not None:
-            return y
-    if not torch.is_grad_enabled():
-        return None
+    if _no_grad_needed(x, block.norm2, block.mlp, block.layer_scale2, block.res_scale2):
+        if block.training or not onednn.onednn_ok(x):
+            return None
+        return cpu_eval.mlp_half(block, x)
     return autograd_halves.mlp_half(block, x, lambda: _drop_path_scale(block.drop_path2, block.training, x))
 
 

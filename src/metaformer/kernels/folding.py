@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["norm_kind", "act_kind", "scale_of", "normalise", "fold_in", "fold_out", "Folded", "NORM_TYPES"]
+__all__ = ["norm_kind", "act_kind", "scale_of", "normalise", "fold_in", "fold_out", "Folded", "NORM_TYPES",
+           "plain_1x1", "plain_sepconv"]
 
 
 def _layers():
@@ -123,6 +124,22 @@ def fold_out(weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Optional
         w = w * sc.view(-1, *([1] * (w.dim() - 1)))
         b = None if b is None else b * sc
     return w, b
+
+
+def plain_1x1(conv: nn.Module) -> bool:
+    """Whether ``conv`` is an ``nn.Conv2d`` 1x1, stride 1, no padding, one group (a matrix product per position)."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding in ((0, 0), "valid") and conv.groups == 1 and conv.dilation == (1, 1))
+
+
+def plain_sepconv(m: nn.Module) -> bool:
+    """Whether a :class:`~metaformer.mixers.SepConv` is pw 1x1 -> act -> depthwise k x k 'same' -> pw 1x1."""
+    dw = m.dwconv
+    k = dw.kernel_size[0]
+    return (type(m.act2) is nn.Identity and plain_1x1(m.pwconv1) and plain_1x1(m.pwconv2)
+            and type(dw) is nn.Conv2d and k % 2 == 1 and dw.kernel_size == (k, k) and dw.stride == (1, 1)
+            and dw.padding == (k // 2, k // 2) and dw.dilation == (1, 1) and dw.groups == dw.in_channels
+            and dw.out_channels == dw.in_channels and dw.padding_mode == "zeros")
 
 
 class Folded(NamedTuple):

@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from .torch_impl import _acc_dtype, avg_pool_same, sample_rstd
+from .torch_impl import _acc_dtype, avg_pool_same, pool_mixer_residual_reference, sample_rstd
+from .twice import grads_through
 
 __all__ = ["PoolHalfFunction", "pool_half_autograd"]
 
@@ -51,6 +52,10 @@ class PoolHalfFunction(torch.autograd.Function):
         x, weight, res_scale, sample_scale, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
         k = ctx.pool_size
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (kernels/twice.py)
+            plain = lambda x, w, r, s: pool_mixer_residual_reference(  # noqa: E731
+                x, w, eps=ctx.eps, pool_size=k, res_scale=r, sample_scale=s)
+            return grads_through(plain, (x, weight, res_scale, sample_scale), need, dy, 6)
         acc = _acc_dtype(x.dtype)
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
             else torch.contiguous_format
