@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .weights import CheckpointError, _summary, load_state_dict_into
+from .weights import CheckpointError, summarize_names, load_state_dict_into
 
 __all__ = ["split_by_prefix", "fit_parts", "load_parts"]
 
@@ -68,11 +68,11 @@ def fit_parts(specs: Sequence[Tuple[nn.Module, StateDict, str, Sequence[str]]]) 
     if missing or unexpected or mis_shaped:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)}: {_summary(missing)}")
+            parts.append(f"missing {len(missing)}: {summarize_names(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_summary(unexpected)}")
+            parts.append(f"unexpected {len(unexpected)}: {summarize_names(unexpected)}")
         if mis_shaped:
-            parts.append(f"mis-shaped {len(mis_shaped)}: {_summary(mis_shaped)}")
+            parts.append(f"mis-shaped {len(mis_shaped)}: {summarize_names(mis_shaped)}")
         raise CheckpointError("; ".join(parts))
     return fits
 

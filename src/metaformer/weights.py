@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "LAYOUTS", "detect_layout", "convert_state_dict", "read_checkpoint",
-           "load_checkpoint", "load_state_dict_into", "load_torch_file",
+           "load_checkpoint", "load_state_dict_into", "load_torch_file", "summarize_names",
            "checkpoint_num_classes"]
 
 logger = logging.getLogger("metaformer")
@@ -95,7 +95,8 @@ def _strip_ones(shape: Sequence[int]) -> Tuple[int, ...]:
     return shape
 
 
-def _summary(names: Iterable[str], limit: int = 8) -> str:
+def summarize_names(names: Iterable[str], limit: int = 8) -> str:
+    """Up to ``limit`` sorted names, comma-separated, and how many more there are (for error messages)."""
     names = sorted(names)
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
@@ -159,16 +160,16 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
     if unexpected or missing or mis_shaped or mis_typed or non_finite:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)}: {_summary(missing)}")
+            parts.append(f"missing {len(missing)}: {summarize_names(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_summary(unexpected)}")
+            parts.append(f"unexpected {len(unexpected)}: {summarize_names(unexpected)}")
         if mis_shaped:
-            parts.append(f"mis-shaped {len(mis_shaped)}: {_summary(mis_shaped.values())}")
+            parts.append(f"mis-shaped {len(mis_shaped)}: {summarize_names(mis_shaped.values())}")
         if mis_typed:
             parts.append(f"of another dtype (not floating point: a quantized or damaged file?) {len(mis_typed)}: "
-                         f"{_summary(mis_typed.values())}")
+                         f"{summarize_names(mis_typed.values())}")
         if non_finite:
-            parts.append(f"holding NaN or infinite values {len(non_finite)}: {_summary(non_finite)}")
+            parts.append(f"holding NaN or infinite values {len(non_finite)}: {summarize_names(non_finite)}")
         raise CheckpointError(f"checkpoint ({layout} layout) does not fit the model: " + "; ".join(parts))
     return out
 
