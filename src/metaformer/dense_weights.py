@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .weights import CheckpointError, summarize_names, load_state_dict_into
+from .weights import CheckpointError, describe_misfit, load_state_dict_into
 
 __all__ = ["split_by_prefix", "fit_parts", "load_parts"]
 
@@ -65,15 +65,9 @@ def fit_parts(specs: Sequence[Tuple[nn.Module, StateDict, str, Sequence[str]]]) 
                 out[key] = value
         missing += [what + k for k in target if k not in state_dict and not any(k.startswith(p) for p in skip)]
         fits.append(out)
-    if missing or unexpected or mis_shaped:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {summarize_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {summarize_names(unexpected)}")
-        if mis_shaped:
-            parts.append(f"mis-shaped {len(mis_shaped)}: {summarize_names(mis_shaped)}")
-        raise CheckpointError("; ".join(parts))
+    problems = describe_misfit(missing=missing, unexpected=unexpected, mis_shaped=mis_shaped)
+    if problems:
+        raise CheckpointError(problems)
     return fits
 
 

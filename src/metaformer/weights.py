@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "LAYOUTS", "detect_layout", "convert_state_dict", "read_checkpoint",
-           "load_checkpoint", "load_state_dict_into", "load_torch_file", "summarize_names",
+           "load_checkpoint", "load_state_dict_into", "load_torch_file", "summarize_names", "describe_misfit",
            "checkpoint_num_classes"]
 
 logger = logging.getLogger("metaformer")
@@ -102,6 +102,18 @@ def summarize_names(names: Iterable[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def describe_misfit(*, missing: Sequence[str] = (), unexpected: Sequence[str] = (), mis_shaped: Sequence[str] = (),
+                    mis_typed: Sequence[str] = (), non_finite: Sequence[str] = ()) -> str:
+    """What keeps tensors from fitting a model, as one line (empty when everything fits)."""
+    parts = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped),
+                         ("of another dtype (not floating point: a quantized or damaged file?)", mis_typed),
+                         ("holding NaN or infinite values", non_finite)):
+        if names:
+            parts.append(f"{label} {len(names)}: {summarize_names(names)}")
+    return "; ".join(parts)
+
+
 def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, layout: Optional[str] = None,
                        *, skip: Sequence[str] = (), allow_missing: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
     """Renames a state dict of any known layout to ``model``'s names, strictly.
@@ -157,20 +169,10 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
     missing = [k for k in target if k not in out and k not in mis_shaped and k not in mis_typed
                and not any(k.startswith(p) for p in allow_missing)
                and not any(k.startswith(p) for p in skip)]
-    if unexpected or missing or mis_shaped or mis_typed or non_finite:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {summarize_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {summarize_names(unexpected)}")
-        if mis_shaped:
-            parts.append(f"mis-shaped {len(mis_shaped)}: {summarize_names(mis_shaped.values())}")
-        if mis_typed:
-            parts.append(f"of another dtype (not floating point: a quantized or damaged file?) {len(mis_typed)}: "
-                         f"{summarize_names(mis_typed.values())}")
-        if non_finite:
-            parts.append(f"holding NaN or infinite values {len(non_finite)}: {summarize_names(non_finite)}")
-        raise CheckpointError(f"checkpoint ({layout} layout) does not fit the model: " + "; ".join(parts))
+    problems = describe_misfit(missing=missing, unexpected=unexpected, mis_shaped=list(mis_shaped.values()),
+                               mis_typed=list(mis_typed.values()), non_finite=non_finite)
+    if problems:
+        raise CheckpointError(f"checkpoint ({layout} layout) does not fit the model: {problems}")
     return out
 
 
@@ -255,11 +257,12 @@ def _unreadable(path: str, e: Exception) -> CheckpointError:
             f"{path} holds a pickled Python object ({found.group(1)}), not only tensors; metaformer reads weights "
             f"without running pickled code, so it cannot load it. Save the tensors instead: "
             f"torch.save(model.state_dict(), path) or model.save_pretrained(folder)")
-    if "weights_only" in text or "Weights only load failed" in text:
-        return CheckpointError(f"{path} holds Python objects other than tensors and plain containers; metaformer "
-                               f"reads weights without running pickled code. Save model.state_dict() instead")
-    return CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {text.splitlines()[0] if text else ''}. "
-                           f"The file may be truncated or corrupt; download it again.")
+    # torch's own message would advise weights_only=False (running the file's code): keep only the detail.
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    detail = (found.group(1) if found else lines[0] if lines else type(e).__name__).split(". ")[0].strip().rstrip(".")
+    return CheckpointError(f"could not read checkpoint {path} ({detail}): the file is not a PyTorch or "
+                           f"safetensors file, or it is truncated or corrupt; download it again.")
 
 
 def load_state_dict_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], layout: Optional[str] = None,
