@@ -11,8 +11,8 @@ from typing import Any, Dict, Optional, Tuple
 from .components import close_matches, resolve_arguments
 from .mixers import Pooling
 from .model import MetaFormer
-from .saving import is_saved_model_folder
 from .pretrained import PretrainedCfg, make_pretrained_cfg
+from .saving import is_saved_model_folder
 from .zoo import Variant, get_variant
 
 __all__ = ["create", "OVERRIDES"]
