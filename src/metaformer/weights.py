@@ -21,7 +21,7 @@ from torch import nn
 
 __all__ = ["CheckpointError", "LAYOUTS", "detect_layout", "convert_state_dict", "read_checkpoint",
            "load_checkpoint", "load_state_dict_into", "load_torch_file", "summarize_names", "describe_misfit",
-           "checkpoint_num_classes"]
+           "unwrap_state_dict", "checkpoint_num_classes"]
 
 logger = logging.getLogger("metaformer")
 LAYOUTS = ("metaformer", "timm", "original_v1", "original_baselines")
@@ -186,6 +186,19 @@ def _unwrap(obj, path: str) -> Dict[str, torch.Tensor]:
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
     raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+
+
+def unwrap_state_dict(obj, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """The state dict inside an object read from a checkpoint file (see :func:`load_torch_file`).
+
+    A wrapping dict (``{"state_dict": ...}``, ``{"model": ...}``) and DistributedDataParallel's
+    ``module.`` prefix are removed, as :func:`read_checkpoint` does; this lets a caller that already
+    read a file (to look at what else it holds) take its weights without reading it again.
+
+    Raises:
+        CheckpointError: naming ``source`` when ``obj`` holds no state dict.
+    """
+    return _unwrap(obj, source)
 
 
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:

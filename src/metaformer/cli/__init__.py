@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 __all__ = ["main", "build_parser", "CLIError"]
 
-from .common import CLIError
+from .options import CLIError
 
 COMMANDS = ("validate", "train", "predict", "benchmark", "info", "list")
 EXIT_ERROR = 2

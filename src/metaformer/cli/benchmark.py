@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from .common import CLIError, add_device_args, autocast, format_count, log, parse_model_kwargs, resolve_device
+from ..training import autocast
+from .options import CLIError, add_device_args, format_count, log, parse_model_kwargs, resolve_device
 
 DESCRIPTION = """\
 Measure inference (or, with --train, forward + backward + SGD step) throughput on random inputs:

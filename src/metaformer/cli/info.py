@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .common import CLIError, format_count, parse_model_kwargs
+from .options import CLIError, format_count, parse_model_kwargs
 
 INFO_DESCRIPTION = """\
 Show a model: parameters (compared with the release's count), MACs at its input size (counted with

@@ -8,15 +8,13 @@ import os
 
 import torch
 
-from .common import (
+from ..training import class_label_fn, eval_transform, load_image
+from .options import (
     CLIError,
-    _load_image,
     add_data_config_args,
     add_device_args,
     add_model_args,
-    class_label_fn,
-    data_config,
-    eval_transform,
+    data_config_from_args,
     load_model,
     resolve_device,
     warn,
@@ -61,13 +59,13 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    transform = eval_transform(data_config(model, args, base=loaded.data_config))
+    transform = eval_transform(data_config_from_args(model, args, base=loaded.data_config))
     label = class_label_fn(model.num_classes, loaded.class_names)
     k = min(args.topk, model.num_classes)
 
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start:start + args.batch_size]
-        batch = torch.stack([transform(_load_image(p)) for p in paths]).to(device)
+        batch = torch.stack([transform(load_image(p)) for p in paths]).to(device)
         if args.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():

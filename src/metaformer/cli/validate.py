@@ -8,16 +8,14 @@ import os
 
 import torch
 
-from .common import (
+from ..files import write_text
+from ..training import dataset_targets_for, eval_transform, evaluate, image_folder
+from .options import (
     CLIError,
     add_data_config_args,
     add_device_args,
     add_model_args,
-    data_config,
-    dataset_targets_for,
-    eval_transform,
-    evaluate,
-    image_folder,
+    data_config_from_args,
     load_model,
     log,
     resolve_device,
@@ -71,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model
     if loaded.weights.startswith("random init"):
         warn("evaluating randomly initialised weights; pass --pretrained or --checkpoint PATH")
-    cfg = data_config(model, args, base=loaded.data_config)
+    cfg = data_config_from_args(model, args, base=loaded.data_config)
     dataset = image_folder(root, eval_transform(cfg), what="validation data")
     dataset.target_transform = dataset_targets_for(dataset, model.num_classes, loaded.class_names, root)
 
@@ -115,8 +113,6 @@ def run(args: argparse.Namespace) -> int:
         folder = os.path.dirname(os.path.abspath(args.results_file))
         if not os.path.isdir(folder):
             raise CLIError(f"--results-file: folder does not exist: {folder}")
-        with open(args.results_file, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+        write_text(args.results_file, json.dumps(results, indent=2) + "\n")
         log(f"results written to {args.results_file}")
     return 0
