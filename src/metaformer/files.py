@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 __all__ = ["WriteError", "atomic_write", "write_text", "write_bytes", "save_torch", "save_safetensors",
-           "remove_stale_temporaries"]
+           "remove_stale_temporaries", "pid_alive"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -123,7 +123,8 @@ def save_safetensors(tensors: Dict[str, Any], path: PathLike, metadata: Optional
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID runs on this machine (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -157,7 +158,7 @@ def remove_stale_temporaries(folder: PathLike, names: Optional[List[str]] = None
         m = pattern.match(entry)
         if not m or (names is not None and m.group(1) not in names):
             continue
-        if _pid_alive(int(m.group(2))):
+        if pid_alive(int(m.group(2))):
             continue
         try:
             os.unlink(os.path.join(folder, entry))
