@@ -248,13 +248,15 @@ def _check_file(path: str) -> None:
 
 def _unreadable(path: str, e: Exception) -> CheckpointError:
     text = str(e)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    # torch words it "Unsupported global: GLOBAL x.y" or, for a blocked module, "unsupported GLOBAL x.y"
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)
     if found:
         return CheckpointError(
             f"{path} holds a pickled Python object ({found.group(1)}), not only tensors; metaformer reads weights "
             f"without running pickled code, so it cannot load it. Save the tensors instead: "
             f"torch.save(model.state_dict(), path) or model.save_pretrained(folder)")
-    if "weights_only" in text or "Weights only load failed" in text:
+    # an opcode the weights-only unpickler does not know: not a pickle at all (a corrupt or foreign file)
+    if ("weights_only" in text or "Weights only load failed" in text) and "Unsupported operand" not in text:
         return CheckpointError(f"{path} holds Python objects other than tensors and plain containers; metaformer "
                                f"reads weights without running pickled code. Save model.state_dict() instead")
     return CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {text.splitlines()[0] if text else ''}. "
