@@ -51,7 +51,7 @@ def _save_safetensors(model: nn.Module, path: Path) -> Path:
 
 
 def _timm_original_head_logits(t: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The original release's head (REFERENCE.md) with timm's tensors: GroupNorm(1, C, eps 1e-5) over the
+    """The original release's head (sail-sg/poolformer's models/poolformer.py) with timm's tensors: GroupNorm(1, C, eps 1e-5) over the
     whole final map, then the mean over H and W, then the Linear. (timm pools first, then a LayerNorm.)"""
     feat = t.forward_features(x)
     normed = torch.nn.functional.group_norm(feat, 1, t.head.norm.weight, t.head.norm.bias, eps=1e-5)
