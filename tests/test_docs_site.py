@@ -186,12 +186,22 @@ def test_performance_page_describes_the_runs_and_shows_every_row(site, browser, 
         assert "No benchmark figures" in text
 
 
-def test_api_signatures_are_wrapped(site, browser):
-    tab = _open(browser, site[0], "api", WIDTHS[0])
-    _shoot(tab, f"api-{WIDTHS[0]}")
-    overflowing = tab.evaluate("""() => [...document.querySelectorAll('.doc-signature pre, .doc-signature code')]
-        .filter(el => el.scrollWidth > el.clientWidth + 1).map(el => el.textContent.slice(0, 60))""")
-    count = tab.evaluate("() => document.querySelectorAll('.doc-signature').length")
+def test_api_pages_wrap_signatures_and_fit_their_tables(site, browser):
+    folder = site[0]
+    pages = ["api"] + sorted(f"api/{p.parent.name}" for p in (folder / "api").glob("*/index.html"))
+    tab = browser.new_page(viewport={"width": WIDTHS[0], "height": 1000})
+    overflowing, count = [], 0
+    for page in pages:
+        tab.goto((folder / page / "index.html").as_uri())
+        if page in ("api", "api/model"):
+            _shoot(tab, f"{page.replace('/', '-')}-{WIDTHS[0]}")
+        count += tab.evaluate("() => document.querySelectorAll('.doc-signature').length")
+        overflowing += [f"{page}: {text}" for text in tab.evaluate(
+            """() => [...document.querySelectorAll('.doc-signature code, article table')].filter(el => {
+              for (let a = el; a && a.tagName !== 'ARTICLE'; a = a.parentElement)
+                if (getComputedStyle(a).overflowX !== 'visible' && a.scrollWidth > a.clientWidth + 1) return true;
+              return false;
+            }).map(el => el.textContent.trim().replace(/\\s+/g, ' ').slice(0, 60))""")]
     tab.close()
-    assert count >= len(metaformer.__all__) // 2
-    assert not overflowing, f"signatures that scroll sideways at {WIDTHS[0]} px: {overflowing}"
+    assert count >= len(metaformer.__all__)
+    assert not overflowing, f"signatures or tables that scroll sideways at {WIDTHS[0]} px: {overflowing}"
