@@ -9,13 +9,15 @@ Variants:
 
 - ``timm_nchw``, ``timm_cl``: timm's model on an NCHW batch, and with the model and batch in
   channels_last (``model.to(memory_format=torch.channels_last)``); ``timm_best`` is the faster of the two;
-- ``timm_compiled``: ``torch.compile(timm model)`` (Inductor, default mode) on the NCHW batch;
+- ``timm_compiled``, ``timm_compiled_cl``: ``torch.compile(timm model)`` (Inductor, default mode) on the
+  NCHW batch, and in channels_last; ``timm compiled`` in the table is the faster of the two;
 - ``ours``: ``metaformer.create(name)``, default forward (the fused paths), on the NCHW batch;
 - ``ours_optimized`` (inference): ``metaformer.optimize_for_inference`` of that model;
 - ``ours_compiled``: ``torch.compile(our model)``.
 
-Passes: ``inference`` (eval mode, ``torch.inference_mode``) and ``train`` (a training step: forward,
-cross-entropy, backward, SGD with momentum). Peak memory of a training step is measured for the eager
+Passes: ``inference`` (eval mode, ``torch.inference_mode``) for every model, and ``train`` (a training
+step: forward, cross-entropy, backward, SGD with momentum; eager variants, ``--train-compile`` adds the
+compiled ones) for ``--train-models``. Peak memory of a training step is measured for the eager
 variants, each in a fresh process: the peak resident set (``ru_maxrss``) minus the resident set after
 building the model, optimiser and batch, i.e. what the steps themselves took at their peak.
 
@@ -24,9 +26,12 @@ multiply-accumulates of every convolution, linear map, matrix product and attent
 (``torch.utils.flop_counter`` on the plain composition, batch 1) and the GEMM rate is the best of the
 2048^3 ``torch.mm`` calls timed in the same rounds. A training step counts 3x the forward FLOPs.
 
+At the end the markdown tables of both passes are printed and written next to the JSON (``cpu.md``).
+
 Usage::
 
     python benchmarks/bench_cpu.py                                   # everything -> results/cpu.json
+    python benchmarks/bench_cpu.py --quick --batch 2 --output /tmp/smoke.json   # smoke test, minutes
     python benchmarks/bench_cpu.py --models convformer_s18 --no-compile --no-memory --output /tmp/c.json
 """
 
@@ -50,8 +55,10 @@ import cpu_models  # noqa: E402
 import metaformer  # noqa: E402
 from metaformer.files import write_text  # noqa: E402
 
-INFERENCE = ("timm_nchw", "timm_cl", "timm_compiled", "ours", "ours_optimized", "ours_compiled")
-TRAIN = ("timm_nchw", "timm_cl", "timm_compiled", "ours", "ours_compiled")
+INFERENCE = ("timm_nchw", "timm_cl", "timm_compiled", "timm_compiled_cl", "ours", "ours_optimized",
+             "ours_compiled")
+TRAIN = ("timm_nchw", "timm_cl", "timm_compiled", "timm_compiled_cl", "ours", "ours_compiled")
+TRAIN_MODELS = ("poolformer_s12", "convformer_s18")
 GEMM_N = 2048
 
 
@@ -62,12 +69,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=224, help="image side (default 224)")
     p.add_argument("--reps", type=int, default=11, help="interleaved inference rounds (median reported)")
     p.add_argument("--train-reps", type=int, default=5, help="interleaved training rounds (0: no training)")
+    p.add_argument("--train-models", nargs="*", default=list(TRAIN_MODELS), choices=cpu_models.MODELS,
+                   help="models with a training pass (default: poolformer_s12 convformer_s18)")
+    p.add_argument("--train-compile", action="store_true", help="also time compiled training steps")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: 3 inference rounds, 2 training rounds (unless given), figures are noise")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
     p.add_argument("--no-memory", action="store_true", help="leave out the training peak-memory processes")
     p.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "cpu.json",
                    help="JSON results file (default benchmarks/results/cpu.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        given = set(argv if argv is not None else sys.argv[1:])
+        args.reps = args.reps if "--reps" in given else 3
+        args.train_reps = args.train_reps if "--train-reps" in given else 2
+    if args.batch < 1 or args.size < 32 or args.reps < 1 or args.train_reps < 0:
+        p.error("--batch and --reps must be >= 1, --size >= 32, --train-reps >= 0")
+    return args
 
 
 def _cpu_name() -> str:
@@ -115,14 +134,15 @@ def summarise(name, pass_name, times, flops, peak, batch, memory) -> list:
     rows = []
     med = {v: statistics.median(ts) for v, ts in times.items()}
     best_timm = min(med["timm_nchw"], med["timm_cl"])
+    compiled = [med[v] for v in ("timm_compiled", "timm_compiled_cl") if v in med]
     factor = 3 if pass_name == "train" else 1
     for v, m in med.items():
         ips = batch / m
         row = {"model": name, "pass": pass_name, "variant": v, "img_per_s": ips, "median_ms": m * 1e3,
                "min_ms": min(times[v]) * 1e3, "vs_timm_best": best_timm / m,
                "gemm_peak_share": ips * factor * flops / peak}
-        if "timm_compiled" in med:
-            row["vs_timm_compiled"] = med["timm_compiled"] / m
+        if compiled:
+            row["vs_timm_compiled"] = min(compiled) / m
         if v in memory:
             row.update(memory[v])
         rows.append(row)
@@ -140,15 +160,16 @@ def main(argv=None) -> dict:
     for name in args.models:
         flops[name] = cpu_models.flops_per_image(name, args.size)
         for train, variants in ((False, INFERENCE), (True, TRAIN)):
-            if train and args.train_reps <= 0:
+            if train and (args.train_reps <= 0 or name not in args.train_models):
                 continue
-            variants = [v for v in variants if not (args.no_compile and v.endswith("compiled"))]
+            variants = [v for v in variants if "compiled" not in v or not (args.no_compile
+                                                                        or (train and not args.train_compile))]
             pass_name = "train" if train else "inference"
             print(f"{name} {pass_name} (load {_fmt(os.getloadavg())})", flush=True)
             times = run_pass(name, train, variants, args, gemm_times)
             memory = {}
             if train and not args.no_memory:
-                for v in (v for v in variants if not v.endswith("compiled")):
+                for v in (v for v in variants if "compiled" not in v):
                     memory[v] = cpu_models.peak_memory_subprocess(name, v, args.batch, args.size,
                                                                   threads=args.threads)
             peak = 2 * GEMM_N ** 3 / min(gemm_times)
@@ -168,8 +189,11 @@ def main(argv=None) -> dict:
         "flops_per_image": flops,
         "rows": rows,
     }
+    table = markdown(rows)
     write_text(args.output, json.dumps(results, indent=2) + "\n")
-    print(f"\nfp32 GEMM peak {peak / 1e9:.0f} GFLOP/s; wrote {args.output}")
+    write_text(args.output.with_suffix(".md"), table)
+    print("\n" + table)
+    print(f"\nfp32 GEMM peak {peak / 1e9:.0f} GFLOP/s; wrote {args.output} and {args.output.with_suffix('.md')}")
     return results
 
 
@@ -181,6 +205,37 @@ def _print(rows) -> None:
         mem = f"{r['train_peak_mib']:.0f}" if "train_peak_mib" in r else "-"
         print(f"  {r['variant']:<16}{r['median_ms']:>9.0f}{r['img_per_s']:>9.2f}{r['vs_timm_best']:>13.2f}x"
               f"{comp:>13}{100 * r['gemm_peak_share']:>10.1f}%{mem:>11}", flush=True)
+
+
+def markdown(rows) -> str:
+    """The inference and training tables (img/s, medians) in markdown."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["model"], r["pass"]), {})[r["variant"]] = r
+    ips = lambda v: f"{v['img_per_s']:.1f}" if v else "-"  # noqa: E731
+    lines = ["| model | timm NCHW | timm channels_last | timm compiled (best layout) | ours default | "
+             "ours optimize_for_inference | ours compiled | ours / timm best eager | ours / timm compiled | "
+             "GEMM-peak share (ours) |", "|---" * 10 + "|"]
+    for (model, pass_name), v in by.items():
+        if pass_name != "inference":
+            continue
+        comp = [v[k] for k in ("timm_compiled", "timm_compiled_cl") if k in v]
+        best_comp = max(comp, key=lambda r: r["img_per_s"]) if comp else None
+        ours = v["ours"]
+        vs_comp = f"{ours['vs_timm_compiled']:.2f}x" if "vs_timm_compiled" in ours else "-"
+        lines.append(f"| {model} | {ips(v['timm_nchw'])} | {ips(v['timm_cl'])} | {ips(best_comp)} | {ips(ours)} | "
+                     f"{ips(v.get('ours_optimized'))} | {ips(v.get('ours_compiled'))} | "
+                     f"{ours['vs_timm_best']:.2f}x | {vs_comp} | {100 * ours['gemm_peak_share']:.0f}% |")
+    train = [(m, v) for (m, p), v in by.items() if p == "train"]
+    if train:
+        lines += ["", "| training step | timm best eager img/s | ours img/s | ours / timm | timm peak MiB | "
+                  "ours peak MiB |", "|---" * 6 + "|"]
+        for model, v in train:
+            timm_best = max((v[k] for k in ("timm_nchw", "timm_cl")), key=lambda r: r["img_per_s"])
+            mem = lambda r: f"{r['train_peak_mib']:.0f}" if "train_peak_mib" in r else "-"  # noqa: E731
+            lines.append(f"| {model} ({timm_best['variant']}) | {ips(timm_best)} | {ips(v['ours'])} | "
+                         f"{v['ours']['vs_timm_best']:.2f}x | {mem(timm_best)} | {mem(v['ours'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(load) -> str:

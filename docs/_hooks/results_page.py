@@ -60,6 +60,11 @@ COLUMNS = {
     "triton_speedup": "this variant's time / the Triton kernels' time",
     "gbps": "memory bandwidth on the ideal traffic, GB/s",
     "max_rel_error": "largest error against the fp32 reference, relative to the largest magnitude",
+    "vs_timm_best": "timm's best eager time (NCHW or channels_last) / this variant's: above 1 is faster",
+    "vs_timm_compiled": "timm under `torch.compile` (best layout) / this variant's: above 1 is faster",
+    "train_peak_mib": "peak resident memory of training steps above the memory after building, MiB (CPU)",
+    "peak_rss_mib": "peak resident memory of the process, MiB",
+    "base_rss_mib": "resident memory after building model, optimiser and batch, MiB",
 }
 VARIANTS = {
     "timm": "`timm.create_model(name)`, timm's port, eager",
@@ -67,6 +72,11 @@ VARIANTS = {
             "on CPU)",
     "ours_optimized": "`metaformer.optimize_for_inference(model)`: norms and layer scales folded into the "
                       "convolutions",
+    "timm_nchw": "`timm.create_model(name)`, eager, NCHW batch",
+    "timm_cl": "timm's model and batch in channels_last, eager",
+    "timm_compiled": "timm's model under `torch.compile` (Inductor), NCHW",
+    "timm_compiled_cl": "timm's model under `torch.compile` (Inductor), channels_last",
+    "ours_compiled": "our model under `torch.compile` (Inductor)",
     "eager": "the plain PyTorch composition (GroupNorm, pooling, subtraction, scale, residual)",
     "compiled": "that composition under `torch.compile`",
     "triton": "metaformer's Triton kernels",
