@@ -96,8 +96,8 @@ def check_residual(shape, dtype=torch.float32, layout="contiguous", present=ALL,
     gz, gn = gz.to(z_dtype), gn.to(out_dtype or z_dtype)  # the oracle gets the same rounded gradients
     got_o, got_g = outputs(residual_call(out_dtype=out_dtype), tensors, [gz, gn], needs)
     assert got_o[0].dtype == z_dtype and got_o[1].dtype == (out_dtype or z_dtype)
-    for o in got_o:
-        assert o.shape == x.shape and o.stride() == x.stride(), (o.stride(), x.stride())
+    for o in got_o:  # the kernels keep x's layout (LayerNorm2d's composition returns channels_last memory)
+        assert o.shape == x.shape and (K.get_backend() != "triton" or o.stride() == x.stride()), o.stride()
     wide = [None if t is None else t.double() for t in tensors]
     want_o, want_g = outputs(lambda *t: residual_oracle(*t), wide, [gz.double(), gn.double()], needs)
     tol = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else dtype
@@ -115,7 +115,7 @@ def check_layernorm(shape, dtype=torch.float32, layout="contiguous", weight=True
     gn = gn.to(out_dtype or dtype)
     got_o, got_g = outputs(lambda x, w, b: K.layernorm_channels(x, w, b, eps=EPS, out_dtype=out_dtype), [x, w, b],
                            [gn], needs)
-    assert got_o[0].dtype == (out_dtype or dtype) and got_o[0].stride() == x.stride()
+    assert got_o[0].dtype == (out_dtype or dtype) and (K.get_backend() != "triton" or got_o[0].stride() == x.stride())
     want_o, want_g = outputs(ln_oracle, [x.double(), *(None if t is None else t.double() for t in (w, b))],
                              [gn.double()], needs)
     tol = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else dtype
