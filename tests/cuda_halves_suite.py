@@ -38,7 +38,7 @@ def randomize_(block: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Every parameter away from its initial value (scales near 1, biases and StarReLU's bias near 0)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in block.named_parameters():
+        for p in block.parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
             p.copy_(p + 0.3 * noise if p.dim() <= 1 else p + 0.05 * noise)
     return block
@@ -72,13 +72,13 @@ def check(block, x, which=tuple(PAIRS), label="", modes=(False, True)):
             want, want_g = run(plain, block, x)
             where = f"{label} {name} {'train' if training else 'eval'}"
             assert got.dtype == want.dtype, (where, got.dtype, want.dtype)
-            torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{where} output: {m}")
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, w=where: f"{w} output: {m}")
             for key, w in want_g.items():
                 g = got_g[key]
                 assert (g is None) == (w is None), (where, key)
                 if w is not None:
                     atol = tol * max(1.0, w.abs().max().item())
-                    torch.testing.assert_close(g, w, rtol=tol, atol=atol, msg=lambda m, k=key: f"{where} d {k}: {m}")
+                    torch.testing.assert_close(g, w, rtol=tol, atol=atol, msg=lambda m, k=f"{where} d {key}": f"{k}: {m}")
 
 
 def hand_block(dim=8, norm_bias=True, drop_path=0.5, norm=None, act=StarReLU, mixer=SepConv, dtype=torch.float32):
