@@ -21,7 +21,7 @@ Usage::
 
     python benchmarks/bench_gpu_families.py                 # writes benchmarks/results/gpu_families.json
     python benchmarks/bench_gpu_families.py --models convformer_s18 --no-kernels
-    python benchmarks/bench_gpu_families.py --smoke         # tiny CPU run of the plumbing (no compile), no GPU
+    python benchmarks/bench_gpu_families.py --smoke --models poolformer_s12 --size 64   # CPU plumbing check (no compile)
 
 Exit status: 0 done, 1 missing requirement (no GPU), 2 wrong results.
 """
