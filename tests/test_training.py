@@ -178,3 +178,64 @@ def test_split_folders_and_image_folder_errors(tmp_path):
         image_folder(os.path.join(tmp_path, "train"))
     with pytest.raises(DataError, match="not found"):
         split_folders(str(tmp_path / "nowhere"))
+
+
+# ------------------------------------------------------------------------------------------- the run folder
+def _ckpt(epoch, best_epoch, best_metric):
+    return {"format": "metaformer-train/1", "model_name": "poolformer_s12", "model": {}, "epoch": epoch,
+            "best_epoch": best_epoch, "best_metric": best_metric}
+
+
+@pytest.mark.parametrize("case", ["best.pth older than the best epoch", "best.pth one epoch newer",
+                                  "best.pth missing", "consistent"])
+def test_reconcile_best_agrees_with_the_file_that_exists(case, tmp_path):
+    from metaformer.training import RunFolder
+
+    folder = RunFolder(str(tmp_path))
+    resume = {"best.pth older than the best epoch": _ckpt(3, 3, 0.9), "best.pth one epoch newer": _ckpt(3, 2, 0.8),
+              "best.pth missing": _ckpt(3, 2, 0.8), "consistent": _ckpt(3, 2, 0.8)}[case]
+    on_disk = {"best.pth older than the best epoch": _ckpt(2, 2, 0.8), "best.pth one epoch newer": _ckpt(4, 4, 0.95),
+               "best.pth missing": None, "consistent": _ckpt(2, 2, 0.8)}[case]
+    if on_disk is not None:
+        torch.save(on_disk, folder.best)
+    notes = folder.reconcile_best(resume, "top1")
+    assert bool(notes) == (case != "consistent")
+    if case == "best.pth missing":
+        assert (resume["best_epoch"], resume["best_metric"]) == (None, None) and not os.path.exists(folder.best)
+        return
+    best = torch.load(folder.best, weights_only=True)
+    assert (resume["best_epoch"], resume["best_metric"]) == (best["epoch"], best["best_metric"])
+
+
+def test_run_folder_saves_best_before_last(tmp_path):
+    from metaformer.files import WriteError
+    from metaformer.training import RunFolder
+
+    folder = RunFolder(str(tmp_path))
+    os.makedirs(os.path.join(folder.last, "x"))  # last.pth cannot be replaced
+    with pytest.raises(WriteError):
+        folder.save(_ckpt(1, 1, 0.5), is_best=True)
+    assert torch.load(folder.best, weights_only=True)["epoch"] == 1
+
+
+def test_run_folder_lock(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from metaformer.training import RunFolder, RunLockedError
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(tmp_path / ".lock", "w") as f:
+            f.write(f"{holder.pid} {socket.gethostname()}\n")
+        with pytest.raises(RunLockedError, match=f"PID {holder.pid}"):
+            RunFolder(str(tmp_path)).lock()
+    finally:
+        holder.kill()
+        holder.wait()
+    folder = RunFolder(str(tmp_path))
+    folder.lock()  # the holder is gone: its lock is taken over
+    assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
+    folder.unlock()
+    assert not (tmp_path / ".lock").exists()

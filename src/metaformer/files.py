@@ -159,7 +159,7 @@ def save_safetensors(tensors: Dict[str, Any], path: PathLike, metadata: Optional
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID runs on this machine."""
+    """Whether a process with this PID runs on this machine (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from ..training import Distributed, Recipe
-from .options import CLIError, add_data_config_args, add_device_args, resolve_device
+from .options import CLIError, add_data_config_args, add_device_args, add_workers_arg, resolve_device
 
 DESCRIPTION = """\
 Train (or fine-tune) a model on an ImageFolder with the PoolFormer release's recipe as defaults.
@@ -42,7 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("--val", metavar="DIR", help="validation ImageFolder elsewhere (overrides --val-split)")
     d.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
                    help="without a validation folder, hold out this fraction of DATA (default: 0, no validation)")
-    d.add_argument("-j", "--workers", type=int, default=4, metavar="N", help="data loading processes per rank")
+    add_workers_arg(d, per=" per rank")
 
     m = p.add_argument_group("model")
     m.add_argument("-m", "--model", required=True, metavar="NAME", help="model name (see `metaformer list`)")
@@ -119,7 +119,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_device_args(p, amp_help="mixed precision through torch.amp (bfloat16, or float16 with a GradScaler)")
     r.add_argument("--output", metavar="DIR", help="run folder (default: output/train/<time>-<model>)")
     r.add_argument("--resume", metavar="PATH", help="continue a run from a checkpoint written by train; "
-                   "`auto` = OUTPUT/last.pth if it exists (else start fresh)")
+                   "`auto` = OUTPUT/last.pth if it exists (else start fresh); a larger --epochs extends the "
+                   "schedule")
+    r.add_argument("--overwrite", action="store_true", help="start a new run in an --output that holds one, "
+                   "removing its checkpoints, metrics.csv and plot (without it, such a folder is refused)")
     r.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"),
                    help="metric that picks best.pth (default: top1)")
     r.add_argument("--seed", type=int, default=42, help="random seed (rank r uses seed + r) (default: 42)")
@@ -136,7 +139,6 @@ def check_args(args: argparse.Namespace) -> None:
         (args.validation_batch_size is None or args.validation_batch_size >= 1, "--validation-batch-size must be >= 1"),
         (args.epochs >= 1, "--epochs must be >= 1"),
         (args.grad_accum_steps >= 1, "--grad-accum-steps must be >= 1"),
-        (args.workers >= 0, "--workers must be >= 0"),
         (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
         (0 <= args.val_fraction < 1, "--val-fraction must be in [0, 1)"),
         (0 <= args.smoothing < 1, "--smoothing must be in [0, 1)"),

@@ -20,11 +20,12 @@ from typing import Any, Dict
 
 import torch
 
-from ..files import save_torch, write_text
+from ..files import WriteError, write_text
 from ..training import (
     Distributed,
     LoopSettings,
     Recipe,
+    RunFolder,
     RunInfo,
     TrainState,
     build_checkpoint,
@@ -33,42 +34,27 @@ from ..training import (
     evaluate,
     image_folder,
     plot_history,
-    read_training_checkpoint,
     rng_state,
     seed_all,
     split_folders,
     train_one_epoch,
     write_metrics_csv,
 )
+from .hub_access import go_offline_if_unreachable
 from .options import (
     CLIError,
+    Interrupted,
+    check_input_file,
     data_config_from_args,
     log,
     parse_model_kwargs,
     warn,
 )
+from .train_folder import check_resume, prepare_output, read_resume, reconcile_best
 
 
 def _jsonable_args(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items() if not callable(v)}
-
-
-def _read_resume(args: argparse.Namespace, output: str, base_name: str, dist: Distributed):
-    path = args.resume
-    if path == "auto":
-        path = os.path.join(output, "last.pth")
-        if not os.path.isfile(path):
-            if dist.main:
-                log(f"--resume auto: no {path} yet, starting a new run")
-            return None, None
-    if not path:
-        return None, None
-    resume = read_training_checkpoint(path)
-    if resume is None:
-        raise CLIError(f"--resume {path}: not a checkpoint written by `metaformer train`")
-    if resume["model_name"].partition(".")[0] != base_name:
-        raise CLIError(f"--resume {path}: the run trained {resume['model_name']}, not {args.model}")
-    return path, resume
 
 
 def _datasets(args, recipe: Recipe, cfg, train_root, val_root, class_names, num_classes, dist: Distributed):
@@ -109,36 +95,52 @@ def _loaders(args, train_set, val_set, device: torch.device, dist: Distributed):
 
 def train(args: argparse.Namespace, dist: Distributed) -> int:
     """Trains as the parsed options say, as one rank of ``dist``; returns the exit status."""
+    base_name = args.model.partition(".")[0]
+    output = dist.broadcast(args.output or os.path.join(
+        "output", "train", f"{time.strftime('%Y%m%d-%H%M%S')}-{base_name}"))
+    folder = prepare_output(args, output) if dist.main else RunFolder(output)
+    try:
+        return _train(args, dist, folder)
+    finally:
+        folder.unlock()
+
+
+def _train(args: argparse.Namespace, dist: Distributed, folder: RunFolder) -> int:
     from .. import create, get_variant
 
-    device = dist.device
+    device, output = dist.device, folder.path
     seed_all(args.seed + dist.rank)
     model_kwargs = parse_model_kwargs(args.model_kwargs)
     for key in ("num_classes", "drop_path_rate", "drop_rate"):
         if key in model_kwargs:
             raise CLIError(f"--model-kwargs {key}: use --{key.replace('_rate', '').replace('_', '-')} instead")
-    base_name = args.model.partition(".")[0]
-    variant = get_variant(base_name)
-    output = dist.broadcast(args.output or os.path.join(
-        "output", "train", f"{time.strftime('%Y%m%d-%H%M%S')}-{base_name}"))
-    resume_path, resume = _read_resume(args, output, base_name, dist)
+    variant = get_variant(args.model.partition(".")[0])
+    if args.checkpoint:
+        check_input_file(args.checkpoint, "--checkpoint")
+    resume_path, resume = read_resume(args, folder, dist)
 
     # ---- data and model
     train_root, val_root = split_folders(args.data, args.train_split, args.val_split, args.val)
     class_names = list(image_folder(train_root, what="training data").classes)
-    if resume is not None and resume.get("class_names") != class_names:
-        raise CLIError(f"--resume: the checkpoint's classes differ from the class folders of {train_root}")
     num_classes = args.num_classes or len(class_names)
     if num_classes < len(class_names):
         raise CLIError(f"--num-classes {num_classes} but {train_root} has {len(class_names)} class folders")
+    run_info = RunInfo(model_name=args.model, model_kwargs=model_kwargs, num_classes=num_classes,
+                       class_names=class_names, data_config={}, eval_metric=args.eval_metric,
+                       world_size=dist.world_size, args=_jsonable_args(args))
+    if resume is not None:
+        check_resume(resume_path, resume, run_info)
+        reconcile_best(folder, resume, args, dist)
     if num_classes > len(class_names) and dist.main:
         warn(f"--num-classes {num_classes} > {len(class_names)} class folders; the extra outputs are never targets")
     drop_path = variant.drop_path if args.drop_path is None else args.drop_path
+    if args.pretrained:
+        go_offline_if_unreachable(args.model)
     model = create(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **model_kwargs,
                    num_classes=num_classes, drop_path_rate=drop_path, drop_rate=args.drop)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    cfg = data_config_from_args(model, args)
+    run_info.data_config = cfg = data_config_from_args(model, args)
     recipe = Recipe.from_namespace(args)
     train_set, val_set, val_root = _datasets(args, recipe, cfg, train_root, val_root, class_names, num_classes,
                                              dist)
@@ -156,17 +158,12 @@ def train(args: argparse.Namespace, dist: Distributed) -> int:
     mixup = recipe.create_mixup(num_classes, args.batch_size)
     loss_fn = recipe.create_loss()
     state = TrainState(model, optimizer, scheduler, scaler, ema=recipe.create_ema(model))
+    run_info.eval_weights = "model_ema" if state.ema is not None else "model"
     if resume is not None:
-        notes = state.load_state_dict(resume, rank=dist.rank, world_size=dist.world_size)
-        if dist.main:
-            for note in notes:
-                warn(f"--resume: {note}")
-            log(f"resumed from {resume_path}: {state.epoch} epoch(s) done, best {args.eval_metric} "
-                f"{state.best_metric} at epoch {state.best_epoch}")
+        _resume(args, state, resume, resume_path, updates_per_epoch, dist)
     forward = dist.wrap(model)
 
     if dist.main:
-        os.makedirs(output, exist_ok=True)
         write_text(os.path.join(output, "args.json"), json.dumps(_jsonable_args(args), indent=2) + "\n")
         params = sum(p.numel() for p in model.parameters())
         log(f"train {args.model} ({params:,} params, drop path {drop_path}) on {train_root}: {len(train_set)} "
@@ -175,10 +172,10 @@ def train(args: argparse.Namespace, dist: Distributed) -> int:
         log(f"{args.epochs} epochs x {len(loader)} steps, {dist.world_size} process(es) on {device}, global batch "
             f"{global_batch}, {args.opt} lr {recipe.learning_rate(global_batch):.3g}, {args.sched} schedule, "
             f"input {cfg['input_size'][-1]}px, amp {args.amp_dtype if args.amp else 'off'}; output {output}")
-    run_info = RunInfo(model_name=args.model, model_kwargs=model_kwargs, num_classes=num_classes,
-                       class_names=class_names, data_config=cfg, eval_metric=args.eval_metric,
-                       eval_weights="model_ema" if state.ema is not None else "model", world_size=dist.world_size,
-                       args=_jsonable_args(args))
+        log(recipe.describe_schedule(global_batch, updates_per_epoch))
+        too_long = recipe.warmup_warning(global_batch, updates_per_epoch)
+        if too_long:
+            warn(too_long)
     if state.epoch >= args.epochs and dist.main:
         log(f"nothing to do: {state.epoch} epoch(s) done of --epochs {args.epochs}")
 
@@ -187,31 +184,63 @@ def train(args: argparse.Namespace, dist: Distributed) -> int:
                             clip_grad=args.clip_grad, clip_mode=args.clip_mode, amp=args.amp,
                             amp_dtype=args.amp_dtype, channels_last=args.channels_last,
                             sched_on_updates=args.sched_on_updates, progress=progress)
-    while state.epoch < args.epochs:
-        epoch, t0 = state.epoch, time.perf_counter()
-        sampler.set_epoch(epoch)
-        result = train_one_epoch(state, loader, settings, loss_fn, mixup=mixup, forward=forward, dist=dist)
-        row: Dict[str, Any] = {"epoch": epoch + 1, "train_loss": result.loss, "val_loss": None, "top1": None,
-                               "top5": None, "lr": optimizer.param_groups[0]["lr"], "train_images": result.images}
-        metric = None
-        if val_loader is not None:
-            metric = _validate(args, state, val_loader, row, device, dist, progress)
-        if scheduler is not None:
-            scheduler.step(epoch + 1, metric)
-        row["time"] = time.perf_counter() - t0
-        is_best = state.record(row, metric, lower_is_better=args.eval_metric == "loss")
-        rng = dist.gather(rng_state())
-        if dist.main:
-            _save(output, build_checkpoint(state, run_info, rng), is_best, state)
-            val_text = (f"  val_loss {row['val_loss']:.4f}  top1 {row['top1']:.3f}  top5 {row['top5']:.3f}"
-                        if row["top1"] is not None else "")
-            log(f"epoch {epoch + 1}/{args.epochs}  train_loss {result.loss:.4f}{val_text}  lr {row['lr']:.3g}  "
-                f"{row['time']:.1f}s{'  *best*' if is_best else ''}")
-        dist.barrier()
+    saved = state.epoch
+    try:
+        while state.epoch < args.epochs:
+            epoch, t0 = state.epoch, time.perf_counter()
+            sampler.set_epoch(epoch)
+            result = train_one_epoch(state, loader, settings, loss_fn, mixup=mixup, forward=forward, dist=dist)
+            row: Dict[str, Any] = {"epoch": epoch + 1, "train_loss": result.loss, "val_loss": None, "top1": None,
+                                   "top5": None, "lr": optimizer.param_groups[0]["lr"], "train_images": result.images}
+            metric = None
+            if val_loader is not None:
+                metric = _validate(args, state, val_loader, row, device, dist, progress)
+            if scheduler is not None:
+                scheduler.step(epoch + 1, metric)
+            row["time"] = time.perf_counter() - t0
+            is_best = state.record(row, metric, lower_is_better=args.eval_metric == "loss")
+            rng = dist.gather(rng_state())
+            if dist.main:
+                folder.save(build_checkpoint(state, run_info, rng), is_best)
+                saved = state.epoch
+                write_metrics_csv(state.history, folder.csv, ema=state.ema is not None)
+                val_text = (f"  val_loss {row['val_loss']:.4f}  top1 {row['top1']:.3f}  top5 {row['top5']:.3f}"
+                            if row["top1"] is not None else "")
+                log(f"epoch {epoch + 1}/{args.epochs}  train_loss {result.loss:.4f}{val_text}  lr {row['lr']:.3g}  "
+                    f"{row['time']:.1f}s{'  *best*' if is_best else ''}")
+            dist.barrier()
+    except KeyboardInterrupt:
+        where = (f"{folder.last} holds epoch {saved}: continue with the same command and --resume auto"
+                 if saved else "no epoch was completed")
+        raise Interrupted(where) from None
+    except WriteError as e:
+        raise WriteError(e.errno, f"{e.strerror}; {folder.last} holds epoch {saved}: once there is room, "
+                                  f"continue with the same command and --resume auto") from None
 
     if dist.main:
         _finish(args, state, output)
     return 0
+
+
+def _resume(args, state: TrainState, resume: Dict[str, Any], path: str, updates_per_epoch: int,
+            dist: Distributed) -> None:
+    """Restores the state; a schedule for another number of epochs is rebuilt for --epochs, as timm does."""
+    old_epochs = (resume.get("args") or {}).get("epochs", args.epochs)
+    rebuild = state.scheduler is not None and old_epochs != args.epochs and args.sched != "plateau"
+    notes = state.load_state_dict(resume, rank=dist.rank, world_size=dist.world_size, load_scheduler=not rebuild)
+    if rebuild:  # timm's train.py: a fresh scheduler for the new length, stepped to the resumed epoch
+        if args.sched_on_updates:
+            state.scheduler.step_update(num_updates=state.num_updates)
+        else:
+            state.scheduler.step(state.epoch)
+    if dist.main:
+        for note in notes:
+            warn(f"--resume: {note}")
+        best = "none yet" if state.best_metric is None else f"{state.best_metric:.3f} at epoch {state.best_epoch}"
+        log(f"resumed from {path}: {state.epoch} epoch(s) done, best {args.eval_metric} {best}")
+        if rebuild:
+            log(f"--epochs {args.epochs} (the run had {old_epochs}): the {args.sched} schedule is rebuilt for "
+                f"{args.epochs} epochs and continues at epoch {state.epoch + 1}")
 
 
 def _validate(args, state: TrainState, val_loader, row: Dict[str, Any], device, dist: Distributed, progress):
@@ -229,13 +258,6 @@ def _validate(args, state: TrainState, val_loader, row: Dict[str, Any], device, 
     row.update(val_loss=evaluated["loss"], top1=evaluated["top1"], top5=evaluated["top5"],
                val_images=evaluated["images"])
     return evaluated[args.eval_metric]
-
-
-def _save(output: str, ckpt: Dict[str, Any], is_best: bool, state: TrainState) -> None:
-    save_torch(ckpt, os.path.join(output, "last.pth"))
-    if is_best:
-        save_torch(ckpt, os.path.join(output, "best.pth"))
-    write_metrics_csv(state.history, os.path.join(output, "metrics.csv"), ema=state.ema is not None)
 
 
 def _finish(args, state: TrainState, output: str) -> None:

@@ -22,7 +22,8 @@ Modules: :mod:`~metaformer.training.state` (``TrainState``), :mod:`~metaformer.t
 optimizer, schedule, augmentation and losses through timm's factories),
 :mod:`~metaformer.training.data` (image folders, labels, evaluation transform),
 :mod:`~metaformer.training.checkpoint` (the training checkpoint and ``load_model_file``),
-:mod:`~metaformer.training.distributed` (the torchrun process group), :mod:`~metaformer.training.rng`
+:mod:`~metaformer.training.distributed` (the torchrun process group),
+:mod:`~metaformer.training.run_folder` (the run folder: lock, save order, repair on resume), :mod:`~metaformer.training.rng`
 (seeding and exact RNG state) and :mod:`~metaformer.training.reports` (metrics CSV and plot).
 """
 
@@ -34,6 +35,7 @@ from .checkpoint import (
     is_training_checkpoint,
     load_model_file,
     read_training_checkpoint,
+    run_differences,
 )
 from .data import (
     IMG_EXTENSIONS,
@@ -42,6 +44,7 @@ from .data import (
     data_config,
     dataset_targets_for,
     eval_transform,
+    find_images,
     image_folder,
     load_image,
     split_folders,
@@ -51,6 +54,7 @@ from .loop import EpochResult, LoopSettings, NonFiniteLossError, autocast, evalu
 from .recipe import Recipe, fix_posterize, safe_posterize
 from .reports import plot_history, write_metrics_csv
 from .rng import rng_state, seed_all, set_rng_state
+from .run_folder import RUN_FILES, RunFolder, RunLockedError
 from .state import TrainState
 
 __all__ = [
@@ -73,6 +77,7 @@ __all__ = [
     "data_config",
     "eval_transform",
     "load_image",
+    "find_images",
     "image_folder",
     "split_folders",
     "class_label_fn",
@@ -82,8 +87,12 @@ __all__ = [
     "build_checkpoint",
     "is_training_checkpoint",
     "read_training_checkpoint",
+    "run_differences",
     "LoadedModel",
     "load_model_file",
     "write_metrics_csv",
     "plot_history",
+    "RunFolder",
+    "RunLockedError",
+    "RUN_FILES",
 ]

@@ -19,7 +19,7 @@ from torch import nn
 from .state import TrainState
 
 __all__ = ["TRAINING_CHECKPOINT_FORMAT", "RunInfo", "build_checkpoint", "is_training_checkpoint",
-           "read_training_checkpoint", "LoadedModel", "load_model_file"]
+           "read_training_checkpoint", "run_differences", "LoadedModel", "load_model_file"]
 
 TRAINING_CHECKPOINT_FORMAT = "metaformer-train/1"
 
@@ -87,6 +87,32 @@ def read_training_checkpoint(path: str) -> Optional[Dict[str, Any]]:
 
     obj = load_torch_file(path)
     return obj if is_training_checkpoint(obj) else None
+
+
+def run_differences(checkpoint: Dict[str, Any], run: RunInfo) -> List[str]:
+    """What a training checkpoint says was trained that differs from ``run`` (for a resume to refuse).
+
+    Compares the model (name without tag), the architecture overrides, the number of classes and the
+    class names.
+
+    Returns:
+        One readable line per difference, e.g. ``"token_mixer: identity here, the variant's default in
+        the checkpoint"``; empty when the checkpoint continues ``run``.
+    """
+    out = []
+    if checkpoint["model_name"].partition(".")[0] != run.model_name.partition(".")[0]:
+        out.append(f"model: {run.model_name} here, {checkpoint['model_name']} in the checkpoint")
+    stored = dict(checkpoint.get("model_kwargs") or {})
+    default = "the variant's default"
+    for key in sorted(set(stored) | set(run.model_kwargs)):
+        here, there = run.model_kwargs.get(key, default), stored.get(key, default)
+        if here != there:
+            out.append(f"{key}: {here} here, {there} in the checkpoint")
+    if checkpoint.get("num_classes") != run.num_classes:
+        out.append(f"classes: {run.num_classes} here, {checkpoint.get('num_classes')} in the checkpoint")
+    elif checkpoint.get("class_names") != run.class_names:
+        out.append("class names: the class folders differ from those the checkpoint was trained on")
+    return out
 
 
 @dataclass

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import os
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-__all__ = ["IMG_EXTENSIONS", "DataError", "data_config", "eval_transform", "load_image", "image_folder",
+__all__ = ["IMG_EXTENSIONS", "DataError", "data_config", "eval_transform", "load_image", "find_images", "image_folder",
            "split_folders", "class_label_fn", "dataset_targets_for"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -64,23 +66,96 @@ def eval_transform(cfg: Dict[str, Any]):
 def load_image(path: str):
     """Reads an image file as an RGB ``PIL.Image``.
 
+    An image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (Pillow's guard against decompression
+    bombs: a small file that decodes to gigabytes) is refused, not only warned about; set the
+    environment variable ``METAFORMER_MAX_IMAGE_PIXELS`` to raise the limit for genuine large images.
+
     Raises:
-        OSError: naming the file when it is not an image, or a truncated or unreadable one.
+        OSError: naming the file when it is not an image, a truncated or unreadable one, or too large.
     """
     from PIL import Image, UnidentifiedImageError
 
+    limit = os.environ.get("METAFORMER_MAX_IMAGE_PIXELS")
+    if limit:
+        Image.MAX_IMAGE_PIXELS = int(limit)  # Pillow's documented setting
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                return img.convert("RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise OSError(f"cannot read image {path}: {e} If the image is genuine, raise the limit with the "
+                      f"environment variable METAFORMER_MAX_IMAGE_PIXELS") from None
     except UnidentifiedImageError:
         raise OSError(f"cannot read image {path}: not an image, or a corrupt one") from None
     except Exception as e:  # truncated, unreadable
         raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
+def _hidden(name: str) -> bool:
+    return name.startswith(".")  # .ipynb_checkpoints, .DS_Store, macOS ._ files, .git
+
+
+def find_images(folder: str, skip: Sequence[str] = ()) -> List[str]:
+    """The image files under ``folder``, in the order torchvision's ``ImageFolder`` lists them.
+
+    Symbolic links are followed, but each real directory is visited once (a link back to a parent
+    adds nothing), and hidden files and folders (``.ipynb_checkpoints``...) are skipped.
+
+    Args:
+        folder: The folder to search.
+        skip: Folders whose contents never count (e.g. the dataset root, for the walk of a class folder).
+
+    Returns:
+        The paths of the files with an image extension (:data:`IMG_EXTENSIONS`), sorted by folder then name.
+    """
+    seen = set()
+    for path in (folder, *skip):
+        try:
+            st = os.stat(path)
+            seen.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        kept = []
+        for d in sorted(dirs):
+            try:
+                st = os.stat(os.path.join(root, d))
+            except OSError:  # a dangling link, or a link loop
+                continue
+            if not _hidden(d) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                kept.append(d)
+        dirs[:] = kept
+        found.append((root, sorted(f for f in files if not _hidden(f) and f.lower().endswith(IMG_EXTENSIONS))))
+    return [os.path.join(root, f) for root, names in sorted(found) for f in names]
+
+
+def _image_folder_class():
+    from torchvision.datasets import ImageFolder
+
+    class ImageFolderDataset(ImageFolder):
+        """torchvision's ImageFolder without hidden class folders, each real directory listed once."""
+
+        def find_classes(self, directory):
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _hidden(e.name))
+            return classes, {c: i for i, c in enumerate(classes)}
+
+        @staticmethod
+        def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, **kwargs):
+            return [(path, class_to_idx[c]) for c in sorted(class_to_idx)
+                    for path in find_images(os.path.join(directory, c), skip=(directory,))]
+
+    return ImageFolderDataset
+
+
 def image_folder(root: str, transform: Optional[Callable] = None, what: str = "data"):
     """A torchvision ``ImageFolder`` over ``root`` (``ROOT/CLASS/IMAGE``), checked first.
+
+    Hidden folders (``.ipynb_checkpoints``...) are not classes and hidden files are not images; symbolic
+    links are followed, each real directory once (see :func:`find_images`).
 
     Args:
         root: The folder.
@@ -91,27 +166,20 @@ def image_folder(root: str, transform: Optional[Callable] = None, what: str = "d
         DataError: if ``root`` is missing, is not a folder, has no class folders, or a class folder
             has no images.
     """
-    from torchvision.datasets import ImageFolder
-
     if not os.path.exists(root):
         raise DataError(f"{what} folder not found: {root}")
     if not os.path.isdir(root):
         raise DataError(f"{what} is not a folder: {root} (expected an ImageFolder: ROOT/CLASS/IMAGE)")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
     if not classes:
         raise DataError(f"{what} folder {root} has no class sub-folders (expected ROOT/CLASS/IMAGE)")
-    empty = [c for c in classes if not _has_image(os.path.join(root, c))]
+    dataset = _image_folder_class()(root, transform=transform, loader=load_image)
+    counts = collections.Counter(dataset.targets)
+    empty = [c for i, c in enumerate(dataset.classes) if not counts[i]]
     if empty:
         raise DataError(f"class folder(s) with no images in {root}: {', '.join(empty[:5])}"
                         f"{' ...' if len(empty) > 5 else ''} (supported: {', '.join(IMG_EXTENSIONS)})")
-    return ImageFolder(root, transform=transform, loader=load_image)
-
-
-def _has_image(folder: str) -> bool:
-    for _, _, files in os.walk(folder, followlinks=True):
-        if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
-            return True
-    return False
+    return dataset
 
 
 def split_folders(data: str, train_split: str = "train", val_split: str = "val",

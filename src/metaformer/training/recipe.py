@@ -147,6 +147,49 @@ class Recipe:
             updates_per_epoch=updates_per_epoch)
         return scheduler
 
+    def learning_rates(self, global_batch: int, updates_per_epoch: int, epochs: List[int]) -> List[float]:
+        """The learning rate at the start of each of ``epochs`` (1-based) under this recipe's schedule.
+
+        The values come from timm's scheduler itself, run on a throwaway optimizer.
+        """
+        import torch
+
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.learning_rate(global_batch))
+        scheduler = self.create_scheduler(optimizer, updates_per_epoch)
+        out = []
+        for epoch in epochs:
+            if scheduler is not None:
+                if self.sched_on_updates:
+                    scheduler.step_update(num_updates=(epoch - 1) * updates_per_epoch)
+                else:
+                    scheduler.step(epoch - 1)
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    def describe_schedule(self, global_batch: int, updates_per_epoch: int) -> str:
+        """One line saying how the learning rate moves: at the first epoch, after the warm-up, at the last."""
+        if self.sched == "none":
+            return f"constant lr {self.learning_rate(global_batch):.3g} for {self.epochs} epochs (no schedule)"
+        marks = [1]
+        if 0 < self.warmup_epochs < self.epochs:
+            marks.append(self.warmup_epochs + 1)
+        if self.epochs not in marks:
+            marks.append(self.epochs)
+        lrs = self.learning_rates(global_batch, updates_per_epoch, marks)
+        parts = [f"{lr:.3g} at epoch {e}" + (f" (after {self.warmup_epochs} warm-up epochs)"
+                                             if e == self.warmup_epochs + 1 and e > 1 else "")
+                 for e, lr in zip(marks, lrs)]
+        return f"{self.sched} schedule over {self.epochs} epochs: lr {' -> '.join(parts)}"
+
+    def warmup_warning(self, global_batch: int, updates_per_epoch: int) -> Optional[str]:
+        """A warning when the warm-up lasts the whole run (the lr never reaches its peak), else None."""
+        if self.sched == "none" or self.warmup_epochs < self.epochs or self.warmup_epochs == 0:
+            return None
+        last = self.learning_rates(global_batch, updates_per_epoch, [self.epochs])[0]
+        return (f"the {self.warmup_epochs}-epoch warm-up is as long as the {self.epochs}-epoch run: the lr only "
+                f"climbs from {self.warmup_lr:.3g} to {last:.3g} and never reaches {self.learning_rate(global_batch):.3g}; "
+                f"for a short run pass --warmup-epochs 0 or 1")
+
     def create_mixup(self, num_classes: int, batch_size: int):
         """timm's ``Mixup`` (with the label smoothing), or None when mixup and cutmix are off.
 
