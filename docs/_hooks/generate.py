@@ -1,7 +1,8 @@
 """MkDocs hooks: pages generated from the code at every build, so the docs never drift from it.
 
 - ``<!-- metaformer:zoo-table -->`` in a page becomes the model table built from
-  ``metaformer.zoo.VARIANTS`` (names, parts, parameters, MACs, release top-1, weight sources and tags).
+  ``metaformer.zoo.VARIANTS`` (names, parts, parameters, MACs, release top-1, ADE20K mIoU, weight sources
+  and tags) and the release's dense-prediction results from ``metaformer.zoo.DENSE_RESULTS``.
 - ``<!-- metaformer:zoo-count -->`` becomes the number of registered models.
 - ``<!-- metaformer:benchmarks -->`` becomes a bar chart (inline SVG) and a table of the benchmark
   figures found in ``benchmarks/results/*.json`` / ``*.csv``, or a sentence saying how to produce them.
@@ -100,26 +101,53 @@ def _source_link(source) -> str:
     return f"[GitHub release]({source.url})"
 
 
+def _figure(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def dense_markdown() -> str:
+    """The release's dense-prediction results, generated from ``metaformer.zoo.DENSE_RESULTS``."""
+    from metaformer.zoo import DENSE_RESULTS
+
+    lines = ["## Dense prediction (release)", "",
+             "The PoolFormer release's results with ImageNet-1k pretrained backbones (`metaformer.zoo.DENSE_RESULTS`): "
+             "Semantic FPN on ADE20K (40k iterations, single-scale mIoU on the validation set, mmsegmentation "
+             "0.19) and RetinaNet / Mask R-CNN on COCO val2017 (1x schedule, mmdetection 2.19), from the "
+             "`segmentation/` and `detection/` READMEs of sail-sg/poolformer. Build the same models with "
+             "`metaformer.create_segmenter` and `metaformer.create_detector`, and load the release's checkpoints "
+             "into them (see [segmentation and detection](how-to/segmentation.md)).", "",
+             "| model | ADE20K mIoU (Semantic FPN) | COCO box AP (RetinaNet) | COCO box AP (Mask R-CNN) | "
+             "COCO mask AP (Mask R-CNN) |", "|---|--:|--:|--:|--:|"]
+    for name, r in DENSE_RESULTS.items():
+        lines.append(f"| [`{name}`](#{name}) | {_figure(r.ade20k_miou)} | {_figure(r.retinanet_box_ap)} | "
+                     f"{_figure(r.mask_rcnn_box_ap)} | {_figure(r.mask_rcnn_mask_ap)} |")
+    return "\n".join(lines + [""])
+
+
 def zoo_markdown() -> str:
-    """The model tables, generated from ``metaformer.zoo.VARIANTS``."""
+    """The model tables, generated from ``metaformer.zoo.VARIANTS`` and ``metaformer.zoo.DENSE_RESULTS``."""
+    from metaformer.zoo import DENSE_RESULTS
+
     variants = list(_variants().values())
     lines = [
-        "| model | release | depths | dims | token mixers | params | MACs (224) | top-1 (release) | crop | "
-        "weights (default tag first) |",
-        "|---|---|---|---|---|--:|--:|--:|--:|---|",
+        "| model | release | depths | dims | token mixers | params | MACs (224) | top-1 (release) | "
+        "ADE20K mIoU (release) | crop | weights (default tag first) |",
+        "|---|---|---|---|---|--:|--:|--:|--:|--:|---|",
     ]
     for v in variants:
         tags = ", ".join(f"`{s.tag}`" for s in v.sources) or "none"
         top1 = f"{v.top1:.1f}" if v.top1 is not None else "—"
         macs = f"{v.macs:.1f}G" if v.macs is not None else "—"
         release = "PoolFormer (v1)" if v.paper == "poolformer" else "MetaFormer baselines"
+        miou = _figure(DENSE_RESULTS[v.name].ade20k_miou) if v.name in DENSE_RESULTS else "—"
         lines.append(
             f"| [`{v.name}`](#{v.name}) | {release} | {'-'.join(map(str, v.depths))} | "
-            f"{'-'.join(map(str, v.dims))} | {_mixers(v)} | {v.params:,} | {macs} | {top1} | "
+            f"{'-'.join(map(str, v.dims))} | {_mixers(v)} | {v.params:,} | {macs} | {top1} | {miou} | "
             f"{v.crop_pct:g} | {tags} |")
-    lines += ["", f"{len(variants)} models. Parameters, MACs at 224x224 and ImageNet-1k top-1 are the figures "
-              "the registry records from the releases (`Variant.params`, `Variant.macs`, `Variant.top1`), "
-              "not measurements of this library; a dash means no top-1 is recorded for that model.", "",
+    lines += ["", f"{len(variants)} models. Parameters, MACs at 224x224, ImageNet-1k top-1 and ADE20K mIoU "
+              "(Semantic FPN) are the figures the registry records from the releases (`Variant.params`, "
+              "`Variant.macs`, `Variant.top1`, `metaformer.zoo.DENSE_RESULTS`), not measurements of this library; "
+              "a dash means the release reports no such figure for that model.", "", dense_markdown(),
               "## Weight sources", "",
               "Every source of every model: load one with `metaformer.create(\"NAME.TAG\", pretrained=True)` "
               "(`pretrained=True` without a tag takes the first).", ""]
