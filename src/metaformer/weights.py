@@ -264,7 +264,8 @@ def _check_file(path: str) -> None:
 
 def _unreadable(path: str, e: Exception) -> CheckpointError:
     text = str(e)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    # torch words it "Unsupported global: GLOBAL x.y" or, for a blocked module, "unsupported GLOBAL x.y"
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)
     if found:
         return CheckpointError(
             f"{path} holds a pickled Python object ({found.group(1)}), not only tensors; metaformer reads weights "

@@ -62,7 +62,7 @@ def count_macs(model: torch.nn.Module, input_size) -> int:
     return counter.get_total_flops() // 2
 
 
-def describe(name: str, img_size=None, model_kwargs=None, macs: bool = True) -> dict[str, Any]:
+def model_info(name: str, img_size=None, model_kwargs=None, macs: bool = True) -> dict[str, Any]:
     """Everything ``metaformer info`` shows, as a dict.
 
     Raises:
@@ -102,7 +102,7 @@ def describe(name: str, img_size=None, model_kwargs=None, macs: bool = True) -> 
 
 def run_info(args: argparse.Namespace) -> int:
     """Runs ``metaformer info``; returns the exit status."""
-    info = describe(args.name, args.img_size, parse_model_kwargs(args.model_kwargs), macs=not args.no_macs)
+    info = model_info(args.name, args.img_size, parse_model_kwargs(args.model_kwargs), macs=not args.no_macs)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
