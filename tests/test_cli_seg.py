@@ -97,6 +97,7 @@ def trained(data, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------ train-seg
+@pytest.mark.slow
 def test_train_seg_learns_the_digits(trained, chance):
     out = trained["output"]
     for name in ("last.pth", "best.pth", "metrics.csv", "args.json"):
@@ -124,6 +125,7 @@ def test_train_seg_learns_the_digits(trained, chance):
                                best_ckpt["model"]["decode_head.conv_seg.weight"])
 
 
+@pytest.mark.slow
 def test_validate_seg_reproduces_the_run(trained, data, chance, tmp_path):
     out = trained["output"]
     best = load(os.path.join(out, "best.pth"))
@@ -139,6 +141,7 @@ def test_validate_seg_reproduces_the_run(trained, data, chance, tmp_path):
     assert res["mIoU"] == pytest.approx(sum(res["IoU"]) / 3, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_finished_run_is_kept(trained, data):
     out = trained["output"]
     before = {name: os.path.getmtime(os.path.join(out, name)) for name in ("last.pth", "best.pth", "metrics.csv")}
@@ -151,6 +154,7 @@ def test_finished_run_is_kept(trained, data):
     assert "validate-seg" in one_error_line(run_main("validate", data, "--checkpoint", os.path.join(out, "best.pth")))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(data, tmp_path):
     reference = str(tmp_path / "reference")  # the uninterrupted run, in this process (one thread, as the others)
     assert run_main("train-seg", data, *SMALL, "--output", reference).returncode == 0
@@ -186,6 +190,7 @@ def test_killed_run_resumes_exactly(data, tmp_path):
     torch.testing.assert_close(got["optimizer"]["state"], expected["optimizer"]["state"], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(data, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "metaformer",
