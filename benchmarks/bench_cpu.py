@@ -151,6 +151,7 @@ def summarise(name, pass_name, times, flops, peak, batch, memory) -> list:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.output.parent.mkdir(parents=True, exist_ok=True)  # before the run, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     loads = {"start": os.getloadavg()}
@@ -190,9 +191,9 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     table = markdown(rows)
+    print("\n" + table)
     write_text(args.output, json.dumps(results, indent=2) + "\n")
     write_text(args.output.with_suffix(".md"), table)
-    print("\n" + table)
     print(f"\nfp32 GEMM peak {peak / 1e9:.0f} GFLOP/s; wrote {args.output} and {args.output.with_suffix('.md')}")
     return results
 
