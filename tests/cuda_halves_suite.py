@@ -31,6 +31,8 @@ PAIRS = {  # ours -> the block's own composition
     "starrelu_mlp_half": (H.starrelu_mlp_half, lambda b, x: b.mlp_half(x)),
     "ln_block": (H.ln_block, lambda b, x: b.mlp_half(b.mixer_half(x))),
 }
+# The dispatch (the block's own forward) picks these halves on CUDA, here under the interpreter.
+DISPATCH = {"block_forward": (lambda b, x: b(x), lambda b, x: b.mlp_half(b.mixer_half(x)))}
 SEED = 3  # draws a drop-path mask of 4 samples with some dropped and some kept (asserted)
 
 
@@ -67,7 +69,7 @@ def check(block, x, which=tuple(PAIRS), label="", modes=(False, True)):
     for training in modes:
         block.train(training)
         for name in which:
-            ours, plain = PAIRS[name]
+            ours, plain = {**PAIRS, **DISPATCH}[name]
             got, got_g = run(ours, block, x)
             want, want_g = run(plain, block, x)
             where = f"{label} {name} {'train' if training else 'eval'}"
@@ -96,6 +98,15 @@ def group_real_block() -> None:
     assert block.drop_path1.drop_prob > 0, block.drop_path1
     randomize_(block)
     check(block, torch.randn(2, 320, 2, 3), label="caformer_s18 stage 2", modes=(True,))
+
+
+def group_dispatch() -> None:
+    """The blocks' own forward (kernels.dispatch) takes these halves: caformer (LayerNorm, attention),
+    convformer (SepConv) and poolformerv2 (GroupNorm + pooling, StarReLU MLP) blocks, in training."""
+    torch.manual_seed(0)
+    for name, stage, dim in (("caformer_s18", 2, 320), ("convformer_s18", 0, 64), ("poolformerv2_s12", 0, 64)):
+        block = randomize_(metaformer.create(name, drop_path_rate=0.3).stages[stage].blocks[1])
+        check(block, torch.randn(2, dim, 3, 2), which=("block_forward",), label=name, modes=(True,))
 
 
 def group_hand_blocks() -> None:
@@ -150,7 +161,7 @@ def group_not_applicable() -> None:
             K.set_backend("triton")
 
 
-GROUPS = [group_not_applicable, group_partial_cover, group_hand_blocks, group_real_block]
+GROUPS = [group_not_applicable, group_partial_cover, group_hand_blocks, group_real_block, group_dispatch]
 
 if __name__ == "__main__":
     assert K.TRITON_AVAILABLE, K.TRITON_IMPORT_ERROR

@@ -18,6 +18,9 @@ when one computes exactly the same function, or the block's own half otherwise:
 - MLP half: on CPU in fp32, oneDNN primitives on folded weights where nothing needs a gradient, and in
   training an ``autograd.Function`` with a written-out backward that keeps one hidden tensor instead of
   four (:mod:`metaformer.kernels.autograd_halves`);
+- on CUDA (the baselines' halves): the channel LayerNorm and StarReLU as Triton kernels with autograd,
+  the whole block with its residual update fused with ``norm2`` where it is all covered
+  (:mod:`metaformer.kernels.cuda_halves`);
 - on CPU a block with a fused half works in channels_last, where oneDNN, ATen's pooling and the channel
   LayerNorm are fastest; the layout then carries through the following layers (values are unchanged).
 
@@ -34,7 +37,7 @@ import torch
 from torch import nn
 
 # The package defines these before it imports this module (at its end).
-from . import autograd_halves, cpu_eval, get_backend, onednn, pool_mixer_residual, torch_halves
+from . import autograd_halves, cpu_eval, cuda_halves, get_backend, onednn, pool_mixer_residual, torch_halves
 
 __all__ = ["block_forward", "fast_paths_active", "pool_mixer_fusable"]
 
@@ -50,6 +53,10 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The output of a :class:`~metaformer.MetaFormerBlock`, through fused paths where they apply."""
     if not fast_paths_active(x):
         return block.mlp_half(block.mixer_half(x))
+    if not pool_mixer_fusable(block) and cuda_halves.halves_apply(x):
+        y = cuda_halves.ln_block(block, x)  # the baselines' whole block through the Triton kernels
+        if y is not None:
+            return y
     if x.device.type == "cpu" and _nchw_contiguous(x) and _cpu_fused(block, x):
         x = x.contiguous(memory_format=torch.channels_last)
     y = _mixer_half(block, x)
@@ -88,6 +95,8 @@ def _mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         return torch_halves.identity_half(block, x, draw)
     if type(block.token_mixer) is RandomMixing:
         return torch_halves.random_mixing_half(block, x, draw)
+    if cuda_halves.halves_apply(x):
+        return cuda_halves.ln_mixer_half(block, x)
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     if _no_grad_needed(x, block.norm1, block.token_mixer, block.layer_scale1, block.res_scale1):
@@ -99,6 +108,8 @@ def _mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    if cuda_halves.halves_apply(x):
+        return cuda_halves.starrelu_mlp_half(block, x)
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     if _no_grad_needed(x, block.norm2, block.mlp, block.layer_scale2, block.res_scale2):
