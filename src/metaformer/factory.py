@@ -11,8 +11,8 @@ from typing import Any, Dict, Optional, Tuple
 from .components import close_matches, resolve_arguments
 from .mixers import Pooling
 from .model import MetaFormer
-from .saving import is_saved_model_folder
 from .pretrained import PretrainedCfg, make_pretrained_cfg
+from .saving import is_saved_model_folder
 from .zoo import Variant, get_variant
 
 __all__ = ["create", "OVERRIDES"]
@@ -183,4 +183,5 @@ def _model_kwargs(variant: Variant, overrides: Dict[str, Any], source) -> Dict[s
 def _pretrained_cfg(variant: Variant, source: Optional[PretrainedCfg], model: MetaFormer) -> Dict[str, Any]:
     return make_pretrained_cfg(variant.name, source, crop_pct=variant.crop_pct, in_chans=model.in_chans,
                                num_classes=model.num_classes,
-                               fixed_input_size=any(s.spatial_size for s in model.stages))
+                               fixed_input_size=any(s.spatial_size for s in model.stages),
+                               classifier="head.fc.fc2" if model.head is not None and model.head.mlp_head else "head.fc")
