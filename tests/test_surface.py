@@ -167,8 +167,9 @@ def test_graph_node_names_are_the_documented_ones():
     train_nodes, eval_nodes = get_graph_node_names(_model("poolformer_s12"))
     assert eval_nodes[:2] == ["x", "stem.conv"] and train_nodes[:2] == eval_nodes[:2]
     for i, depth in enumerate((2, 2, 6, 2)):
-        assert f"stages.{i}.downsample" in eval_nodes if i else "stages.0.blocks.0.norm1.group_norm" in eval_nodes
-        assert any(n.startswith(f"stages.{i}.blocks.{depth - 1}.") for n in eval_nodes)
+        assert (f"stages.{i}.downsample.conv" if i else "stages.0.downsample") in eval_nodes
+        assert f"stages.{i}.blocks.0.token_mixer.avg_pool2d" in eval_nodes
+        assert f"stages.{i}.blocks.{depth - 1}.add_1" in eval_nodes  # a block's output: its second residual sum
         assert not any(n.startswith(f"stages.{i}.blocks.{depth}.") for n in eval_nodes)
     assert eval_nodes[-3:] == ["head.mean", "head.drop", "head.fc"]
 
@@ -309,3 +310,17 @@ def test_onnx_dynamo_exporter(name, features_only):
     with torch.no_grad():
         expected = model(x)
     _close(outputs if features_only else outputs[0], expected, tol=1e-4)
+
+
+def test_tracing_is_silent_and_eager_still_checks():
+    """Input checks say nothing under torch.jit.trace (the TorchScript ONNX exporter's tracer); eager
+    calls still raise."""
+    model, x = _model("caformer_s18"), _input("caformer_s18")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, x, check_trace=False)
+    assert not [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    with torch.no_grad():
+        _close(traced(x), _eager("caformer_s18")[0])
+    with pytest.raises(ValueError, match="input channels"):
+        model(x[:, :1])
