@@ -1,8 +1,10 @@
 """A small Gradio web app that classifies an uploaded image with a MetaFormer.
 
 The app shows the top-k classes of the image with their probabilities. Gradio is an optional
-dependency (``pip install "metaformer[demo]"``): this module imports without it and only needs it
-when :func:`main` launches the app; nothing is launched on import. The preprocessing follows the
+dependency (``pip install "metaformer[demo]"``): this module imports without it, and :func:`main`
+checks for it first, before any weights are downloaded; nothing is launched on import. The default
+model downloads its ImageNet weights once (network access, or a filled Hugging Face cache);
+``--random-weights`` or ``--from-pretrained DIR`` need no network. The preprocessing follows the
 model's ``pretrained_cfg`` (resize to ``input_size / crop_pct``, center crop, mean/std), so the
 released weights see images as they were evaluated.
 
@@ -16,6 +18,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 from collections.abc import Sequence
 from typing import Callable
@@ -70,12 +73,21 @@ def make_predict(model: torch.nn.Module, labels: Sequence[str] | None = None,
     return predict
 
 
+NEEDS_GRADIO = ('examples/gradio_app.py needs gradio, which is not installed: pip install "metaformer[demo]" '
+                '(or pip install gradio), then run it again. Nothing was downloaded.')
+
+
+def require_gradio() -> None:
+    """Exits with an install hint when gradio is missing (the app checks this before fetching weights)."""
+    if importlib.util.find_spec("gradio") is None:
+        raise SystemExit(NEEDS_GRADIO)
+
+
 def build_app(predict: Callable[[Image.Image], dict[str, float]], title: str, top_k: int = 5):
     """The Gradio interface around ``predict`` (imports gradio)."""
-    try:
-        import gradio as gr
-    except ImportError as e:
-        raise SystemExit('this app needs gradio: pip install "metaformer[demo]" (or pip install gradio)') from e
+    require_gradio()
+    import gradio as gr
+
     return gr.Interface(fn=predict, inputs=gr.Image(type="pil", label="image"),
                         outputs=gr.Label(num_top_classes=top_k, label="prediction"), title=title,
                         description="Upload an image; the model returns its most likely classes.")
@@ -93,6 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
     args = parser.parse_args(argv)
 
+    require_gradio()  # before anything is downloaded or built
     if args.from_pretrained:
         model = metaformer.MetaFormer.from_pretrained(args.from_pretrained)
         title = f"MetaFormer ({args.from_pretrained})"

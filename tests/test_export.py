@@ -1,4 +1,4 @@
-"""The models under torch.compile(fullgraph=True), torch.export and ONNX export (ONNX Runtime)."""
+"""The models under torch.compile(fullgraph=True), torch.jit.trace, torch.export and ONNX export (ONNX Runtime)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,21 @@ def test_compile_inductor():
         expected = model(x)
         torch._dynamo.reset()
         _close(torch.compile(model, fullgraph=True)(x), expected)
+
+
+def test_jit_trace_default_backend():
+    """``torch.jit.trace(model.eval(), x)`` passes its own check (it re-runs the trace and compares the graphs,
+    which failed with "Graphs differed across invocations" while the fast path ran under tracing) and the
+    traced module computes what the model does, on another input."""
+    assert metaformer.get_backend() == "auto"
+    model = _model("poolformer_s12")
+    x = torch.randn(2, 3, *SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice and its own group_norm size check
+        traced = torch.jit.trace(model, x)  # check_trace=True: raises TracingCheckError on a mismatch
+    x2 = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        _close(traced(x2), model(x2))
 
 
 # Every family's plain model: test_surface.py (torch.export, both ONNX exporters, compile).

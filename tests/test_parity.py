@@ -1,6 +1,7 @@
 """Parity with the original releases: random weights saved in the original layout, loaded through
 `create(checkpoint=...)`, must give the original code's logits. The original side (tests/reference) is
-written from REFERENCE.md / REFERENCE-BASELINES.md, independently of the library."""
+written from the papers (arXiv 2111.11418, 2210.13452) and the original code (sail-sg/poolformer,
+sail-sg/metaformer), independently of the library."""
 
 import pytest
 import torch

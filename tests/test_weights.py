@@ -89,7 +89,8 @@ def test_fine_tuning_checkpoint_with_new_classes(tmp_path):
 
 
 def test_release_detection_backbone_checkpoint(tmp_path):
-    """The release's detection/segmentation backbones add GroupNorms norm0, norm2, norm4, norm6 (REFERENCE.md)."""
+    """The release's detection/segmentation backbones add GroupNorms norm0, norm2, norm4, norm6 (sail-sg/poolformer's
+    detection/ and segmentation/ code)."""
     ref = original_v1.randomize_(original_v1.build("poolformer_s12"), seed=8)
     sd = {k: v for k, v in ref.state_dict().items() if not k.startswith(("norm.", "head."))}
     for i, k in enumerate((0, 2, 4, 6)):

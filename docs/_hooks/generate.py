@@ -3,8 +3,8 @@
 - ``<!-- metaformer:zoo-table -->`` in a page becomes the model table built from
   ``metaformer.zoo.VARIANTS`` (names, parts, parameters, MACs, release top-1, weight sources and tags).
 - ``<!-- metaformer:zoo-count -->`` becomes the number of registered models.
-- ``<!-- metaformer:benchmarks -->`` becomes a bar chart (inline SVG) and a table of the benchmark
-  figures found in ``benchmarks/results/*.json`` / ``*.csv``, or a sentence saying how to produce them.
+- ``<!-- metaformer:benchmarks -->`` becomes, per result file in ``benchmarks/results/``, the run's
+  setup, a bar chart (inline SVG) and the complete table (``results_page.py``), or how to produce them.
 - ``:func:`x``` style roles left in docstrings become (optional) cross-references.
 - Pages other helpers write (``cli.md``, ``kernels.md``) get a stub while they do not exist yet, so
   that the navigation stays valid.
@@ -14,13 +14,16 @@ Registered in ``mkdocs.yml`` under ``hooks:``.
 
 from __future__ import annotations
 
-import csv
-import html
-import json
-import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # mkdocs loads this file alone: find results_page.py
+
+from results_page import HOW_TO_BENCHMARK, benchmarks_markdown  # noqa: E402
+
+__all__ = ["zoo_markdown", "benchmarks_markdown", "HOW_TO_BENCHMARK"]
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -49,7 +52,7 @@ def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
         return markdown
     markdown = markdown.replace("<!-- metaformer:zoo-count -->", str(len(_variants())))
     markdown = markdown.replace("<!-- metaformer:zoo-table -->", zoo_markdown())
-    markdown = markdown.replace("<!-- metaformer:benchmarks -->", benchmarks_markdown(RESULTS))
+    markdown = markdown.replace("<!-- metaformer:benchmarks -->", benchmarks_markdown(RESULTS, ROOT))
     return markdown
 
 
@@ -87,8 +90,15 @@ def _mixer_name(mixer: Any) -> str:
 
 
 def _mixers(variant) -> str:
+    """One name when every stage has the same mixer, else the stages' names with repeats counted."""
     names = [_mixer_name(m) for m in variant.mixers]
-    return names[0] if len(set(names)) == 1 else ", ".join(names)
+    runs: list = []
+    for n in names:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    return names[0] if len(runs) == 1 else ", ".join(f"{n} x{k}" if k > 1 else n for n, k in runs)
 
 
 def _source_link(source) -> str:
@@ -100,26 +110,43 @@ def _source_link(source) -> str:
     return f"[GitHub release]({source.url})"
 
 
-def zoo_markdown() -> str:
-    """The model tables, generated from ``metaformer.zoo.VARIANTS``."""
-    variants = list(_variants().values())
-    lines = [
-        "| model | release | depths | dims | token mixers | params | MACs (224) | top-1 (release) | crop | "
-        "weights (default tag first) |",
-        "|---|---|---|---|---|--:|--:|--:|--:|---|",
-    ]
+RELEASES = {
+    "poolformer": ("PoolFormer release", "*MetaFormer is Actually What You Need for Vision* (CVPR 2022, "
+                   "[arXiv 2111.11418](https://arxiv.org/abs/2111.11418)), code and weights "
+                   "[sail-sg/poolformer](https://github.com/sail-sg/poolformer): PoolFormer and the hybrid "
+                   "MetaFormers of its token-mixer study."),
+    "baselines": ("MetaFormer baselines", "*MetaFormer Baselines for Vision* (TPAMI 2024, "
+                  "[arXiv 2210.13452](https://arxiv.org/abs/2210.13452)), code and weights "
+                  "[sail-sg/metaformer](https://github.com/sail-sg/metaformer)."),
+}
+
+
+def _zoo_table(variants: list) -> list:
+    lines = ['<div class="mf-table mf-zoo" markdown>', "",
+             "| model | depths | widths | token mixers | params | MACs | top-1 | crop | weights |",
+             "|---|---|---|---|--:|--:|--:|--:|---|"]
     for v in variants:
-        tags = ", ".join(f"`{s.tag}`" for s in v.sources) or "none"
+        tags = (f"`{v.sources[0].tag}`" + (f" [+{len(v.sources) - 1}](#{v.name})" if len(v.sources) > 1 else "")
+                if v.sources else "none")
         top1 = f"{v.top1:.1f}" if v.top1 is not None else "—"
         macs = f"{v.macs:.1f}G" if v.macs is not None else "—"
-        release = "PoolFormer (v1)" if v.paper == "poolformer" else "MetaFormer baselines"
-        lines.append(
-            f"| [`{v.name}`](#{v.name}) | {release} | {'-'.join(map(str, v.depths))} | "
-            f"{'-'.join(map(str, v.dims))} | {_mixers(v)} | {v.params:,} | {macs} | {top1} | "
-            f"{v.crop_pct:g} | {tags} |")
-    lines += ["", f"{len(variants)} models. Parameters, MACs at 224x224 and ImageNet-1k top-1 are the figures "
-              "the registry records from the releases (`Variant.params`, `Variant.macs`, `Variant.top1`), "
-              "not measurements of this library; a dash means no top-1 is recorded for that model.", "",
+        lines.append(f"| [`{v.name}`](#{v.name}) | {'-'.join(map(str, v.depths))} | {'-'.join(map(str, v.dims))} | "
+                     f"{_mixers(v)} | {v.params:,} | {macs} | {top1} | {v.crop_pct:g} | {tags} |")
+    return lines + ["", "</div>", ""]
+
+
+def zoo_markdown() -> str:
+    """The model tables (one per release) and every weight source, generated from ``metaformer.zoo.VARIANTS``."""
+    variants = list(_variants().values())
+    lines = []
+    for paper, (title, about) in RELEASES.items():
+        rows = [v for v in variants if (v.paper == "poolformer") == (paper == "poolformer")]
+        lines += [f"## {title}", "", about, ""] + _zoo_table(rows)
+    lines += [f"{len(variants)} models. *depths* and *widths*: blocks and channels per stage. *params*, *MACs* "
+              "(multiply-accumulates per 224x224 image) and ImageNet-1k *top-1* are the figures the registry "
+              "records from the releases (`Variant.params`, `Variant.macs`, `Variant.top1`), not measurements of "
+              "this library; a dash means none is recorded. *crop*: the evaluation crop fraction. *weights*: "
+              "the default tag, and how many more sources the model has (all listed below).", "",
               "## Weight sources", "",
               "Every source of every model: load one with `metaformer.create(\"NAME.TAG\", pretrained=True)` "
               "(`pretrained=True` without a tag takes the first).", ""]
@@ -134,114 +161,3 @@ def zoo_markdown() -> str:
                          f"{s.input_size[1]}x{s.input_size[2]} | {s.num_classes:,} | {s.crop_pct:g} |")
         lines.append("")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- benchmarks
-HOW_TO_BENCHMARK = (
-    "No benchmark figures are in the repository yet (none found under `benchmarks/results/`). "
-    "To produce them, run for example `metaformer benchmark -m poolformer_s12 --json > "
-    "benchmarks/results/poolformer_s12.json` (see the [command line](cli.md)), or the kernel benchmark "
-    "`python benchmarks/bench_pool_mixer_gpu.py` on a GPU (see [kernels](kernels.md)), and save the "
-    "figures under `benchmarks/results/` as JSON (one object, a list of objects or JSON lines) or CSV "
-    "(one row per measurement): the next build of this site plots them here."
-)
-# Preferred metrics, in order; the first one present in the records is plotted.
-METRICS = ("img_per_s", "img_per_sec", "images_per_sec", "throughput", "speedup", "gbps", "GB/s", "step_ms_median", "ms",
-           "median_ms", "time_ms", "time")
-
-
-def read_records(path: Path) -> list:
-    """The measurement records (dicts) of one JSON, JSON-lines or CSV file."""
-    text = path.read_text()
-    if path.suffix == ".csv":
-        records = list(csv.DictReader(text.splitlines()))
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        if isinstance(data, dict):
-            lists = [v for v in data.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
-            # {"inference": {"timm": {...}, "ours": {...}}, ...}: one record per (section, variant)
-            nested = [{"pass": section, "variant": name,
-                       **{k: v for k, v in fields.items() if not isinstance(v, (list, dict))}}
-                      for section, variants in data.items() if isinstance(variants, dict)
-                      and variants and all(isinstance(f, dict) for f in variants.values())
-                      for name, fields in variants.items()]
-            data = lists[0] if lists else nested or [data]
-        records = [r for r in data if isinstance(r, dict)]
-    return [{k: _number(v) for k, v in r.items()} for r in records]
-
-
-def _number(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _metric(records: list) -> str | None:
-    keys = [k for k in records[0] if all(_is_number(r.get(k)) for r in records)]
-    for want in METRICS:
-        for k in keys:
-            if k.lower() == want.lower():
-                return k
-    return keys[0] if keys else None
-
-
-def _label(record: dict, metric: str) -> str:
-    parts = [f"{v}" for k, v in record.items() if k != metric and isinstance(v, str) and len(v) < 40]
-    return " · ".join(parts) or "?"
-
-
-def bar_chart_svg(labels: list, values: list, metric: str) -> str:
-    """A horizontal bar chart as inline SVG (no plotting library needed)."""
-    width, label_w, bar_h, gap = 760, 330, 18, 6
-    top = 24
-    height = top + len(values) * (bar_h + gap) + 8
-    peak = max(values) or 1.0
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" style="max-width:100%;font:12px sans-serif">',
-             f'<text x="{label_w}" y="14" fill="currentColor">{html.escape(metric)}</text>']
-    for i, (label, value) in enumerate(zip(labels, values)):
-        y = top + i * (bar_h + gap)
-        w = max(1.0, (width - label_w - 90) * value / peak)
-        parts.append(f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end" fill="currentColor">'
-                     f'{html.escape(label[:52])}</text>')
-        parts.append(f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="#5c6bc0"/>')
-        parts.append(f'<text x="{label_w + w + 4:.1f}" y="{y + 13}" fill="currentColor">{value:.4g}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def benchmarks_markdown(folder: Path) -> str:
-    """A chart and a table per results file under ``folder``, or how to produce them."""
-    files = sorted(p for p in folder.glob("*") if p.suffix in (".json", ".jsonl", ".csv")) if folder.is_dir() else []
-    out = []
-    for path in files:
-        try:
-            records = read_records(path)
-        except (OSError, ValueError) as e:
-            out += [f"### `{path.name}`", "", f"Could not read this file: {html.escape(str(e))}", ""]
-            continue
-        if not records:
-            continue
-        keys = list(dict.fromkeys(k for r in records for k in r))
-        metric = _metric(records)
-        out += [f"### `{path.relative_to(ROOT)}`", ""]
-        if metric:
-            out += [bar_chart_svg([_label(r, metric) for r in records], [float(r[metric]) for r in records],
-                                  metric), ""]
-        out += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        for r in records:
-            cells = [f"{r[k]:.4g}" if _is_number(r.get(k)) and isinstance(r.get(k), float) else str(r.get(k, ""))
-                     for k in keys]
-            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        out.append("")
-    return "\n".join(out) if out else HOW_TO_BENCHMARK

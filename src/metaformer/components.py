@@ -1,6 +1,6 @@
 """Built-in components by name: mixers, norms and activations, for `create` and for config files.
 
-A component is a class or a ``functools.partial`` of one. :func:`describe` turns a built-in component
+A component is a class or a ``functools.partial`` of one. :func:`describe_component` turns a built-in component
 into JSON-able data (``{"name": ..., "kwargs": {...}}``) and :func:`resolve` turns that data, or a plain
 name such as ``"pooling"``, back into the component.
 """
@@ -15,7 +15,7 @@ from torch import nn
 
 from . import layers, mixers
 
-__all__ = ["COMPONENTS", "COMPONENT_KEYS", "describe", "describe_value", "resolve", "describe_arguments",
+__all__ = ["COMPONENTS", "COMPONENT_KEYS", "describe_component", "describe_value", "resolve", "describe_arguments",
            "resolve_arguments", "UnserializableComponentError", "close_matches"]
 
 # The MetaFormer arguments that hold components, and the kind of component each takes.
@@ -67,7 +67,7 @@ def close_matches(word: str, choices) -> list:
 
 
 def resolve(spec: Any, kind: str = "component") -> Any:
-    """Turns a name or a :func:`describe` dict into a component; passes classes and partials through.
+    """Turns a name or a :func:`describe_component` dict into a component; passes classes and partials through.
 
     Args:
         spec: A class, a partial, a registered name (``"pooling"``), or ``{"name": ..., "kwargs": ...}``.
@@ -123,7 +123,7 @@ def _check_kind(name: Any, kind: str, spec: Any) -> None:
 
 
 def resolve_arguments(arguments: Dict[str, Any]) -> Dict[str, Any]:
-    """MetaFormer arguments with every component (a name, a :func:`describe` dict or a class) resolved.
+    """MetaFormer arguments with every component (a name, a :func:`describe_component` dict or a class) resolved.
 
     Component arguments (:data:`COMPONENT_KEYS`) may hold one component or a list, one per stage.
     """
@@ -136,7 +136,7 @@ def resolve_arguments(arguments: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def describe_arguments(arguments: Dict[str, Any]) -> Dict[str, Any]:
-    """MetaFormer arguments as JSON-able data, components by name (see :func:`describe`).
+    """MetaFormer arguments as JSON-able data, components by name (see :func:`describe_component`).
 
     Raises:
         UnserializableComponentError: for a component that is not built in.
@@ -152,7 +152,7 @@ def _resolve_value(value: Any) -> Any:
     return value
 
 
-def describe(component: Any) -> Any:
+def describe_component(component: Any) -> Any:
     """JSON-able description of a built-in component (None stays None).
 
     Raises:
@@ -181,4 +181,4 @@ def describe_value(value: Any) -> Any:
         return value
     if isinstance(value, (list, tuple)):
         return [describe_value(v) for v in value]
-    return describe(value)
+    return describe_component(value)

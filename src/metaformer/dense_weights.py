@@ -8,16 +8,25 @@ the other parts must match the model's modules by name and shape. Nothing is loa
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Sequence, Tuple
+import os
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .weights import CheckpointError, _summary, load_state_dict_into
+from .weights import CheckpointError, describe_misfit, load_state_dict_into, read_checkpoint
 
-__all__ = ["split_by_prefix", "fit_parts", "load_parts"]
+__all__ = ["read_state", "split_by_prefix", "fit_parts", "load_parts"]
 
 StateDict = Dict[str, torch.Tensor]
+
+
+def read_state(checkpoint: Union[str, os.PathLike[str], StateDict], source: Optional[str]) -> Tuple[StateDict, str]:
+    """A checkpoint given as a path (read strictly, without running pickled code) or a state dict, and its name."""
+    if isinstance(checkpoint, dict):
+        return checkpoint, source or "checkpoint"
+    path = os.fspath(checkpoint)
+    return read_checkpoint(path), source or f"checkpoint {path}"
 
 
 def split_by_prefix(state_dict: StateDict, prefixes: Iterable[str]) -> Tuple[Dict[str, StateDict], StateDict]:
@@ -65,15 +74,9 @@ def fit_parts(specs: Sequence[Tuple[nn.Module, StateDict, str, Sequence[str]]]) 
                 out[key] = value
         missing += [what + k for k in target if k not in state_dict and not any(k.startswith(p) for p in skip)]
         fits.append(out)
-    if missing or unexpected or mis_shaped:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {_summary(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_summary(unexpected)}")
-        if mis_shaped:
-            parts.append(f"mis-shaped {len(mis_shaped)}: {_summary(mis_shaped)}")
-        raise CheckpointError("; ".join(parts))
+    problems = describe_misfit(missing=missing, unexpected=unexpected, mis_shaped=mis_shaped)
+    if problems:
+        raise CheckpointError(problems)
     return fits
 
 

@@ -18,17 +18,16 @@ warning says so.
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
-from .dense_weights import fit_parts, load_parts, split_by_prefix
+from .dense_weights import fit_parts, load_parts, read_state, split_by_prefix
 from .fpn import FPN
 from .model import MetaFormer
-from .weights import CheckpointError, read_checkpoint
+from .weights import CheckpointError
 
 __all__ = ["MetaFormerFPN", "create_detector", "load_detector_checkpoint", "DETECTORS"]
 
@@ -138,10 +137,7 @@ def load_detector_checkpoint(model: nn.Module, checkpoint, source: Optional[str]
     Raises:
         metaformer.CheckpointError: naming what is missing, unexpected or mis-shaped.
     """
-    if not isinstance(checkpoint, dict):
-        source = source or f"checkpoint {os.fspath(checkpoint)}"
-        checkpoint = read_checkpoint(os.fspath(checkpoint))
-    source = source or "checkpoint"
+    checkpoint, source = read_state(checkpoint, source)
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, MetaFormerFPN):
         raise TypeError("load_detector_checkpoint needs a detector built by metaformer.create_detector")

@@ -69,12 +69,14 @@ def create(name: str, pretrained: bool = False, checkpoint: Optional[str] = None
     """Builds a registered model, optionally with released weights or a checkpoint file.
 
     Args:
-        name: One of
+        name: What to build, one of:
+
             - a model name (``"poolformer_s12"``, see :func:`metaformer.list_models`), optionally with a
               pretrained tag (``"poolformer_s12.sail_in1k"``, see ``list_models(pretrained=True)``);
             - ``"hf-hub:ORG/REPO"``: a model saved with ``save_pretrained`` and pushed to the Hub;
             - the path of a local folder written by ``save_pretrained`` (``"./NAME"`` if the folder has
               the name of a registered model).
+
             The last two bring their whole architecture and weights: no other argument applies.
         pretrained: Load the released weights of the tag (default tag: the first listed).
         checkpoint: Path of a state dict (``.pth``, ``.pth.tar`` or ``.safetensors``) in the original,

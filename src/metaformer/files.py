@@ -100,9 +100,18 @@ def prepare_write(path: PathLike, write: Callable[[str], Any]) -> str:
 
 
 def commit_write(tmp: str, path: PathLike) -> None:
-    """Puts a file made by :func:`prepare_write` in place of ``path`` (one atomic rename), then syncs the folder."""
+    """Puts a file made by :func:`prepare_write` in place of ``path`` (one atomic rename), then syncs the folder.
+
+    Raises:
+        WriteError: if the rename fails (a folder at ``path``, no permission...); ``tmp`` stays for the
+            caller to :func:`discard_write`.
+    """
     path = os.fspath(path)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        what = "a folder is in the way" if os.path.isdir(path) else (e.strerror or str(e))
+        raise WriteError(e.errno, f"cannot write {path}: {what}; the previous file is unchanged") from None
     _fsync_path(os.path.dirname(os.path.abspath(path)), directory=True)
 
 
@@ -159,7 +168,7 @@ def save_safetensors(tensors: Dict[str, Any], path: PathLike, metadata: Optional
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID runs on this machine."""
+    """Whether a process with this PID runs on this machine (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

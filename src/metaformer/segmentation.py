@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dense_weights import fit_parts, load_parts, split_by_prefix
+from .dense_weights import fit_parts, load_parts, read_state, split_by_prefix
 from .fpn import FPN, ConvNormAct
 from .model import MetaFormer
 from .weights import CheckpointError, read_checkpoint
@@ -212,10 +212,7 @@ def load_segmenter_checkpoint(model: SemanticFPN, checkpoint, replace_classifier
     Raises:
         metaformer.CheckpointError: naming what is missing, unexpected or mis-shaped.
     """
-    if not isinstance(checkpoint, dict):
-        source = source or f"checkpoint {os.fspath(checkpoint)}"
-        checkpoint = read_checkpoint(os.fspath(checkpoint))
-    source = source or "checkpoint"
+    checkpoint, source = read_state(checkpoint, source)
     parts, rest = split_by_prefix(checkpoint, ("backbone.", "neck.", "decode_head."))
     skip = ("conv_seg.",) if replace_classifier else ()
     try:

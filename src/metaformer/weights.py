@@ -26,8 +26,8 @@ from torch import nn
 from .layouts import LAYOUTS, CheckpointError, detect_layout, layout_rules
 
 __all__ = ["CheckpointError", "LAYOUTS", "detect_layout", "convert_state_dict", "read_checkpoint",
-           "load_checkpoint", "load_state_dict_into", "load_torch_file",
-           "checkpoint_num_classes"]
+           "load_checkpoint", "load_state_dict_into", "load_torch_file", "summarize_names", "describe_misfit",
+           "unwrap_state_dict", "checkpoint_num_classes"]
 
 logger = logging.getLogger("metaformer")
 Rules = List[Tuple[str, str]]
@@ -46,10 +46,23 @@ def _strip_ones(shape: Sequence[int]) -> Tuple[int, ...]:
     return shape
 
 
-def _summary(names: Iterable[str], limit: int = 8) -> str:
+def summarize_names(names: Iterable[str], limit: int = 8) -> str:
+    """Up to ``limit`` sorted names, comma-separated, and how many more there are (for error messages)."""
     names = sorted(names)
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def describe_misfit(*, missing: Sequence[str] = (), unexpected: Sequence[str] = (), mis_shaped: Sequence[str] = (),
+                    mis_typed: Sequence[str] = (), non_finite: Sequence[str] = ()) -> str:
+    """What keeps tensors from fitting a model, as one line (empty when everything fits)."""
+    parts = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped),
+                         ("of another dtype (not floating point: a quantized or damaged file?)", mis_typed),
+                         ("holding NaN or infinite values", non_finite)):
+        if names:
+            parts.append(f"{label} {len(names)}: {summarize_names(names)}")
+    return "; ".join(parts)
 
 
 def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, layout: Optional[str] = None,
@@ -103,20 +116,10 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
     missing = [k for k in target if k not in out and k not in mis_shaped and k not in mis_typed
                and not any(k.startswith(p) for p in allow_missing)
                and not any(k.startswith(p) for p in skip)]
-    if unexpected or missing or mis_shaped or mis_typed or non_finite:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {_summary(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_summary(unexpected)}")
-        if mis_shaped:
-            parts.append(f"mis-shaped {len(mis_shaped)}: {_summary(mis_shaped.values())}")
-        if mis_typed:
-            parts.append(f"of another dtype (not floating point: a quantized or damaged file?) {len(mis_typed)}: "
-                         f"{_summary(mis_typed.values())}")
-        if non_finite:
-            parts.append(f"holding NaN or infinite values {len(non_finite)}: {_summary(non_finite)}")
-        raise CheckpointError(f"checkpoint ({layout} layout) does not fit the model: " + "; ".join(parts))
+    problems = describe_misfit(missing=missing, unexpected=unexpected, mis_shaped=list(mis_shaped.values()),
+                               mis_typed=list(mis_typed.values()), non_finite=non_finite)
+    if problems:
+        raise CheckpointError(f"checkpoint ({layout} layout) does not fit the model: {problems}")
     return out
 
 
@@ -130,6 +133,19 @@ def _unwrap(obj, path: str) -> Dict[str, torch.Tensor]:
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
     raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+
+
+def unwrap_state_dict(obj, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """The state dict inside an object read from a checkpoint file (see :func:`load_torch_file`).
+
+    A wrapping dict (``{"state_dict": ...}``, ``{"model": ...}``) and DistributedDataParallel's
+    ``module.`` prefix are removed, as :func:`read_checkpoint` does; this lets a caller that already
+    read a file (to look at what else it holds) take its weights without reading it again.
+
+    Raises:
+        CheckpointError: naming ``source`` when ``obj`` holds no state dict.
+    """
+    return _unwrap(obj, source)
 
 
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
@@ -195,17 +211,19 @@ def _check_file(path: str) -> None:
 
 def _unreadable(path: str, e: Exception) -> CheckpointError:
     text = str(e)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    # torch words it "Unsupported global: GLOBAL x.y" or, for a blocked module, "unsupported GLOBAL x.y"
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)
     if found:
         return CheckpointError(
             f"{path} holds a pickled Python object ({found.group(1)}), not only tensors; metaformer reads weights "
             f"without running pickled code, so it cannot load it. Save the tensors instead: "
             f"torch.save(model.state_dict(), path) or model.save_pretrained(folder)")
-    if "weights_only" in text or "Weights only load failed" in text:
-        return CheckpointError(f"{path} holds Python objects other than tensors and plain containers; metaformer "
-                               f"reads weights without running pickled code. Save model.state_dict() instead")
-    return CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {text.splitlines()[0] if text else ''}. "
-                           f"The file may be truncated or corrupt; download it again.")
+    # torch's own message would advise weights_only=False (running the file's code): keep only the detail.
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    detail = (found.group(1) if found else lines[0] if lines else type(e).__name__).split(". ")[0].strip().rstrip(".")
+    return CheckpointError(f"could not read checkpoint {path} ({detail}): the file is not a PyTorch or "
+                           f"safetensors file, or it is truncated or corrupt; download it again.")
 
 
 _STEM_KEYS = {"original_v1": ("patch_embed.proj.weight",), "original_baselines": ("downsample_layers.0.conv.weight",),

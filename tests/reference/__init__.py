@@ -1,7 +1,8 @@
 """Clean-room reference implementations of the two original model releases.
 
-Written from ``/work/shared/REFERENCE.md`` (PoolFormer v1 release, ``original_v1``) and
-``/work/shared/REFERENCE-BASELINES.md`` (MetaFormer baselines release, ``original_baselines``).
+Written from the PoolFormer v1 release (``original_v1``: arXiv 2111.11418,
+github.com/sail-sg/poolformer) and the MetaFormer baselines release (``original_baselines``:
+arXiv 2210.13452, github.com/sail-sg/metaformer).
 They reproduce the original checkpoints' key layout and forward semantics (eval mode) and serve
 as the "original side" of parity tests. They do not import the ``metaformer`` package.
 """

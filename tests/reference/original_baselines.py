@@ -1,8 +1,9 @@
 """Reference implementation of the original MetaFormer baselines release (sail-sg/metaformer).
 
-Clean-room, written from ``/work/shared/REFERENCE-BASELINES.md``: IdentityFormer, RandFormer,
-PoolFormerV2, ConvFormer and CAFormer with the same ``state_dict()`` keys and shapes as the
-released checkpoints and the same forward maths in eval mode (no dropout / drop path).
+Clean-room, written from the paper (arXiv 2210.13452) and the release's model code:
+IdentityFormer, RandFormer, PoolFormerV2, ConvFormer and CAFormer with the same ``state_dict()``
+keys and shapes as the released checkpoints and the same forward maths in eval mode (no dropout /
+drop path).
 Like the original, blocks are computed on (B, H, W, C) tensors.
 
 Public API:

@@ -1,8 +1,8 @@
 """Reference implementation of the original PoolFormer release (sail-sg/poolformer v1.0).
 
-Clean-room, written from ``/work/shared/REFERENCE.md``: same ``state_dict()`` keys and shapes as
-the released checkpoints, and the same forward maths in eval mode (no dropout / drop path).
-Tensors are NCHW throughout.
+Clean-room, written from the paper (arXiv 2111.11418) and the release's model code: same
+``state_dict()`` keys and shapes as the released checkpoints, and the same forward maths in eval
+mode (no dropout / drop path). Tensors are NCHW throughout.
 
 Public API:
     MODEL_NAMES                      -- the 10 supported names

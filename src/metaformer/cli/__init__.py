@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 __all__ = ["main", "build_parser", "CLIError"]
 
-from .common import CLIError
+from .options import CLIError
 
 COMMANDS = ("validate", "train", "predict", "benchmark", "info", "list")
 EXIT_ERROR = 2
@@ -83,18 +83,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: 0 on success, 2 for a user's mistake (reported on stderr as one line).
     """
+    from ..files import WriteError
+    from ..hub import PretrainedError
+
     argv: list[str] = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("METAFORMER_DEBUG", "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("metaformer: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        detail = str(e)
+        print(f"metaformer: interrupted{': ' + detail if detail else ''}", file=sys.stderr, flush=True)
         return 130
+    except WriteError as e:  # a full disk, no permission: not the user's mistake, but one line says it all
+        if debug:
+            raise
+        print(f"metaformer: error: {e.strerror or e}", file=sys.stderr, flush=True)
+        return 1
     except _user_errors() as e:
         if debug:
             raise
-        print(f"metaformer: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        text = _one_line(e)
+        if isinstance(e, PretrainedError):
+            from .hub_access import reword
+
+            text = reword(text)
+        print(f"metaformer: error: {text}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except SystemExit as e:  # argparse --help / errors, already printed
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)

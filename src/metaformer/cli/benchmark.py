@@ -11,7 +11,16 @@ import time
 
 import torch
 
-from .common import CLIError, add_device_args, autocast, format_count, log, parse_model_kwargs, resolve_device
+from ..training import autocast
+from .options import (
+    CLIError,
+    add_device_args,
+    format_count,
+    image_size,
+    log,
+    parse_model_kwargs,
+    resolve_device,
+)
 
 DESCRIPTION = """\
 Measure inference (or, with --train, forward + backward + SGD step) throughput on random inputs:
@@ -35,7 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=1000, metavar="K", help="classifier size (default: 1000)")
     p.add_argument("--train", action="store_true", help="time training steps (forward, backward, SGD step)")
     p.add_argument("-b", "--batch-size", type=int, default=64, metavar="N", help="batch size (default: 64)")
-    p.add_argument("--img-size", type=int, metavar="S", help="input resolution (default: the model's)")
+    p.add_argument("--img-size", type=image_size, metavar="S", help="input resolution (default: the model's)")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="timed steps (default: 20)")
     p.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed warm-up steps (default: 5)")
     p.add_argument("--grad-checkpointing", action="store_true", help="with --train: activation checkpointing")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .common import CLIError, format_count, parse_model_kwargs
+from .options import CLIError, format_count, image_size, parse_model_kwargs
 
 INFO_DESCRIPTION = """\
 Show a model: parameters (compared with the release's count), MACs at its input size (counted with
@@ -26,7 +26,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("info", help="parameters, MACs, features and weights of a model",
                        description=INFO_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", metavar="NAME", help="model name, optionally with a weights tag")
-    p.add_argument("--img-size", type=int, metavar="S", help="count MACs at this size (default: the model's)")
+    p.add_argument("--img-size", type=image_size, metavar="S", help="count MACs at this size (default: the model's)")
     p.add_argument("--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
                    help="architecture overrides for metaformer.create")
     p.add_argument("--no-macs", action="store_true", help="skip the MAC count (it runs one forward pass)")
@@ -62,7 +62,7 @@ def count_macs(model: torch.nn.Module, input_size) -> int:
     return counter.get_total_flops() // 2
 
 
-def describe(name: str, img_size=None, model_kwargs=None, macs: bool = True) -> dict[str, Any]:
+def model_info(name: str, img_size=None, model_kwargs=None, macs: bool = True) -> dict[str, Any]:
     """Everything ``metaformer info`` shows, as a dict.
 
     Raises:
@@ -102,7 +102,7 @@ def describe(name: str, img_size=None, model_kwargs=None, macs: bool = True) -> 
 
 def run_info(args: argparse.Namespace) -> int:
     """Runs ``metaformer info``; returns the exit status."""
-    info = describe(args.name, args.img_size, parse_model_kwargs(args.model_kwargs), macs=not args.no_macs)
+    info = model_info(args.name, args.img_size, parse_model_kwargs(args.model_kwargs), macs=not args.no_macs)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -8,15 +8,14 @@ import os
 
 import torch
 
-from .common import (
+from ..training import IMG_EXTENSIONS, class_label_fn, eval_transform, find_images, load_image
+from .options import (
     CLIError,
-    _load_image,
     add_data_config_args,
     add_device_args,
     add_model_args,
-    class_label_fn,
-    data_config,
-    eval_transform,
+    check_input_file,
+    data_config_from_args,
     load_model,
     resolve_device,
     warn,
@@ -29,6 +28,7 @@ names for 1000-class models (from timm), or the class folder names stored in a c
 
   metaformer predict cat.jpg dog.png --model poolformer_s12 --pretrained
   metaformer predict digit.png --checkpoint runs/digits/best.pth --topk 3
+  metaformer predict photos/ --model poolformer_s12 --pretrained   # every image under photos/
 """
 
 
@@ -36,7 +36,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Adds the ``predict`` sub-command."""
     p = sub.add_parser("predict", help="classify images (top-k labels)", description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders: every image under them "
+                   "(hidden folders skipped, each real folder once)")
     add_model_args(p)
     add_data_config_args(p)
     p.add_argument("-k", "--topk", type=int, default=5, metavar="K", help="classes to show per image (default: 5)")
@@ -47,13 +48,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _expand(paths: list[str]) -> list[str]:
+    """The image files named, with the images under each folder named; checked before the model is built."""
+    images = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = find_images(path)
+            if not found:
+                raise CLIError(f"{path} is a folder with no images (supported: {', '.join(IMG_EXTENSIONS)})")
+            images += found
+        elif os.path.isfile(path):
+            images.append(path)
+        else:
+            check_input_file(path, "image")  # says what it is: missing, a link loop...
+    return images
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``metaformer predict``; returns the exit status."""
     if args.topk < 1 or args.batch_size < 1:
         raise CLIError("--topk and --batch-size must be >= 1")
-    for path in args.images:
-        if not os.path.isfile(path):
-            raise CLIError(f"image not found: {path}")
+    images = _expand(args.images)
     device = resolve_device(args.device)
     loaded = load_model(args)
     if loaded.weights.startswith("random init"):
@@ -61,13 +76,13 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    transform = eval_transform(data_config(model, args, base=loaded.data_config))
+    transform = eval_transform(data_config_from_args(model, args, base=loaded.data_config))
     label = class_label_fn(model.num_classes, loaded.class_names)
     k = min(args.topk, model.num_classes)
 
-    for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start:start + args.batch_size]
-        batch = torch.stack([transform(_load_image(p)) for p in paths]).to(device)
+    for start in range(0, len(images), args.batch_size):
+        paths = images[start:start + args.batch_size]
+        batch = torch.stack([transform(load_image(p)) for p in paths]).to(device)
         if args.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():

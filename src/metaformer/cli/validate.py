@@ -8,16 +8,16 @@ import os
 
 import torch
 
-from .common import (
+from ..files import write_text
+from ..training import dataset_targets_for, eval_transform, evaluate, image_folder
+from .options import (
     CLIError,
     add_data_config_args,
     add_device_args,
     add_model_args,
-    data_config,
-    dataset_targets_for,
-    eval_transform,
-    evaluate,
-    image_folder,
+    add_workers_arg,
+    check_output_file,
+    data_config_from_args,
     load_model,
     log,
     resolve_device,
@@ -48,9 +48,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="training checkpoint: evaluate its raw (non-EMA) weights")
     add_data_config_args(p)
     p.add_argument("-b", "--batch-size", type=int, default=128, metavar="N", help="batch size (default: 128)")
-    p.add_argument("-j", "--workers", type=int, default=4, metavar="N", help="data loading processes (default: 4)")
+    add_workers_arg(p)
     add_device_args(p, amp_help="evaluate under autocast (bfloat16 by default)")
-    p.add_argument("--results-file", metavar="F.json", help="write the results as JSON to this file")
+    p.add_argument("--results-file", metavar="F.json", help="write the results as JSON to this file (checked "
+                   "before the evaluation starts; an existing file needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --results-file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -58,20 +60,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``metaformer validate``; returns the exit status."""
-    if args.batch_size < 1 or args.workers < 0:
-        raise CLIError("--batch-size must be >= 1 and --workers >= 0")
+    if args.batch_size < 1:
+        raise CLIError("--batch-size must be >= 1")
     root = args.data
     if os.path.isdir(os.path.join(root, args.split)):
         root = os.path.join(root, args.split)
     if not os.path.isdir(root):  # before the (slow) model build, and before its random-weights warning
         raise CLIError(f"validation data folder not found: {root}")
+    if args.results_file:
+        check_output_file(args.results_file, "--results-file", args.overwrite)
     device = resolve_device(args.device)
 
     loaded = load_model(args, use_ema=args.use_ema)
     model = loaded.model
     if loaded.weights.startswith("random init"):
         warn("evaluating randomly initialised weights; pass --pretrained or --checkpoint PATH")
-    cfg = data_config(model, args, base=loaded.data_config)
+    cfg = data_config_from_args(model, args, base=loaded.data_config)
     dataset = image_folder(root, eval_transform(cfg), what="validation data")
     dataset.target_transform = dataset_targets_for(dataset, model.num_classes, loaded.class_names, root)
 
@@ -112,11 +116,6 @@ def run(args: argparse.Namespace) -> int:
     log(f"top1 {results['top1']:.3f}  top5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
         f"({results['images']} images, {results['img_per_sec']:.1f} img/s)")
     if args.results_file:
-        folder = os.path.dirname(os.path.abspath(args.results_file))
-        if not os.path.isdir(folder):
-            raise CLIError(f"--results-file: folder does not exist: {folder}")
-        with open(args.results_file, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+        write_text(args.results_file, json.dumps(results, indent=2) + "\n")
         log(f"results written to {args.results_file}")
     return 0
