@@ -46,7 +46,8 @@ def test_pretrained_tags_are_listed(registered):
     assert "mf_caformer_s18.sail_in22k" in timm.list_models(pretrained=True)
     cfg = timm.models.get_pretrained_cfg("mf_caformer_s18.sail_in1k_384")
     assert cfg.input_size == (3, 384, 384) and cfg.pool_size == (12, 12) and cfg.crop_pct == 1.0
-    assert cfg.first_conv == "stem.conv" and cfg.classifier == "head.fc"
+    assert cfg.first_conv == "stem.conv" and cfg.classifier == "head.fc.fc2"  # the MLP head's last layer, as timm
+    assert timm.models.get_pretrained_cfg("mf_poolformer_s12").classifier == "head.fc"
     assert timm.models.get_pretrained_cfg("mf_metaformer_ppaa_s12_224").fixed_input_size
 
 
