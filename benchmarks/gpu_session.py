@@ -1,12 +1,15 @@
-"""One command for a GPU session: the CUDA kernel tests, a tile-size sweep, then the benchmark.
+"""One command for a GPU session: the CUDA kernel tests, a tile-size sweep, then the benchmarks.
 
-    PYTHONPATH=src python benchmarks/gpu_session.py --out-dir benchmarks/results   # about 8 minutes
+    PYTHONPATH=src python benchmarks/gpu_session.py --out-dir benchmarks/results   # about 9 minutes
+    PYTHONPATH=src python benchmarks/gpu_session.py --skip tests sweep bench   # the whole families table
+    PYTHONPATH=src python benchmarks/gpu_session.py --dry-run     # the plan, on any machine
 
 Steps, each a subprocess with its own log and a share of the time budget (``--budget-s``, default
-470 s), killed if it overruns (recorded as such, never silently):
+560 s), killed if it overruns (recorded as such, never silently):
 
-1. ``tests``: tests/test_kernels_cuda.py and test_kernels_selfcheck.py (pytest-xdist when installed).
-   A skipped CUDA test on a machine with a GPU counts as a failure.
+1. ``tests``: tests/test_kernels_cuda.py, test_kernels_selfcheck.py, test_kernels_cuda_ln.py and
+   test_kernels_cuda_halves.py (pytest-xdist when installed). A skipped CUDA test on a machine with a
+   GPU counts as a failure.
 2. ``sweep``: the Triton tile sizes and warps (``TritonConfig``), one field at a time from the
    defaults, scored by the fwd+bwd time of the mixer half summed over poolformer_s12's stages
    (weighted by blocks per stage), bf16 channels_last, batch 128; every configuration is
@@ -14,6 +17,10 @@ Steps, each a subprocess with its own log and a share of the time budget (``--bu
    raises and is recorded as failed). Writes ``sweep.json`` after each configuration.
 3. ``bench``: bench_pool_mixer_gpu.py with the best configuration (compiled baselines for bf16),
    writing ``gpu.json`` after each part (mixer half, then each whole-model variant).
+4. ``families``: bench_gpu_families.py (the LayerNorm / StarReLU kernels, then every family against
+   timm NCHW / channels_last eager and compiled, inference and training) with the time left
+   (``--families-s`` of the budget is kept for it; run alone, the whole budget), writing ``gpu_families.json`` after each part;
+   it stops starting work before its own time is up and records what it skipped.
 
 Writes ``gpu_session.json`` (machine, each step's status and time, tests' counts, the sweep, the
 benchmark's results and the issue's targets) and prints a summary. Exit status 0 only if every step
@@ -37,6 +44,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from gpu_common import write_json  # noqa: E402
 
+STEPS = ("tests", "sweep", "bench", "families")
+TESTS = ["tests/test_kernels_cuda.py", "tests/test_kernels_selfcheck.py", "tests/test_kernels_cuda_ln.py",
+         "tests/test_kernels_cuda_halves.py"]
 SWEEP_AXES = [("tile", [512, 2048, 4096]), ("num_warps", [2, 8]), ("max_block_c", [32, 128]),
               ("bwd_iters", [2, 8]), ("stats_block", [2048, 8192]), ("stats_num_warps", [4, 16])]
 
@@ -44,10 +54,13 @@ SWEEP_AXES = [("tile", [512, 2048, 4096]), ("num_warps", [2, 8]), ("max_block_c"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
-    p.add_argument("--budget-s", type=float, default=470.0, help="whole session (default 470 s)")
+    p.add_argument("--budget-s", type=float, default=560.0, help="whole session (default 560 s)")
     p.add_argument("--tests-s", type=float, default=150.0, help="most time for the tests step")
     p.add_argument("--sweep-s", type=float, default=90.0, help="most time for the sweep step")
-    p.add_argument("--skip", nargs="*", default=[], choices=["tests", "sweep", "bench"])
+    p.add_argument("--families-s", type=float, default=120.0,
+                   help="time kept for the families step when other steps run (alone it gets the whole budget)")
+    p.add_argument("--skip", nargs="*", default=[], choices=list(STEPS))
+    p.add_argument("--dry-run", action="store_true", help="print the steps' commands and exit (no GPU needed)")
     p.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)  # the sweep step itself
     return p.parse_args(argv)
 
@@ -144,6 +157,11 @@ def sweep(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out_dir = args.out_dir.resolve()
+    if args.dry_run:
+        for name in STEPS:
+            if name not in args.skip:
+                print(f"{name}: {' '.join(map(str, _command(name, args)))}")
+        return 0
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         return sweep(args)
@@ -158,20 +176,17 @@ def main(argv=None) -> int:
     def left(reserve: float = 0.0) -> float:
         return t_end - time.perf_counter() - reserve
 
+    reserve = 0.0 if "families" in args.skip else args.families_s
     if "tests" not in args.skip:
-        xdist = ["-n", "8"] if _has("xdist") else []
-        step = run_step("tests", [sys.executable, "-m", "pytest", "tests/test_kernels_cuda.py",
-                                  "tests/test_kernels_selfcheck.py", "-q", "-p", "no:cacheprovider", "-rs", *xdist],
-                        min(args.tests_s, left(300)), args.out_dir)
+        step = run_step("tests", _command("tests", args), min(args.tests_s, left(300 + reserve)), args.out_dir)
         step["counts"] = _pytest_counts(step["tail"])
         if step["counts"].get("skipped") and step["status"] == "passed":
             step["status"] = "failed (CUDA tests skipped on a machine with a GPU)"
         session["steps"]["tests"] = step
     config = ""
     if "sweep" not in args.skip:
-        step = run_step("sweep", [sys.executable, str(HERE / "gpu_session.py"), "--sweep", "--out-dir", str(args.out_dir),
-                                  "--sweep-s", str(min(args.sweep_s, left(240)))],
-                        min(args.sweep_s, left(240)) + 60, args.out_dir)
+        sweep_s = min(args.sweep_s, left(240 + reserve))
+        step = run_step("sweep", _command("sweep", args, sweep_s=sweep_s), sweep_s + 60, args.out_dir)
         sweep_file = args.out_dir / "sweep.json"
         step["result"] = json.loads(sweep_file.read_text()) if sweep_file.exists() else None
         best = (step["result"] or {}).get("best")
@@ -180,16 +195,36 @@ def main(argv=None) -> int:
         session["steps"]["sweep"] = step
     if "bench" not in args.skip:
         out = args.out_dir / "gpu.json"
-        cmd = [sys.executable, str(HERE / "bench_pool_mixer_gpu.py"), "--compile-dtypes", "bf16", "--output", str(out)]
-        step = run_step("bench", cmd + (["--triton-config", config] if config else []), left(10), args.out_dir)
+        step = run_step("bench", _command("bench", args, config=config), left(10 + reserve), args.out_dir)
         step["result"] = json.loads(out.read_text()) if out.exists() else None
         mixer = args.out_dir / "gpu_mixer.json"
         step["mixer"] = json.loads(mixer.read_text())["records"] if mixer.exists() else None
         session["steps"]["bench"] = step
+    if "families" not in args.skip:
+        out = args.out_dir / "gpu_families.json"
+        budget = left(30)  # the benchmark stops starting work at its budget; the step's timeout is the hard stop
+        step = run_step("families", _command("families", args, budget_s=budget), budget + 25, args.out_dir)
+        step["result"] = json.loads(out.read_text()) if out.exists() else None
+        session["steps"]["families"] = step
     session["targets"] = _targets(session)
     write_json(args.out_dir / "gpu_session.json", session)
     _summary(session)
     return 0 if all(s["status"] == "passed" for s in session["steps"].values()) else 1
+
+
+def _command(name: str, args, config: str = "", sweep_s: float | None = None, budget_s: float | None = None) -> list:
+    """The command line of one step."""
+    if name == "tests":
+        return [sys.executable, "-m", "pytest", *TESTS, "-q", "-p", "no:cacheprovider", "-rs",
+                *(["-n", "8"] if _has("xdist") else [])]
+    if name == "sweep":
+        return [sys.executable, str(HERE / "gpu_session.py"), "--sweep", "--out-dir", str(args.out_dir),
+                "--sweep-s", f"{sweep_s if sweep_s is not None else args.sweep_s:.0f}"]
+    if name == "bench":
+        return [sys.executable, str(HERE / "bench_pool_mixer_gpu.py"), "--compile-dtypes", "bf16", "--output",
+                str(args.out_dir / "gpu.json"), *(["--triton-config", config] if config else [])]
+    return [sys.executable, str(HERE / "bench_gpu_families.py"), "--output", str(args.out_dir / "gpu_families.json"),
+            "--budget-s", f"{budget_s if budget_s is not None else args.families_s:.0f}"]
 
 
 def _has(module: str) -> bool:
@@ -201,9 +236,11 @@ def _has(module: str) -> bool:
 def _targets(session: dict) -> dict:
     bench = (session["steps"].get("bench") or {}).get("result") or {}
     train = bench.get("train_step", {}).get("ours", {})
+    families = (session["steps"].get("families") or {}).get("result") or {}
     return {**{k: v for k, v in bench.items() if k.startswith(("mixer_", "target_"))},
             "train_step_ours_vs_timm_speed": train.get("speedup_vs_timm"),
-            "train_step_ours_vs_timm_peak_memory": train.get("peak_mem_vs_timm")}
+            "train_step_ours_vs_timm_peak_memory": train.get("peak_mem_vs_timm"),
+            "families": {name: m.get("ratios") for name, m in families.get("models", {}).items()}}
 
 
 def _summary(session: dict) -> None:

@@ -37,3 +37,11 @@ def _seed():
 def cache_root():
     """The session's temporary cache folder (HF_HOME and TORCH_HOME live under it)."""
     return _CACHE_ROOT
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The small digits image folder of the command-line tests (one per test module; a module may define its own)."""
+    from cli_utils import make_data
+
+    return make_data(str(tmp_path_factory.mktemp("tiny")))

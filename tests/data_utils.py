@@ -50,13 +50,14 @@ def make_digits_imagefolder(root: str, n_train: int = 400, n_val: int = 200, siz
 
 
 def make_digits_segmentation(root: str, n_train: int = 40, n_val: int = 16, canvas: int = 64, digit_size: int = 24,
-                             per_image: int = 2, seed: int = 0) -> str:
+                             per_image: int = 2, seed: int = 0, digits=tuple(range(10))) -> str:
     """Writes a segmentation set of real images: sklearn's digits pasted onto larger canvases.
 
     Layout (mmsegmentation's): ``root/images/{training,validation}/NNNN.png`` (RGB, tinted dark ink on a
     noisy light background) and ``root/annotations/{training,validation}/NNNN.png`` (mode ``L``): 0 for the
-    background, ``1 + digit`` where the digit's ink is (11 classes). Digits are upscaled (bicubic) to
-    ``digit_size`` and pasted at random places; a later digit covers an earlier one.
+    background, ``1 + digits.index(digit)`` where the digit's ink is (``1 + len(digits)`` classes: 11 for
+    all ten digits). Digits are upscaled (bicubic) to ``digit_size`` and pasted at random places; a later
+    digit covers an earlier one. Only the digits of ``digits`` are drawn.
 
     Returns:
         ``root``.
@@ -64,7 +65,9 @@ def make_digits_segmentation(root: str, n_train: int = 40, n_val: int = 16, canv
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
+    data = load_digits()
+    digits = list(digits)
+    pool = [i for i in range(len(data.target)) if data.target[i] in digits]
     rng = np.random.default_rng(seed)
     for split, count in (("training", n_train), ("validation", n_val)):
         os.makedirs(os.path.join(root, "images", split), exist_ok=True)
@@ -73,14 +76,14 @@ def make_digits_segmentation(root: str, n_train: int = 40, n_val: int = 16, canv
             rgb = rng.uniform(200, 255, size=(canvas, canvas, 3))
             mask = np.zeros((canvas, canvas), dtype=np.uint8)
             for _ in range(per_image):
-                i = rng.integers(len(digits.images))
-                ink = np.asarray(Image.fromarray((digits.images[i] * 16).astype(np.uint8)).resize(
+                i = pool[rng.integers(len(pool))]
+                ink = np.asarray(Image.fromarray((data.images[i] * 16).astype(np.uint8)).resize(
                     (digit_size, digit_size), Image.BICUBIC), dtype=np.float64) / 255
                 y, x = rng.integers(0, canvas - digit_size + 1, size=2)
                 tint = rng.uniform(0.0, 0.5, size=3)
                 region = rgb[y:y + digit_size, x:x + digit_size]
                 region[:] = region * (1 - ink[..., None]) + 255 * tint * ink[..., None]
-                mask[y:y + digit_size, x:x + digit_size][ink > 0.35] = 1 + digits.target[i]
+                mask[y:y + digit_size, x:x + digit_size][ink > 0.35] = 1 + digits.index(data.target[i])
             Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB").save(
                 os.path.join(root, "images", split, f"{n:04d}.png"))
             Image.fromarray(mask, "L").save(os.path.join(root, "annotations", split, f"{n:04d}.png"))

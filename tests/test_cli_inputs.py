@@ -12,13 +12,8 @@ import sys
 import zlib
 
 import pytest
-from cli_utils import ARGS, N_TRAIN, N_VAL, make_data, one_error_line, run_main
+from cli_utils import ARGS, N_TRAIN, N_VAL, one_error_line, run_main
 from test_cli import _env, cli
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(str(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,8 @@ import time
 
 import pytest
 import torch
-from cli_utils import ARGS, copy_run, dead_pid, make_data, one_error_line, run_main
+from cli_utils import ARGS, copy_run, dead_pid, one_error_line, run_main
 from test_cli import _env, cli, load, read_csv
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(str(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")

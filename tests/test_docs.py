@@ -92,6 +92,20 @@ def test_zoo_table_lists_every_model_with_its_sources():
     assert f"{len(metaformer.VARIANTS)} models" in table
 
 
+def test_zoo_lists_the_release_dense_results():
+    from metaformer.zoo import DENSE_RESULTS
+
+    # sail-sg/poolformer segmentation/README.md (Semantic FPN, ADE20K) and detection/README.md (COCO, 1x)
+    release = {"poolformer_s12": (37.2, 36.2, 37.3, 34.6), "poolformer_s24": (40.3, 38.9, 40.1, 37.0),
+               "poolformer_s36": (42.0, 39.5, 41.0, 37.7), "poolformer_m36": (42.4, None, None, None),
+               "poolformer_m48": (42.7, None, None, None)}
+    assert {name: tuple(vars(r).values()) for name, r in DENSE_RESULTS.items()} == release
+    table = _hooks().zoo_markdown()
+    for name, figures in release.items():
+        cells = " | ".join("—" if f is None else f"{f:.1f}" for f in figures)
+        assert f"| [`{name}`](#{name}) | {cells} |" in table
+
+
 def _results_page():
     spec = importlib.util.spec_from_file_location("results_page", DOCS / "_hooks" / "results_page.py")
     module = importlib.util.module_from_spec(spec)

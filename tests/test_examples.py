@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPTS = ["ablation", "finetune_folder", "detection_backbone", "export_onnx", "cam", "gradio_app"]
+SCRIPTS = ["ablation", "finetune_folder", "segmentation", "detection_backbone", "export_onnx", "cam", "gradio_app"]
 
 
 def run_example(name: str, *args: str, timeout: float = 300) -> str:
@@ -95,6 +95,12 @@ def test_finetune_folder_on_an_unsplit_folder(tmp_path):
             Image.new("RGB", (16, 16), (40 * i, 100 if label == "a" else 200, 0)).save(tmp_path / label / f"{i}.png")
     out = run_example("finetune_folder", str(tmp_path), "--epochs", "1", "--batch-size", "4", "--image-size", "32")
     assert "8 train / 2 val images, 2 classes" in out
+
+
+def test_segmentation():
+    out = run_example("segmentation", "--iters", "4", "--eval-interval", "2")
+    assert "64 training and 16 validation images, 3 classes" in out and "chance (all background) mIoU" in out
+    assert "iter    2" in out and "iter    4" in out and "best mIoU" in out
 
 
 def test_detection_backbone():

@@ -1,7 +1,8 @@
 """MkDocs hooks: pages generated from the code at every build, so the docs never drift from it.
 
 - ``<!-- metaformer:zoo-table -->`` in a page becomes the model table built from
-  ``metaformer.zoo.VARIANTS`` (names, parts, parameters, MACs, release top-1, weight sources and tags).
+  ``metaformer.zoo.VARIANTS`` (names, parts, parameters, MACs, release top-1, weight sources and tags)
+  and the release's dense-prediction results (ADE20K mIoU, COCO AP) from ``metaformer.zoo.DENSE_RESULTS``.
 - ``<!-- metaformer:zoo-count -->`` becomes the number of registered models.
 - ``<!-- metaformer:benchmarks -->`` becomes, per result file in ``benchmarks/results/``, the run's
   setup, a bar chart (inline SVG) and the complete table (``results_page.py``), or how to produce them.
@@ -110,6 +111,31 @@ def _source_link(source) -> str:
     return f"[GitHub release]({source.url})"
 
 
+def _figure(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def dense_markdown() -> str:
+    """The release's dense-prediction results, generated from ``metaformer.zoo.DENSE_RESULTS``."""
+    from metaformer.zoo import DENSE_RESULTS
+
+    lines = ["## Dense prediction (release)", "",
+             "The PoolFormer release's results with ImageNet-1k pretrained backbones (`metaformer.zoo.DENSE_RESULTS`): "
+             "Semantic FPN on ADE20K (40k iterations, single-scale mIoU on the validation set, mmsegmentation "
+             "0.19) and RetinaNet / Mask R-CNN on COCO val2017 (1x schedule, mmdetection 2.19), from the "
+             "`segmentation/` and `detection/` READMEs of [sail-sg/poolformer](https://github.com/sail-sg/poolformer) "
+             "(*MetaFormer is Actually What You Need for Vision*, [arXiv 2111.11418](https://arxiv.org/abs/2111.11418)). Build the same models with "
+             "`metaformer.create_segmenter` and `metaformer.create_detector`, and load the release's checkpoints "
+             "into them (see [segmentation and detection](how-to/segmentation.md)).", "",
+             '<div class="mf-table" markdown>', "",
+             "| model | ADE20K mIoU (Semantic FPN) | COCO box AP (RetinaNet) | COCO box AP (Mask R-CNN) | "
+             "COCO mask AP (Mask R-CNN) |", "|---|--:|--:|--:|--:|"]
+    for name, r in DENSE_RESULTS.items():
+        lines.append(f"| [`{name}`](#{name}) | {_figure(r.ade20k_miou)} | {_figure(r.retinanet_box_ap)} | "
+                     f"{_figure(r.mask_rcnn_box_ap)} | {_figure(r.mask_rcnn_mask_ap)} |")
+    return "\n".join(lines + ["", "</div>", ""])
+
+
 RELEASES = {
     "poolformer": ("PoolFormer release", "*MetaFormer is Actually What You Need for Vision* (CVPR 2022, "
                    "[arXiv 2111.11418](https://arxiv.org/abs/2111.11418)), code and weights "
@@ -146,7 +172,7 @@ def zoo_markdown() -> str:
               "(multiply-accumulates per 224x224 image) and ImageNet-1k *top-1* are the figures the registry "
               "records from the releases (`Variant.params`, `Variant.macs`, `Variant.top1`), not measurements of "
               "this library; a dash means none is recorded. *crop*: the evaluation crop fraction. *weights*: "
-              "the default tag, and how many more sources the model has (all listed below).", "",
+              "the default tag, and how many more sources the model has (all listed below).", "", dense_markdown(),
               "## Weight sources", "",
               "Every source of every model: load one with `metaformer.create(\"NAME.TAG\", pretrained=True)` "
               "(`pretrained=True` without a tag takes the first).", ""]

@@ -17,8 +17,8 @@ from .layers import GroupNorm1, LayerNorm, LayerNorm2d, StarReLU
 from .mixers import Attention, Identity, Pooling, RandomMixing, SepConv, SpatialMLP
 from .pretrained import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 
-__all__ = ["Variant", "PretrainedCfg", "FAMILIES", "VARIANTS", "PRETRAINED_CFGS", "list_models", "get_variant",
-           "get_pretrained_cfg", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["Variant", "PretrainedCfg", "FAMILIES", "VARIANTS", "PRETRAINED_CFGS", "DenseResults", "DENSE_RESULTS",
+           "list_models", "get_variant", "get_pretrained_cfg", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 P = functools.partial
 
@@ -244,6 +244,36 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in _ROWS}
 
 PRETRAINED_CFGS: Dict[str, PretrainedCfg] = {s.key: s for v in _ROWS for s in v.sources}
 """Every released set of weights, by ``name.tag``."""
+
+
+@dataclass(frozen=True)
+class DenseResults:
+    """The dense-prediction results the PoolFormer release reports for a backbone (ImageNet-1k pretrained).
+
+    Sources: sail-sg/poolformer ``segmentation/README.md`` (mmsegmentation 0.19) and ``detection/README.md``
+    (mmdetection 2.19). None where the release trained no such model.
+
+    Attributes:
+        ade20k_miou: Semantic FPN on ADE20K, 40k iterations, single-scale mIoU (%) on the validation set.
+        retinanet_box_ap: RetinaNet, 1x schedule, COCO val2017 box AP.
+        mask_rcnn_box_ap: Mask R-CNN, 1x schedule, COCO val2017 box AP.
+        mask_rcnn_mask_ap: Mask R-CNN, 1x schedule, COCO val2017 mask AP.
+    """
+
+    ade20k_miou: Optional[float] = None
+    retinanet_box_ap: Optional[float] = None
+    mask_rcnn_box_ap: Optional[float] = None
+    mask_rcnn_mask_ap: Optional[float] = None
+
+
+DENSE_RESULTS: Dict[str, DenseResults] = {
+    "poolformer_s12": DenseResults(ade20k_miou=37.2, retinanet_box_ap=36.2, mask_rcnn_box_ap=37.3, mask_rcnn_mask_ap=34.6),
+    "poolformer_s24": DenseResults(ade20k_miou=40.3, retinanet_box_ap=38.9, mask_rcnn_box_ap=40.1, mask_rcnn_mask_ap=37.0),
+    "poolformer_s36": DenseResults(ade20k_miou=42.0, retinanet_box_ap=39.5, mask_rcnn_box_ap=41.0, mask_rcnn_mask_ap=37.7),
+    "poolformer_m36": DenseResults(ade20k_miou=42.4),
+    "poolformer_m48": DenseResults(ade20k_miou=42.7),
+}
+"""The release's ADE20K and COCO results, by backbone name (the other models have none)."""
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list:

@@ -1,4 +1,4 @@
-"""The ``metaformer`` command line: validate, train, predict, benchmark, info and list.
+"""The ``metaformer`` command line: validate, train, validate-seg, train-seg, predict, benchmark, info and list.
 
 Every command is a module with ``add_parser(subparsers)`` and ``run(args) -> int``. A user's mistake
 (a missing folder, an unreadable image, weights for another model, an unknown flag or model) ends
@@ -17,7 +17,7 @@ __all__ = ["main", "build_parser", "CLIError"]
 
 from .options import CLIError
 
-COMMANDS = ("validate", "train", "predict", "benchmark", "info", "list")
+COMMANDS = ("validate", "train", "validate-seg", "train-seg", "predict", "benchmark", "info", "list")
 EXIT_ERROR = 2
 
 
@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``metaformer`` command with all its sub-commands."""
     from .. import __version__
-    from . import benchmark, info, predict, train, validate
+    from . import benchmark, info, predict, train, train_seg, validate, validate_seg
 
     parser = _Parser(prog="metaformer", description="PoolFormer / MetaFormer models: evaluate, train, "
                      "predict, benchmark and inspect.",
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"metaformer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for module in (validate, train, predict, benchmark):
+    for module in (validate, train, validate_seg, train_seg, predict, benchmark):
         module.add_parser(sub)
     info.add_parsers(sub)
     return parser

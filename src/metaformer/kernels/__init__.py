@@ -1,5 +1,9 @@
 """Fused kernels for MetaFormer blocks, behind one dispatch.
 
+The baselines' memory-bound glue, channel LayerNorm (``layernorm_channels``, and
+``residual_layernorm`` with the residual update before it) and ``star_relu``, runs behind the same
+backends (see ``baseline_ops``).
+
 ``pool_mixer_residual`` computes the PoolFormer token-mixer half-block
 ``x + ls * (AvgPool(GN(x)) - GN(x))`` without materialising ``GN(x)``, using the identity
 ``pool(GN(x)) - GN(x) == gamma[c] * rstd[b] * (pool(x) - x)`` (count_include_pad=False pooling
@@ -33,9 +37,12 @@ __all__ = [
     "TRITON_AVAILABLE",
     "block_forward",
     "get_backend",
+    "layernorm_channels",
     "pool_mixer_residual",
+    "residual_layernorm",
     "resolve_backend",
     "set_backend",
+    "star_relu",
 ]
 
 BACKENDS = ("auto", "torch", "triton", "reference")
@@ -214,4 +221,5 @@ def _validate(x, weight, pool_size, res_scale, sample_scale) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
+from .baseline_ops import layernorm_channels, residual_layernorm, star_relu  # noqa: E402  (reads the names above)
 from .dispatch import block_forward  # noqa: E402  (it reads the names defined above)

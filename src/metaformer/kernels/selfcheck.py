@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["CHECK_SHAPE", "TOLERANCES", "check_key", "reset", "run_checked", "self_check", "verdicts"]
+__all__ = ["CHECK_SHAPE", "TOLERANCES", "check_key", "compare_outputs", "guarded", "reset", "run_checked", "self_check",
+           "verdicts"]
 
 CHECK_SHAPE = (2, 65, 97, 89)  # several tiles, channel blocks, statistics parts and backward splits
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -98,14 +99,7 @@ def self_check(kernel: Callable, reference: Callable, *, device, dtype: torch.dt
         got = _outputs(kernel, x, w, r, s, gy, eps, pool_size)
         cast = [None if t is None else t.to(ref_dtype) for t in (x, w, r, s, gy)]
         want = _outputs(reference, *cast, eps, pool_size)
-    problems = []
-    for name, ref in want.items():
-        scale = ref.abs().max().item() if ref.numel() else 0.0
-        err = (got[name] - ref).abs().max().item() if ref.numel() else 0.0
-        if not (err <= tol * max(scale, 1e-30)):  # also catches NaN
-            problems.append(f"{name}: max abs error {err:.3g} vs largest magnitude {scale:.3g} "
-                            f"(tolerance {tol:g} relative)")
-    return "; ".join(problems) or None
+    return compare_outputs(got, want, tol)
 
 
 def _describe(key) -> str:
@@ -114,18 +108,82 @@ def _describe(key) -> str:
             f"{' with res_scale' if has_r else ''}{' with sample_scale' if has_s else ''}")
 
 
-def _fail(key, problem: str, forced: bool, err: BaseException | None = None) -> None:
+def compare_outputs(got: dict, want: dict, tol: float) -> str | None:
+    """None if every ``got[name]`` agrees with ``want[name]`` within ``tol`` relative to the latter's
+    largest magnitude (NaN never agrees), else a description of each disagreement."""
+    problems = []
+    for name, ref in want.items():
+        ref = ref.double()
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        err = (got[name].double() - ref).abs().max().item() if ref.numel() else 0.0
+        if not (err <= tol * max(scale, 1e-30)):  # also catches NaN
+            problems.append(f"{name}: max abs error {err:.3g} vs largest magnitude {scale:.3g} "
+                            f"(tolerance {tol:g} relative)")
+    return "; ".join(problems) or None
+
+
+def _fail(key, problem: str, forced: bool, err: BaseException | None = None, *, what: str = "the Triton pooling kernels",
+          description: str | None = None, stacklevel: int = 6) -> None:
     """Records a failure; raises under a forced backend, warns under "auto"."""
     _verdicts[key] = problem
+    description = _describe(key) if description is None else description
     if forced:
         if err is not None:
             raise err
-        raise RuntimeError(f"metaformer: the Triton pooling kernels disagree with the PyTorch path for "
-                           f"{_describe(key)}: {problem}. Use set_backend('auto') (falls back to PyTorch) or "
-                           f"set_backend('torch'), and please report this with your GPU, driver and Triton version.")
-    warnings.warn(f"metaformer: the Triton pooling kernels failed for {_describe(key)} ({problem}); the 'auto' "
-                  f"backend uses the PyTorch path for these inputs from now on. set_backend('triton') shows "
-                  f"the error.", RuntimeWarning, stacklevel=5)
+        raise RuntimeError(f"metaformer: {what} disagree with the PyTorch path for {description}: {problem}. Use "
+                           f"set_backend('auto') (falls back to PyTorch) or set_backend('torch'), and please report "
+                           f"this with your GPU, driver and Triton version.")
+    warnings.warn(f"metaformer: {what} failed for {description} ({problem}); the 'auto' backend uses the PyTorch path "
+                  f"for these inputs from now on. set_backend('triton') shows the error.", RuntimeWarning,
+                  stacklevel=stacklevel)
+
+
+def guarded(key, *, call: Callable, check: Callable, forced: bool, do_check: bool, device, what: str,
+            description: str, stacklevel: int = 4):
+    """``call()`` under the self-check policy for configuration ``key``; None means: use the PyTorch path.
+
+    Args:
+        key: The configuration (hashable); each is checked once.
+        call: Runs the Triton kernels on the real inputs.
+        check: Runs the self-check; returns None or what disagreed (exceptions count as failures).
+        forced: The ``"triton"`` backend was selected (raise instead of falling back).
+        do_check: Run the self-check on first use (real GPUs only).
+        device: The inputs' device (no check can run while a CUDA graph is being captured on it).
+        what: The kernels' name in messages (``"the Triton LayerNorm kernels"``).
+        description: The configuration in words.
+        stacklevel: Of the warning under ``"auto"``, counted with this function as 1 (the default 4 is
+            the caller of a public function that calls a helper that calls this).
+    """
+    fail = dict(what=what, description=description, stacklevel=stacklevel + 1)
+    verdict = _verdicts.get(key, _UNCHECKED)
+    if verdict is _UNCHECKED and do_check:
+        if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if forced:
+                raise RuntimeError(f"metaformer: {what} are self-checked on first use, which cannot happen during "
+                                   "CUDA-graph capture; run one call before capturing")
+            return None
+        try:
+            verdict = check()
+        except Exception as e:
+            if _is_oom(e):
+                raise
+            _fail(key, f"the self-check raised {type(e).__name__}: {e}", forced, e, **fail)
+            return None
+        if verdict is not None:
+            _fail(key, f"the self-check found wrong results: {verdict}", forced, **fail)
+            return None
+        _verdicts[key] = None
+    elif verdict is not _UNCHECKED and verdict is not None:
+        if forced:
+            raise RuntimeError(f"metaformer: {what} failed earlier for {description}: {verdict}")
+        return None
+    try:
+        return call()
+    except Exception as e:
+        if _is_oom(e) or forced:
+            raise
+        _fail(key, f"{type(e).__name__}: {e}", forced, **fail)
+        return None
 
 
 def run_checked(x: torch.Tensor, weight: torch.Tensor, kwargs: dict, *, kernel: Callable, reference: Callable,
@@ -141,33 +199,10 @@ def run_checked(x: torch.Tensor, weight: torch.Tensor, kwargs: dict, *, kernel: 
         extra: More parts of the configuration key (the tile sizes).
     """
     key = check_key(x, kwargs["pool_size"], kwargs["res_scale"], kwargs["sample_scale"], extra)
-    verdict = _verdicts.get(key, _UNCHECKED)
-    if verdict is _UNCHECKED and check:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            if forced:
-                raise RuntimeError("metaformer: the Triton pooling kernels are self-checked on first use, which "
-                                   "cannot happen during CUDA-graph capture; run one call before capturing")
-            return None
-        try:
-            verdict = self_check(kernel, reference, device=x.device, dtype=x.dtype, channels_last=key[2] != "contiguous",
-                                 pool_size=kwargs["pool_size"], has_r=key[4], has_s=key[5], eps=kwargs["eps"])
-        except Exception as e:
-            if _is_oom(e):
-                raise
-            _fail(key, f"the self-check raised {type(e).__name__}: {e}", forced, e)
-            return None
-        if verdict is not None:
-            _fail(key, f"the self-check found wrong results: {verdict}", forced)
-            return None
-        _verdicts[key] = None
-    elif verdict is not _UNCHECKED and verdict is not None:
-        if forced:
-            raise RuntimeError(f"metaformer: the Triton pooling kernels failed earlier for {_describe(key)}: {verdict}")
-        return None
-    try:
-        return kernel(x, weight, **kwargs)
-    except Exception as e:
-        if _is_oom(e) or forced:
-            raise
-        _fail(key, f"{type(e).__name__}: {e}", forced)
-        return None
+
+    def run_check():
+        return self_check(kernel, reference, device=x.device, dtype=x.dtype, channels_last=key[2] != "contiguous",
+                          pool_size=kwargs["pool_size"], has_r=key[4], has_s=key[5], eps=kwargs["eps"])
+
+    return guarded(key, call=lambda: kernel(x, weight, **kwargs), check=run_check, forced=forced, do_check=check,
+                   device=x.device, what="the Triton pooling kernels", description=_describe(key), stacklevel=5)

@@ -114,6 +114,17 @@ def _program_ids(pid, NPT, NCB):
 
 
 @triton.jit
+def _tile(pid_p, pid_c, b, C, H, W, stride_b, stride_c, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """A program's tile: pixel and channel offsets, their masks, pixel rows/columns and sample b's base."""
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < H * W
+    mask_c = offs_c < C
+    base = b * stride_b + offs_c[:, None] * stride_c
+    return offs_p, offs_c, mask_p, mask_c, offs_p // W, offs_p % W, base, mask_c[:, None] & mask_p[None, :]
+
+
+@triton.jit
 def fwd_kernel(
     x_ptr, y_ptr, w_ptr, r_ptr, s_ptr, pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr,
     C, H, W, N, NPARTS, SPAN, eps_hi, eps_lo, NPT, NCB, stride_b, stride_c, stride_w,
@@ -125,14 +136,8 @@ def fwd_kernel(
     if (pid_p == 0) & (pid_c == 0):
         tl.store(mean_ptr + b, mean)
         tl.store(rstd_ptr + b, rstd)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < H * W
-    mask_c = offs_c < C
-    h = offs_p // W
-    w = offs_p % W
-    base = b * stride_b + offs_c[:, None] * stride_c
-    mask = mask_c[:, None] & mask_p[None, :]
+    offs_p, offs_c, mask_p, mask_c, h, w, base, mask = _tile(pid_p, pid_c, b, C, H, W, stride_b, stride_c,
+                                                             BLOCK_C, BLOCK_P)
 
     xv = tl.load(x_ptr + base + offs_p[None, :] * stride_w, mask=mask, other=0.0).to(ACC)
     pooled = _pool_centred(x_ptr, base, offs_p, h, w, mask_c, mask_p, mean, H, W, stride_w,
@@ -217,15 +222,9 @@ def bwd_dx_kernel(
         grad_rstd = grad_rstd * s
     kb = -grad_rstd * rstd * rstd * rstd / tl.cast(N, ACC)
 
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < H * W
-    mask_c = offs_c < C
-    h = offs_p // W
-    w = offs_p % W
-    base = b * stride_b + offs_c[:, None] * stride_c
+    offs_p, offs_c, mask_p, mask_c, h, w, base, mask = _tile(pid_p, pid_c, b, C, H, W, stride_b, stride_c,
+                                                             BLOCK_C, BLOCK_P)
     g_base = b * g_sb + offs_c[:, None] * g_sc
-    mask = mask_c[:, None] & mask_p[None, :]
     g = tl.load(g_ptr + g_base + offs_p[None, :] * g_sw, mask=mask, other=0.0).to(ACC)
     xv = tl.load(x_ptr + base + offs_p[None, :] * stride_w, mask=mask, other=0.0).to(ACC)
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)

@@ -24,7 +24,9 @@ optimizer, schedule, augmentation and losses through timm's factories),
 :mod:`~metaformer.training.checkpoint` (the training checkpoint and ``load_model_file``),
 :mod:`~metaformer.training.distributed` (the torchrun process group),
 :mod:`~metaformer.training.run_folder` (the run folder: lock, save order, repair on resume), :mod:`~metaformer.training.rng`
-(seeding and exact RNG state) and :mod:`~metaformer.training.reports` (metrics CSV and plot).
+(seeding and exact RNG state), :mod:`~metaformer.training.reports` (metrics CSV and plot),
+:mod:`~metaformer.training.segmentation` (``SegRecipe``, the loss and mIoU evaluation of ``metaformer train-seg``)
+and :mod:`~metaformer.training.sampler` (``IterationBatchSampler``: batches of iteration-based runs).
 """
 
 from .checkpoint import (
@@ -55,6 +57,15 @@ from .recipe import Recipe, fix_posterize, safe_posterize
 from .reports import plot_history, write_metrics_csv
 from .rng import rng_state, seed_all, set_rng_state
 from .run_folder import RUN_FILES, RunFolder, RunLockedError
+from .sampler import IterationBatchSampler
+from .segmentation import (
+    SEG_CSV_FIELDS,
+    SEGMENTATION_TASK,
+    SegmentationLoss,
+    SegRecipe,
+    evaluate_segmentation,
+    load_segmenter_file,
+)
 from .state import TrainState
 
 __all__ = [
@@ -95,4 +106,11 @@ __all__ = [
     "RunFolder",
     "RunLockedError",
     "RUN_FILES",
+    "IterationBatchSampler",
+    "SegRecipe",
+    "SegmentationLoss",
+    "evaluate_segmentation",
+    "load_segmenter_file",
+    "SEGMENTATION_TASK",
+    "SEG_CSV_FIELDS",
 ]

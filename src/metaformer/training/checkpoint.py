@@ -38,6 +38,7 @@ class RunInfo:
         eval_weights: ``"model_ema"`` when the EMA is validated, else ``"model"``.
         world_size: Number of processes of the run.
         args: The run's options, as JSON-able values.
+        task: ``"classification"`` (``metaformer train``) or ``"segmentation"`` (``metaformer train-seg``).
     """
 
     model_name: str
@@ -49,6 +50,7 @@ class RunInfo:
     eval_weights: str = "model"
     world_size: int = 1
     args: Dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
 
 
 def build_checkpoint(state: TrainState, run: RunInfo, rng: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
@@ -100,6 +102,9 @@ def run_differences(checkpoint: Dict[str, Any], run: RunInfo) -> List[str]:
         the checkpoint"``; empty when the checkpoint continues ``run``.
     """
     out = []
+    task = checkpoint.get("task", "classification")
+    if task != run.task:
+        out.append(f"task: {run.task} here, {task} in the checkpoint")
     if checkpoint["model_name"].partition(".")[0] != run.model_name.partition(".")[0]:
         out.append(f"model: {run.model_name} here, {checkpoint['model_name']} in the checkpoint")
     stored = dict(checkpoint.get("model_kwargs") or {})
@@ -196,6 +201,10 @@ def _from_training_checkpoint(ckpt, path: str, name: Optional[str], num_classes:
     from ..weights import CheckpointError, load_state_dict_into
 
     stored_name = ckpt["model_name"]
+    if ckpt.get("task", "classification") != "classification":
+        raise CheckpointError(f"{path} is a {ckpt['task']} checkpoint (written by `metaformer train-seg`), not a "
+                              f"classifier: evaluate it with `metaformer validate-seg`, or load it with "
+                              f"metaformer.create_segmenter(name, checkpoint=PATH)")
     if name and name.partition(".")[0] != stored_name.partition(".")[0]:
         raise CheckpointError(f"{path} was trained as {stored_name}, not {name}; pass --model {stored_name} "
                               f"(or leave the model name out: the checkpoint names it)")

@@ -36,6 +36,7 @@ class LoopSettings:
         channels_last: Feed the model channels_last batches.
         sched_on_updates: Step the scheduler after every update instead of every epoch.
         progress: Show a progress bar (on a terminal only).
+        desc: Label of the progress bar (default: ``epoch E/EPOCHS``).
     """
 
     device: torch.device
@@ -48,6 +49,7 @@ class LoopSettings:
     channels_last: bool = False
     sched_on_updates: bool = False
     progress: bool = True
+    desc: Optional[str] = None
 
 
 @dataclass
@@ -115,7 +117,7 @@ def train_one_epoch(state: TrainState, loader, settings: LoopSettings, loss_fn: 
     loss_sum, count = 0.0, 0
     forward.train()
     optimizer.zero_grad(set_to_none=True)
-    bar = _bar(loader, f"epoch {epoch}/{settings.epochs}", settings.progress)
+    bar = _bar(loader, settings.desc or f"epoch {epoch}/{settings.epochs}", settings.progress)
     for i, (images, target) in enumerate(bar):
         images = images.to(settings.device, non_blocking=True)
         target = target.to(settings.device, non_blocking=True)

@@ -1,0 +1,273 @@
+"""GPU benchmark of every MetaFormer family against timm, and of the LayerNorm / StarReLU kernels.
+
+One run gives the whole table. Per model (poolformer_s12, poolformerv2_s12, identityformer_s12,
+randformer_s12, convformer_s18, caformer_s18; timm registers no IdentityFormer or RandFormer, so for
+those its ``MetaFormer`` class is assembled as the release builds them): timm's model eager in NCHW (``timm_nchw``), eager in
+channels_last (``timm_cl``) and ``torch.compile``d in channels_last (``timm_compiled``), and ours with its
+default dispatch in channels_last (``ours``; ``ours_nchw`` and ``ours_compiled`` on request), bf16
+autocast, batch 128 at 224x224: inference (``torch.no_grad``) and a training step (forward, loss,
+backward, gradients set to None) with its peak memory.
+
+Correctness first, per model, before anything is timed: ours carries timm's weights (converted by
+``load_state_dict_into``) and its logits must match timm's in fp32 (TF32 off) within 1e-4 of the
+largest logit; the bf16-autocast difference is reported. A mismatch stops the run (exit status 2).
+
+The eager variants of every model run first, then the compiled ones while ``--budget-s`` allows
+(a compiled variant is started only with ``--compile-reserve-s`` left; what is skipped is recorded as
+such). Before the models, the kernels' micro-benchmarks (gpu_glue.py). Timing as in
+bench_pool_mixer_gpu.py (``triton.testing.do_bench``, L2 flushed, medians with 20/80 % quantiles).
+
+Usage::
+
+    python benchmarks/bench_gpu_families.py                 # writes benchmarks/results/gpu_families.json
+    python benchmarks/bench_gpu_families.py --models convformer_s18 --no-kernels
+    python benchmarks/bench_gpu_families.py --smoke --models poolformer_s12 --size 64   # CPU plumbing check (no compile)
+
+Exit status: 0 done, 1 missing requirement (no GPU), 2 wrong results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import BenchmarkError, bench, header_lines, machine_info, write_json  # noqa: E402
+from gpu_models import _peak_memory_mib, _step  # noqa: E402
+
+MODELS = ["poolformer_s12", "poolformerv2_s12", "identityformer_s12", "randformer_s12", "convformer_s18",
+          "caformer_s18"]
+VARIANTS = ["timm_nchw", "timm_cl", "ours", "ours_nchw", "timm_compiled", "ours_compiled"]
+DEFAULT_VARIANTS = ["timm_nchw", "timm_cl", "ours", "timm_compiled"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=MODELS, help=f"default: all of {MODELS}")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=100.0, help="kernels: timed time per case")
+    p.add_argument("--model-rep-ms", type=float, default=300.0, help="models: timed time per case")
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting new work after this many seconds")
+    p.add_argument("--compile-reserve-s", type=float, default=75.0, help="time a compiled variant needs at least")
+    p.add_argument("--no-compile", action="store_true", help="skip every torch.compile variant")
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernels' micro-benchmarks")
+    p.add_argument("--kernels-share", type=float, default=0.25,
+                   help="with --budget-s: the kernels' part starts no new case after this share of the budget")
+    p.add_argument("--kernels-only", action="store_true", help="skip the models")
+    p.add_argument("--glue-dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--glue-layouts", nargs="+", default=["channels_last"], choices=["channels_last", "nchw"])
+    p.add_argument("--glue-batch", type=int, default=128)
+    p.add_argument("--peak-gbps", type=float, default=None)
+    p.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gpu_families.json")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, any device (CPU: no triton variants)")
+    p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        p.error(f"unknown models {unknown}; choose from {MODELS}")
+    if args.smoke:  # the plumbing only: tiny batches, no torch.compile (minutes on a CPU)
+        args.batch, args.glue_batch, args.no_compile = 2, 2, True
+        args.warmup_ms, args.rep_ms, args.model_rep_ms = 1.0, 5.0, 5.0
+    args.device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    return args
+
+
+def _timm_model(name: str):
+    """timm's model: registered, or (identityformer_s12, randformer_s12, which timm does not register) timm's
+    ``MetaFormer`` assembled as the release builds them (poolformerv2_s12's parts with another token mixer)."""
+    import timm
+    from timm.models.metaformer import GroupNorm1NoBias, MetaFormer
+
+    if name in timm.list_models(name):
+        return timm.create_model(name)
+    from metaformer.mixers import RandomMixing
+
+    class RandomMixing14(RandomMixing):  # timm's stage tests issubclass(mixer, ...): classes, not partials
+        def __init__(self, dim, **kwargs):
+            super().__init__(dim, spatial_size=14)
+
+    class RandomMixing7(RandomMixing):
+        def __init__(self, dim, **kwargs):
+            super().__init__(dim, spatial_size=7)
+
+    mixers = {"identityformer_s12": torch.nn.Identity,
+              "randformer_s12": [torch.nn.Identity, torch.nn.Identity, RandomMixing14, RandomMixing7]}
+    if name not in mixers:
+        raise ValueError(f"no timm counterpart for {name!r}; choose from {MODELS}")
+    return MetaFormer(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), token_mixers=mixers[name],
+                      norm_layers=GroupNorm1NoBias, use_mlp_head=False)
+
+
+def _build(name: str, timm_state=None):
+    """timm's model, or ours carrying timm's weights (``timm_state``)."""
+    import metaformer
+    from metaformer.weights import load_state_dict_into
+
+    if timm_state is None:
+        torch.manual_seed(0)
+        return _timm_model(name)
+    ours = metaformer.create(name)
+    load_state_dict_into(ours, timm_state, layout="timm")
+    return ours
+
+
+def _logits(model, x, autocast: bool):
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        return model(x).float()
+
+
+def check_family(args, name: str, x) -> dict:
+    """Our logits (timm's weights) against timm's: fp32 within 1e-4 of the largest logit (raises), bf16 reported."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        timm_model = _build(name).to(args.device).eval()
+        ours = _build(name, timm_model.state_dict()).to(args.device).eval()
+        out = {}
+        for autocast in (False, True) if args.device.type == "cuda" else (False,):
+            a, b = _logits(ours, x[:8], autocast), _logits(timm_model, x[:8], autocast)
+            out["bf16" if autocast else "fp32"] = ((a - b).abs().max() / b.abs().max()).item()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    if not out["fp32"] <= 1e-4:
+        raise BenchmarkError(f"{name}: our logits differ from timm's (same weights, fp32) by {out['fp32']:.3g} of "
+                             f"the largest logit")
+    return {"logits_rel_diff_vs_timm_" + k: v for k, v in out.items()}
+
+
+def time_variant(args, name: str, variant: str, x) -> dict:
+    """Inference and training-step timings of one variant (after a torch._dynamo.reset() when compiled)."""
+    model = _build(name)
+    if variant.startswith("ours"):
+        model = _build(name, model.state_dict())
+    fmt = torch.contiguous_format if variant.endswith("nchw") else torch.channels_last
+    model = model.to(args.device).to(memory_format=fmt)
+    xin = x.contiguous(memory_format=fmt)
+    t0 = time.perf_counter()
+    if variant.endswith("compiled"):
+        torch._dynamo.reset()
+        model = torch.compile(model, dynamic=False)
+    row = {}
+    for train in (False, True):
+        model.train(train)
+        fn = _step(model, xin, train, args.device)
+        r = bench(fn, args.device, args.warmup_ms, args.model_rep_ms)
+        r["img_per_s"] = args.batch / (r["median_ms"] * 1e-3)
+        if train:
+            r["peak_mem_mib"] = _peak_memory_mib(fn, args.device)
+        row["train_step" if train else "inference"] = r
+    row["seconds_incl_compile"] = round(time.perf_counter() - t0, 1)
+    del model
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def ratios(rows: dict) -> dict:
+    """Ours against timm's best eager layout and against timm compiled, per pass (speed and peak memory)."""
+    out = {}
+    for part in ("inference", "train_step"):
+        eager = [rows[v][part] for v in ("timm_nchw", "timm_cl") if v in rows]
+        best = min(eager, key=lambda r: r["median_ms"]) if eager else None
+        for ours in ("ours", "ours_nchw", "ours_compiled"):
+            if ours not in rows:
+                continue
+            mine = rows[ours][part]
+            if best:
+                out[f"{ours}_vs_timm_best_eager_{part}"] = best["median_ms"] / mine["median_ms"]
+            if "timm_compiled" in rows:
+                out[f"{ours}_vs_timm_compiled_{part}"] = rows["timm_compiled"][part]["median_ms"] / mine["median_ms"]
+            if part == "train_step" and best and best.get("peak_mem_mib") and mine.get("peak_mem_mib"):
+                out[f"{ours}_peak_mem_vs_timm_best_eager"] = mine["peak_mem_mib"] / best["peak_mem_mib"]
+    return out
+
+
+def bench_models(args, results: dict, save, t_end) -> None:
+    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+    models = results.setdefault("models", {})
+    eager = [v for v in args.variants if not v.endswith("compiled")]
+    compiled = [] if args.no_compile else [v for v in args.variants if v.endswith("compiled")]
+    for name in args.models:  # correctness of every model before anything is timed
+        models[name] = {"checks": check_family(args, name, x), "variants": {}, "skipped": {}}
+        print(f"  {name}: logits vs timm {models[name]['checks']}", flush=True)
+    for phase in (eager, compiled):
+        for name in args.models:
+            for variant in phase:
+                left = t_end - time.perf_counter()
+                need = args.compile_reserve_s if variant.endswith("compiled") else 10.0
+                if left < need:
+                    models[name]["skipped"][variant] = f"time budget ({left:.0f} s left, {need:.0f} s needed)"
+                    print(f"  {name:18} {variant:14} skipped: time budget", flush=True)
+                    continue
+                row = time_variant(args, name, variant, x)
+                models[name]["variants"][variant] = row
+                models[name]["ratios"] = ratios(models[name]["variants"])
+                inf, tr = row["inference"], row["train_step"]
+                print(f"  {name:18} {variant:14} inference {inf['median_ms']:8.2f} ms {inf['img_per_s']:7.0f} img/s | "
+                      f"train {tr['median_ms']:8.2f} ms {tr['img_per_s']:6.0f} img/s"
+                      + (f", peak {tr['peak_mem_mib']:.0f} MiB" if tr.get("peak_mem_mib") else ""), flush=True)
+                save()
+
+
+def print_table(results: dict) -> None:
+    print("\nmodel               ours vs timm's best eager (inference / train) | vs timm compiled | peak mem vs best")
+    for name, m in results.get("models", {}).items():
+        r = m.get("ratios", {})
+
+        def f(key, r=r):
+            return f"{r[key]:.2f}x" if key in r else "-"
+        print(f"  {name:18} {f('ours_vs_timm_best_eager_inference'):>7} / {f('ours_vs_timm_best_eager_train_step'):>7}"
+              f" | {f('ours_vs_timm_compiled_inference'):>7} / {f('ours_vs_timm_compiled_train_step'):>7}"
+              f" | {f('ours_peak_mem_vs_timm_best_eager'):>7}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_end = time.perf_counter() + (args.budget_s if args.budget_s else float("inf"))
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu_families: no CUDA device: this benchmark needs a GPU (or --smoke for a CPU run of its "
+              "plumbing). Exiting.", file=sys.stderr)
+        return 1
+    from gpu_glue import bench_glue, weighted
+
+    info = machine_info(args.peak_gbps) if args.device.type == "cuda" else {"device": str(args.device), "peak_gbps": None}
+    results = {"kind": "gpu_families", "machine": info, "autocast": "bfloat16", "settings": {
+        k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}}
+    for line in header_lines(info) if args.device.type == "cuda" else [f"device: {args.device} (smoke run)"]:
+        print(line)
+
+    def save():
+        write_json(args.output, results)
+
+    try:
+        if not args.no_kernels:
+            print(f"\nkernels, batch {args.glue_batch}, {args.glue_dtype}, GB/s on the ideal traffic", flush=True)
+            args.kernels_end = time.perf_counter() + args.kernels_share * (t_end - time.perf_counter())
+            records = bench_glue(args, info)
+            results.update(kernels=records, kernels_weighted_convformer_s18=weighted(records))
+            save()
+        if not args.kernels_only:
+            print(f"\nmodels, batch {args.batch}, {args.size}x{args.size}, bf16 autocast", flush=True)
+            bench_models(args, results, save, t_end)
+            print_table(results)
+    except BenchmarkError as e:
+        print(f"\nCORRECTNESS FAILURE, nothing timed is trustworthy: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import metaformer.kernels as K
+
+        K.set_backend("auto")
+    save()
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The MetaFormer baselines' block halves through the Triton LayerNorm / StarReLU kernels (CUDA).
+
+Each function computes exactly one half of a :class:`~metaformer.MetaFormerBlock` (or the whole
+block), with autograd, or returns None when it does not apply, so that the dispatch falls back to the
+block's own half:
+
+- :func:`ln_mixer_half`: ``block.mixer_half(x)`` with ``norm1`` (a ``LayerNorm2d``) as the Triton
+  kernel; the token mixer, the drop path and the scales are the block's own modules.
+- :func:`starrelu_mlp_half`: ``block.mlp_half(x)`` with ``norm2`` (a ``LayerNorm2d``) and the MLP's
+  ``StarReLU`` as Triton kernels (either one suffices); the convolutions, dropouts, drop path and
+  scales are the block's own modules.
+- :func:`ln_block`: ``block.mlp_half(block.mixer_half(x))`` with the mixer half's residual update
+  (res scale, drop path, layer scale) fused with ``norm2`` (``residual_layernorm``: one pass writes
+  the residual stream and its normalised copy); the drop-path mask is drawn as ``DropPath`` draws it,
+  so the random stream and the values are those of the plain block.
+
+They apply to 4-D floating tensors (fp32, fp16, bf16, fp64) that the kernels take: CUDA tensors under
+the ``"auto"`` or ``"triton"`` backend outside torch.compile / TorchScript / ONNX tracing, and CPU
+tensors only under ``TRITON_INTERPRET=1`` with the ``"triton"`` backend forced (how the tests run
+them). The kernels themselves self-check on first use per configuration and fall back to the
+composition on a failure (``baseline_ops``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..layers import DropPath, LayerNorm2d, Mlp, Scale, StarReLU
+from ..mixers import check_mixer_output
+from . import _interpreting, resolve_backend
+from .baseline_ops import layernorm_channels, residual_layernorm, star_relu
+
+__all__ = ["halves_apply", "ln_block", "ln_mixer_half", "starrelu_mlp_half"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def halves_apply(x) -> bool:
+    """Whether the Triton block halves may run for ``x`` (a cheap test of the tensor and the backend).
+
+    Args:
+        x: The block's input.
+
+    Returns:
+        True for a 4-D tensor of a kernel dtype on CUDA (or on CPU under ``TRITON_INTERPRET=1``) whose
+        backend resolves to ``"triton"``, outside tracing; False otherwise.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in _DTYPES:
+        return False
+    if not (x.is_cuda or _interpreting()):
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return False
+    return resolve_backend(x) == "triton"
+
+
+def ln_mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``block.mixer_half(x)`` with ``norm1`` as the Triton LayerNorm kernel, or None if it does not apply.
+
+    Args:
+        block: A :class:`~metaformer.MetaFormerBlock`.
+        x: Its (B, C, H, W) input.
+
+    Returns:
+        ``res_scale1(x) + layer_scale1(drop_path1(token_mixer(norm1(x))))``, or None when ``norm1`` is not
+        a ``LayerNorm2d`` or :func:`halves_apply` is False.
+    """
+    norm = _layernorm(getattr(block, "norm1", None))
+    if norm is None or not halves_apply(x):
+        return None
+    mixed = block.token_mixer(layernorm_channels(x, norm.weight, norm.bias, eps=norm.eps))
+    check_mixer_output(block.token_mixer, x, mixed)
+    return block.res_scale1(x) + block.layer_scale1(block.drop_path1(mixed))
+
+
+def starrelu_mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``block.mlp_half(x)`` with ``norm2`` and the MLP's StarReLU as Triton kernels, or None.
+
+    Args:
+        block: A :class:`~metaformer.MetaFormerBlock`.
+        x: Its (B, C, H, W) input.
+
+    Returns:
+        ``res_scale2(x) + layer_scale2(drop_path2(mlp(norm2(x))))``, or None when the MLP is not the
+        library's ``Mlp``, neither ``norm2`` is a ``LayerNorm2d`` nor the activation a ``StarReLU``, or
+        :func:`halves_apply` is False.
+    """
+    mlp = _mlp(block)
+    if mlp is None or not halves_apply(x):
+        return None
+    norm = _layernorm(block.norm2)
+    if norm is None and not _is_star(mlp.act):
+        return None
+    n = block.norm2(x) if norm is None else layernorm_channels(x, norm.weight, norm.bias, eps=norm.eps,
+                                                                  out_dtype=_cast_dtype(x, mlp.fc1))
+    return _mlp_tail(block, mlp, x, n)
+
+
+def ln_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The whole block, ``block.mlp_half(block.mixer_half(x))``, with the mixer half's residual update
+    fused with ``norm2`` (and both norms and StarReLU as Triton kernels), or None if it does not apply.
+
+    Args:
+        block: A :class:`~metaformer.MetaFormerBlock`.
+        x: Its (B, C, H, W) input.
+
+    Returns:
+        The block's output, or None unless both norms are ``LayerNorm2d``, the MLP is the library's
+        ``Mlp``, the mixer half's scales are ``Scale`` or identities, its drop path a ``DropPath`` or an
+        identity, and :func:`halves_apply` is True.
+    """
+    norm1, norm2 = _layernorm(getattr(block, "norm1", None)), _layernorm(getattr(block, "norm2", None))
+    mlp = _mlp(block)
+    if norm1 is None or norm2 is None or mlp is None or not _plain_residual(block) or not halves_apply(x):
+        return None
+    mixed = block.token_mixer(layernorm_channels(x, norm1.weight, norm1.bias, eps=norm1.eps))
+    check_mixer_output(block.token_mixer, x, mixed)
+    z, n = residual_layernorm(x, mixed, norm2.weight, norm2.bias, eps=norm2.eps, res_scale=_scale(block.res_scale1),
+                              layer_scale=_scale(block.layer_scale1), sample_scale=_drop_mask(block.drop_path1, mixed),
+                              out_dtype=_cast_dtype(x, mlp.fc1))
+    return _mlp_tail(block, mlp, z, n)
+
+
+# ------------------------------------------------------------------------------------ the parts
+def _layernorm(norm):
+    """The norm if it is exactly the library's LayerNorm2d (a subclass may change the maths), else None."""
+    return norm if type(norm) is LayerNorm2d else None
+
+
+def _is_star(act) -> bool:
+    return type(act) is StarReLU
+
+
+def _mlp(block):
+    mlp = getattr(block, "mlp", None)
+    return mlp if type(mlp) is Mlp else None
+
+
+def _plain_residual(block) -> bool:
+    """Whether the mixer half's res scale, layer scale and drop path are the plain modules residual_layernorm fuses."""
+    return (type(block.res_scale1) in (Scale, nn.Identity) and type(block.layer_scale1) in (Scale, nn.Identity)
+            and type(block.drop_path1) in (DropPath, nn.Identity))
+
+
+def _scale(module) -> Optional[torch.Tensor]:
+    return getattr(module, "scale", None) if not isinstance(module, nn.Identity) else None
+
+
+def _drop_mask(drop_path: nn.Module, y: torch.Tensor) -> Optional[torch.Tensor]:
+    """``DropPath``'s per-sample factor for ``y``, drawn as timm's ``drop_path`` draws it (same random
+    stream, y's dtype), or None when it is the identity (eval, rate 0)."""
+    rate = float(getattr(drop_path, "drop_prob", 0.0) or 0.0)
+    if isinstance(drop_path, nn.Identity) or rate == 0.0 or not drop_path.training:
+        return None
+    keep = 1.0 - rate
+    mask = y.new_empty((y.shape[0], 1, 1, 1)).bernoulli_(keep)
+    if keep > 0.0 and getattr(drop_path, "scale_by_keep", True):
+        mask.div_(keep)
+    return mask.view(-1)
+
+
+def _cast_dtype(x: torch.Tensor, conv: nn.Module) -> Optional[torch.dtype]:
+    """Under CUDA autocast the next 1x1 convolution casts its input: the kernel writes that dtype directly."""
+    if x.is_cuda and type(conv) is nn.Conv2d and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
+def _mlp_tail(block, mlp, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``res_scale2(x) + layer_scale2(drop_path2(fc2(act(fc1(n)))))`` with the dropouts; StarReLU as the kernel."""
+    h = mlp.fc1(n)
+    if _is_star(mlp.act):
+        # Under autocast fc2 casts StarReLU's fp32 output; writing that dtype directly is the same value
+        # unless a dropout sits between them (it would scale in the other dtype).
+        active_drop = mlp.training and mlp.drop1.p > 0
+        h = star_relu(h, mlp.act.scale, mlp.act.bias, out_dtype=None if active_drop else _cast_dtype(h, mlp.fc2))
+    else:
+        h = mlp.act(h)
+    y = mlp.drop2(mlp.fc2(mlp.drop1(h)))
+    return block.res_scale2(x) + block.layer_scale2(block.drop_path2(y))

@@ -1,0 +1,164 @@
+"""The Triton block halves (kernels/cuda_halves.py) under Triton's interpreter: ``python tests/cuda_halves_suite.py``.
+
+Run by test_kernels_cuda_halves.py in a subprocess with ``TRITON_INTERPRET=1`` (set before triton is
+imported) and the ``"triton"`` backend forced. Each function's output and the gradients of the input
+and of every parameter equal those of the block's own halves (``mixer_half``, ``mlp_half``, both in
+turn for ``ln_block``) under the same random stream: fp32 within rtol 1e-5, fp64 within 1e-9, in eval
+and in training, drop path on and off, for a real CAFormer block (timm's ``caformer_s18`` stage 2:
+attention, res scales) and hand-built ones (SepConv, layer and res scales, a norm bias, channels_last,
+tiny tiles so that several programs run), and the cases that must return None. Prints ``passed``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+
+import torch
+
+import metaformer
+import metaformer.kernels as K
+from metaformer import MetaFormerBlock
+from metaformer.kernels import cuda_halves as H
+from metaformer.kernels import triton_ln
+from metaformer.layers import GroupNorm1, LayerNorm2d, StarReLU
+from metaformer.mixers import Identity, SepConv
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-9}
+PAIRS = {  # ours -> the block's own composition
+    "ln_mixer_half": (H.ln_mixer_half, lambda b, x: b.mixer_half(x)),
+    "starrelu_mlp_half": (H.starrelu_mlp_half, lambda b, x: b.mlp_half(x)),
+    "ln_block": (H.ln_block, lambda b, x: b.mlp_half(b.mixer_half(x))),
+}
+SEED = 3  # draws a drop-path mask of 4 samples with some dropped and some kept (asserted)
+
+
+def randomize_(block: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter away from its initial value (scales near 1, biases and StarReLU's bias near 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            p.copy_(p + 0.3 * noise if p.dim() <= 1 else p + 0.05 * noise)
+    return block
+
+
+def run(fn, block, x):
+    """(output, {name: gradient}) for the input and every parameter, from the same random stream."""
+    block.zero_grad(set_to_none=True)
+    xg = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(SEED)
+    out = fn(block, xg)
+    assert out is not None
+    names = ["input"] + [n for n, p in block.named_parameters() if p.requires_grad]
+    leaves = [xg] + [p for p in block.parameters() if p.requires_grad]
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, gout, allow_unused=True)
+    return out.detach(), {n: g for n, g in zip(names, grads)}
+
+
+def check(block, x, which=tuple(PAIRS), label="", modes=(False, True)):
+    """Every function of ``which`` against the block's halves, in eval and / or training (``modes``).
+
+    Gradients of the parameters are sums over every position: their tolerance is relative to their largest
+    entry as well (cancellation in a sum of the other order)."""
+    tol = TOL[x.dtype]
+    for training in modes:
+        block.train(training)
+        for name in which:
+            ours, plain = PAIRS[name]
+            got, got_g = run(ours, block, x)
+            want, want_g = run(plain, block, x)
+            where = f"{label} {name} {'train' if training else 'eval'}"
+            assert got.dtype == want.dtype, (where, got.dtype, want.dtype)
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, w=where: f"{w} output: {m}")
+            for key, w in want_g.items():
+                g = got_g[key]
+                assert (g is None) == (w is None), (where, key)
+                if w is not None:
+                    atol = tol * max(1.0, w.abs().max().item())
+                    torch.testing.assert_close(g, w, rtol=tol, atol=atol, msg=lambda m, k=f"{where} d {key}": f"{k}: {m}")
+
+
+def hand_block(dim=8, norm_bias=True, drop_path=0.5, norm=None, act=StarReLU, mixer=SepConv, dtype=torch.float32):
+    norm = norm or functools.partial(LayerNorm2d, eps=1e-6, bias=norm_bias)
+    block = MetaFormerBlock(dim, token_mixer=mixer, norm_layer=norm, act_layer=act, mlp_bias=False,
+                            drop_path=drop_path, layer_scale_init_value=0.7, res_scale_init_value=1.3)
+    return randomize_(block).to(dtype)
+
+
+def group_real_block() -> None:
+    """caformer_s18's first stage-2 block (Attention, res scales, LayerNorm2d without bias, StarReLU)."""
+    torch.manual_seed(0)
+    block = metaformer.create("caformer_s18", drop_path_rate=0.3).stages[2].blocks[1]
+    assert type(block.norm1) is LayerNorm2d and type(block.mlp.act) is StarReLU
+    assert block.drop_path1.drop_prob > 0, block.drop_path1
+    randomize_(block)
+    check(block, torch.randn(2, 320, 2, 3), label="caformer_s18 stage 2", modes=(True,))
+
+
+def group_hand_blocks() -> None:
+    """SepConv blocks with every scale and a norm bias: fp32 and fp64, NCHW and channels_last, drop path
+    on and off, tiny tiles (several position tiles, backward splits and StarReLU programs)."""
+    torch.manual_seed(SEED)  # the mask the checks draw: some samples dropped, some kept
+    mask = torch.empty(4, 1, 1, 1).bernoulli_(0.5)
+    assert 0 < mask.sum() < 4, mask.view(-1)
+    small = dict(tile=64, nchw_min_positions=4, bwd_iters=2, ew_block=128, ew_bwd_iters=2)
+    x = torch.randn(4, 8, 3, 5)
+    with triton_ln.configured(**small):
+        check(hand_block(), x, label="fp32 drop path 0.5, tiny tiles", modes=(True,))
+    check(hand_block(), x[:2], label="fp32 eval", modes=(False,))
+    check(hand_block(drop_path=0.0, norm_bias=False), x.contiguous(memory_format=torch.channels_last),
+          label="channels_last, drop path 0", which=("ln_block",), modes=(True,))
+    check(hand_block(dtype=torch.float64), x.double(), label="fp64 drop path 0.5", which=("ln_block",), modes=(True,))
+    # the drop path really drops: training differs from eval on the dropped samples
+    block = hand_block()
+    x = torch.randn(4, 8, 5, 7)
+    with torch.no_grad():
+        torch.manual_seed(SEED)
+        train = H.ln_block(block.train(), x)
+        ev = H.ln_block(block.eval(), x)
+    differs = (train - ev).flatten(1).abs().amax(1) > 1e-3
+    assert differs.any(), differs
+
+
+def group_partial_cover() -> None:
+    """A GroupNorm block with StarReLU (the MLP half's activation alone) and a LayerNorm block with GELU
+    (the norm alone); the functions a block does not fit return None."""
+    gn = hand_block(norm=functools.partial(GroupNorm1, eps=1e-6, bias=False), mixer=Identity)
+    x = torch.randn(4, 8, 3, 3)
+    check(gn, x, which=("starrelu_mlp_half",), label="GroupNorm + StarReLU", modes=(True,))
+    assert H.ln_mixer_half(gn, x) is None and H.ln_block(gn, x) is None
+    gelu = hand_block(act=torch.nn.GELU)
+    check(gelu, x, which=("starrelu_mlp_half", "ln_block"), label="LayerNorm2d + GELU", modes=(True,))
+    plain = hand_block(norm=functools.partial(GroupNorm1, eps=1e-6, bias=False), act=torch.nn.GELU)
+    assert all(fn(plain, x) is None for fn, _ in PAIRS.values())
+
+
+def group_not_applicable() -> None:
+    """None for other backends, integer or 3-D inputs; True for the forced backend in the interpreter."""
+    block = hand_block()
+    x = torch.randn(2, 8, 3, 3)
+    assert H.halves_apply(x)
+    assert not H.halves_apply(x.to(torch.int32)) and not H.halves_apply(x[0]) and not H.halves_apply(None)
+    for backend in ("reference", "torch", "auto"):  # auto: a CPU tensor is not CUDA
+        K.set_backend(backend)
+        try:
+            assert all(fn(block, x) is None for fn, _ in PAIRS.values()), backend
+        finally:
+            K.set_backend("triton")
+
+
+GROUPS = [group_not_applicable, group_partial_cover, group_hand_blocks, group_real_block]
+
+if __name__ == "__main__":
+    assert K.TRITON_AVAILABLE, K.TRITON_IMPORT_ERROR
+    assert K._interpreting(), "run with TRITON_INTERPRET=1"
+    K.set_backend("triton")
+    for group in [g for g in GROUPS if len(sys.argv) < 2 or g.__name__ in sys.argv[1:]]:
+        t0 = time.perf_counter()
+        group()
+        print(f"{group.__name__} passed in {time.perf_counter() - t0:.1f} s", flush=True)
+    print("passed")
+    sys.exit(0)
