@@ -112,7 +112,9 @@ def test_model_surface():
         pre = model.forward_head(feats, pre_logits=True)
         assert pre.shape == (2, 512)
         torch.testing.assert_close(model.get_classifier()(pre), model(x))
-        assert [f.shape[1] for f in model.forward_intermediates(x)] == [64, 128, 320, 512]
+        final, inter = model.forward_intermediates(x)
+        assert [f.shape[1] for f in inter] == [64, 128, 320, 512]
+        torch.testing.assert_close(final, feats)
     model.reset_classifier(5)
     assert model.num_classes == 5 and model(x).shape == (2, 5)
     with pytest.raises(ValueError, match="non-negative int"):

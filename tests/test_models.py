@@ -20,16 +20,15 @@ def test_forward_backward(name):
     assert out.shape == (2, 1000)
     out.logsumexp(1).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
-    for pname, p in model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None, f"{pname} got no gradient"
-            assert torch.isfinite(p.grad).all(), pname
+    for pname, p in model.named_parameters():  # every parameter (RandFormer's frozen matrix is a buffer)
+        assert p.requires_grad and p.grad is not None, f"{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), pname
     model.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_features_only(name):
-    model = metaformer.create(name, features_only=True).eval()
+    model = built_model(name, features_only=True).eval()
     h, w = input_size_for(name)
     with torch.no_grad():
         feats = model(torch.randn(1, 3, h, w))

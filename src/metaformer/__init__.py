@@ -19,6 +19,7 @@ from .model import FeatureInfo, MetaFormer
 from .seg_data import SegEvalTransform, SegmentationFolder, SegTrainTransform
 from .seg_metrics import SegmentationMetrics
 from .segmentation import SemanticFPN, create_segmenter
+from .timm_registry import register_timm_models
 from .weights import CheckpointError, convert_state_dict, load_checkpoint, read_checkpoint
 from .zoo import VARIANTS, get_variant, list_models
 
@@ -62,5 +63,6 @@ __all__ = [
     "SegTrainTransform",
     "SegEvalTransform",
     "SegmentationMetrics",
+    "register_timm_models",
     "__version__",
 ]

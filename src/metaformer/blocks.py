@@ -65,8 +65,9 @@ class MetaFormerBlock(nn.Module):
     def mixer_half(self, x: torch.Tensor) -> torch.Tensor:
         """``res_scale1(x) + layer_scale1(DropPath(TokenMixer(Norm1(x))))``."""
         mixed = self.token_mixer(self.norm1(x))
-        if not torch.jit.is_scripting() and is_eager(x):
-            check_mixer_output(self.token_mixer, x, mixed)
+        if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
+            if is_eager(x):
+                check_mixer_output(self.token_mixer, x, mixed)
         return self.res_scale1(x) + self.layer_scale1(self.drop_path1(mixed))
 
     def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +95,8 @@ class MetaFormerStage(nn.Module):
         drop_path_rates: One stochastic-depth rate per block (default all zero).
         **block_kwargs: Passed to every :class:`MetaFormerBlock` (token_mixer, norm_layer, ...).
     """
+
+    __jit_unused_properties__ = ["spatial_size"]  # Python-side information, not part of a scripted forward
 
     def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool = True, downsample_norm=None,
                  pos_embed_size: Optional[Tuple[int, int]] = None,
@@ -127,8 +130,9 @@ class MetaFormerStage(nn.Module):
         x = self.downsample(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
+        if not torch.jit.is_scripting():
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                for block in self.blocks:
+                    x = checkpoint(block, x, use_reentrant=False)
+                return x
         return self.blocks(x)

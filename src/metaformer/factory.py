@@ -185,4 +185,5 @@ def _model_kwargs(variant: Variant, overrides: Dict[str, Any], source) -> Dict[s
 def _pretrained_cfg(variant: Variant, source: Optional[PretrainedCfg], model: MetaFormer) -> Dict[str, Any]:
     return make_pretrained_cfg(variant.name, source, crop_pct=variant.crop_pct, in_chans=model.in_chans,
                                num_classes=model.num_classes,
-                               fixed_input_size=any(s.spatial_size for s in model.stages))
+                               fixed_input_size=any(s.spatial_size for s in model.stages),
+                               classifier="head.fc.fc2" if model.head is not None and model.head.mlp_head else "head.fc")

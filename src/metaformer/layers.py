@@ -234,10 +234,13 @@ class ClassifierHead(nn.Module):
         norm_first: Normalise the (B, C, H, W) map before pooling instead of the pooled vector.
         mlp_head: Use :class:`MlpHead` instead of a single Linear.
         drop: Dropout on the pooled features (and inside the MLP head).
+        global_pool: ``"avg"`` (global average pooling) or ``""`` (no pooling: the head returns the
+            normalised map, which needs ``num_classes=0``; a vector norm then normalises each position's
+            channels).
     """
 
     def __init__(self, dim: int, num_classes: int, norm_layer, norm_first: bool, mlp_head: bool = False,
-                 drop: float = 0.0):
+                 drop: float = 0.0, global_pool: str = "avg"):
         super().__init__()
         self.norm_first = norm_first
         self.mlp_head = mlp_head
@@ -245,6 +248,29 @@ class ClassifierHead(nn.Module):
         self.norm = norm_layer(dim)
         self.drop = nn.Dropout(drop)
         self.fc = self.make_fc(dim, num_classes)
+        self.pool = True
+        self.set_pool(global_pool, num_classes)
+
+    def set_pool(self, global_pool: str, num_classes: int) -> None:
+        """Switches global average pooling on (``"avg"``) or off (``""``, only without a classifier).
+
+        Raises:
+            ValueError: for another pooling type, or ``""`` with a classifier.
+        """
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' (global average pooling) or '' (no pooling), "
+                             f"got {global_pool!r}")
+        if global_pool == "" and num_classes > 0:
+            raise ValueError("global_pool='' (no pooling) returns feature maps, which a classifier cannot take; "
+                             "use it with num_classes=0")
+        self.pool = global_pool == "avg"
+
+    @property
+    def global_pool(self) -> str:
+        """``"avg"`` or ``""`` (no pooling)."""
+        return "avg" if self.pool else ""
+
+    __jit_unused_properties__ = ["global_pool"]
 
     def make_fc(self, dim: int, num_classes: int) -> nn.Module:
         """Builds a fresh, initialised classifier for ``num_classes`` classes."""
@@ -258,6 +284,10 @@ class ClassifierHead(nn.Module):
         return fc
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not self.pool:  # feature maps, normalised (a vector norm over each position's channels)
+            if self.norm_first:
+                return self.norm(x)
+            return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if self.norm_first:
             x = self.norm(x).mean((2, 3))
         else:

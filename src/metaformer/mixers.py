@@ -11,7 +11,6 @@ from typing import Optional, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from .layers import StarReLU
@@ -143,14 +142,15 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, _, h, w = x.shape
-        tokens = rearrange(x, "b c h w -> b (h w) c")
-        q, k, v = rearrange(self.qkv(tokens), "b n (three nh d) -> three b nh n d",
-                            three=3, nh=self.num_heads)
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        # qkv channels are ordered (3, heads, head_dim), as in the releases' Attention
+        qkv = self.qkv(tokens).reshape(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
                                              scale=self.scale)
-        out = self.proj_drop(self.proj(rearrange(out, "b nh n d -> b n (nh d)")))
-        return rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, h * w, c)))
+        return out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class SpatialMLP(nn.Module):
@@ -221,20 +221,25 @@ class SepConv(nn.Module):
 class RandomMixing(nn.Module):
     """RandFormer's mixer: a frozen random (N, N) matrix ``softmax(rand(N, N), -1)`` over the H*W axis.
 
-    The matrix is a parameter with ``requires_grad=False`` so that it is saved and loaded with the
-    weights (a loaded model must use the released matrix, not a fresh draw).
+    The matrix is a persistent buffer: it is saved and loaded with the weights (a loaded model must use
+    the released matrix, not a fresh draw) but is no parameter, so optimizers, gradient checks and
+    DistributedDataParallel see only trainable weights. The releases hold it as a frozen
+    ``nn.Parameter``; their checkpoints (and metaformer 0.1 saves) name it the same and load into
+    the buffer.
 
     Args:
         dim: Channels (unused; part of the mixer protocol).
         spatial_size: The fixed (H, W) of the stage this mixer serves (RandFormer: 14x14 and 7x7).
     """
 
+    frozen_weights = ("random_matrix",)  # weights that are buffers (counted by MetaFormer.count_parameters)
+
     def __init__(self, dim: Optional[int] = None, spatial_size: Union[int, Tuple[int, int]] = (14, 14),
                  **kwargs):
         super().__init__()
         self.spatial_size = _pair(spatial_size)
         n = self.spatial_size[0] * self.spatial_size[1]
-        self.random_matrix = nn.Parameter(torch.softmax(torch.rand(n, n), dim=-1), requires_grad=False)
+        self.register_buffer("random_matrix", torch.softmax(torch.rand(n, n), dim=-1), persistent=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

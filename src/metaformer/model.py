@@ -1,6 +1,7 @@
 """The MetaFormer model: stem, four stages of generic blocks, and a classifier head (or feature maps)."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: torch.fx copies forward's annotations into the code of
+# a traced GraphModule, and TorchScript cannot read them back as strings (FX + TorchScript).
 
 import copy
 import inspect
@@ -11,6 +12,8 @@ from torch import nn
 
 from .blocks import MetaFormerStage
 from .components import describe_arguments, resolve_arguments
+from .contract import TimmContractMixin
+from .inputs import check_input
 from .layers import ClassifierHead, GroupNorm1, Mlp, Stem, trunc_normal_
 from .limits import check_arguments, per_stage
 from .mixers import Pooling
@@ -34,24 +37,19 @@ class FeatureInfo(list):
         return [f["reduction"] for f in self]
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-
-
-def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
-class MetaFormer(nn.Module, SavedModelMixin, library_name="metaformer", tags=["image-classification", "metaformer"],
-                 license="apache-2.0"):
+class MetaFormer(TimmContractMixin, nn.Module, SavedModelMixin, library_name="metaformer",
+                 tags=["image-classification", "metaformer"], license="apache-2.0"):
     """A MetaFormer: PoolFormer, its hybrids and the MetaFormer baselines are all instances.
 
     Build the released models with :func:`metaformer.create`. ``save_pretrained(dir)``,
     ``push_to_hub(repo)`` (huggingface_hub's ``ModelHubMixin``) and ``MetaFormer.from_pretrained(repo_or_dir)``
     round-trip any model whose components are built in.
+
+    It has timm's model contract (``forward_features``, ``forward_head``, ``forward_intermediates``,
+    ``reset_classifier``, ``group_matcher``...: :class:`~metaformer.contract.TimmContractMixin`) and
+    works under ``torch.jit.script``, ``torch.fx.symbolic_trace``, ``torch.compile``, ``torch.export``
+    and ONNX export. A scripted classifier returns a tensor, a scripted ``features_only`` backbone a
+    list of tensors.
 
     Args:
         depths: Blocks per stage.
@@ -74,6 +72,8 @@ class MetaFormer(nn.Module, SavedModelMixin, library_name="metaformer", tags=["i
         in_chans: Input image channels.
         drop_rate: Dropout inside the block MLPs.
         head_dropout: Dropout in the head.
+        global_pool: ``"avg"``, or ``""`` for no pooling (with ``num_classes=0``: ``forward`` returns
+            the normalised final map).
         drop_path_rate: Stochastic depth: block k of N gets ``drop_path_rate * k / (N - 1)``.
         init: ``"v1"`` (PoolFormer: truncated normal on Linear layers and MLP convs) or ``"baselines"``
             (truncated normal on every Conv2d and Linear).
@@ -81,6 +81,9 @@ class MetaFormer(nn.Module, SavedModelMixin, library_name="metaformer", tags=["i
         out_indices: Stages returned when ``features_only``.
         feature_norm: Norm class of the returned feature maps (default: the stage's block norm).
     """
+
+    __constants__ = ["features_only"]  # a constant in TorchScript: forward compiles one branch
+    __jit_unused_properties__ = ["default_cfg"]
 
     def __init__(
         self,
@@ -103,6 +106,7 @@ class MetaFormer(nn.Module, SavedModelMixin, library_name="metaformer", tags=["i
         in_chans: int = 3,
         drop_rate: float = 0.0,
         head_dropout: float = 0.0,
+        global_pool: str = "avg",
         drop_path_rate: float = 0.0,
         init: str = "v1",
         features_only: bool = False,
@@ -118,6 +122,7 @@ class MetaFormer(nn.Module, SavedModelMixin, library_name="metaformer", tags=["i
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = dims[-1]
+        self.head_hidden_size = dims[-1]  # pre-logits width: the pooled features, MLP heads included (as timm)
         self.features_only = features_only
 
         mixers = per_stage("token_mixers", token_mixers, n)
@@ -153,7 +158,8 @@ class MetaFormer(nn.Module, SavedModelMixin, library_name="metaformer", tags=["i
         else:
             self.out_indices = tuple(range(n))
             self.feature_norms = None
-            self.head = ClassifierHead(dims[-1], num_classes, head_norm, head_norm_first, mlp_head, head_dropout)
+            self.head = ClassifierHead(dims[-1], num_classes, head_norm, head_norm_first, mlp_head, head_dropout,
+                                       global_pool)
             self.feature_info = FeatureInfo(
                 dict(num_chs=dims[i], reduction=2 ** (i + 2), module=f"stages.{i}") for i in range(n))
         self._init_weights(init)
@@ -181,35 +187,7 @@ class MetaFormer(nn.Module, SavedModelMixin, library_name="metaformer", tags=["i
         Checks the type, rank, channel count and dtype of ``x``, and that every stage with a fixed
         spatial size (position embedding, spatial MLP, random mixing) gets exactly that size.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a torch.Tensor of shape (B, {self.in_chans}, H, W), got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"expected a 4-D input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}; "
-                             f"add a batch dimension with x.unsqueeze(0) for a single image")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got shape {tuple(x.shape)}; "
-                             f"build the model with in_chans={x.shape[1]} or convert the images")
-        if not x.is_floating_point():
-            raise TypeError(f"expected a floating-point input, got dtype {x.dtype}; "
-                            f"convert with x.float() and normalise it")
-        weight = self.stem.conv.weight
-        if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
-            raise TypeError(f"input of dtype {x.dtype} but the model's weights are {weight.dtype}; convert the "
-                            f"input (x.to({weight.dtype})) or the model (model.to({x.dtype})), or use torch.autocast")
-        h, w = x.shape[-2:]
-        if h < 3 or w < 3:
-            raise ValueError(f"input of spatial size {h}x{w} is too small: the stem needs at least 3x3")
-        h, w = _conv_out(h, 7, 4, 2), _conv_out(w, 7, 4, 2)
-        for i, stage in enumerate(self.stages):
-            if i > 0:
-                h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
-            need = stage.spatial_size
-            if need is not None and (h, w) != tuple(need):
-                side = tuple(need)
-                raise ValueError(
-                    f"stage {i + 1} has a fixed spatial size {side[0]}x{side[1]} (position embedding or "
-                    f"spatial mixer) but input {tuple(x.shape[-2:])} gives {h}x{w} there; "
-                    f"this model only takes {self.fixed_input_size_hint()} inputs")
+        check_input(self, x)
 
     def fixed_input_size_hint(self) -> str:
         """A human-readable description of the input size(s) the model accepts."""
@@ -226,7 +204,7 @@ class MetaFormer(nn.Module, SavedModelMixin, library_name="metaformer", tags=["i
         return describe_arguments(self.config)
 
     @classmethod
-    def from_config(cls, arguments: Dict[str, Any]) -> MetaFormer:
+    def from_config(cls, arguments: Dict[str, Any]) -> "MetaFormer":
         """Builds a model from :meth:`describe` data (or any MetaFormer arguments, components by name).
 
         Raises:
@@ -241,69 +219,45 @@ class MetaFormer(nn.Module, SavedModelMixin, library_name="metaformer", tags=["i
         return cls(**resolve_arguments(arguments))
 
     # ---------------------------------------------------------- the surface
+    # In TorchScript, `features_only` is a constant: `forward` compiles only its own branch, so a scripted
+    # classifier returns a Tensor and a scripted backbone a List[Tensor] (forward has no return annotation
+    # for that reason: TorchScript infers it per model).
+    def forward(self, x: torch.Tensor):
+        """Logits (B, num_classes), or with ``features_only`` the list of normalised stage maps."""
+        if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
+            if is_eager(x):
+                self.check_input(x)
+        if self.features_only:
+            return self.forward_backbone(x)
+        return self.forward_head(self.forward_features(x))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages: returns the last stage's (B, C, H/32, W/32) map."""
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Head on a feature map: norm and pooling (in the model's order), then the classifier."""
+        """Head on a feature map: norm and pooling (in the model's order), then the classifier.
+
+        With ``pre_logits`` the pooled, normalised features (``head_hidden_size`` wide).
+        """
         if self.head is None:
             raise RuntimeError("this model was built with features_only=True and has no head")
         return self.head(x, pre_logits=pre_logits)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The raw output of every stage (no feature norms), for inspection and dense heads."""
-        if not torch.jit.is_scripting() and is_eager(x):
-            self.check_input(x)
+    def forward_backbone(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The stage maps of ``out_indices``, each through its feature norm (``features_only`` models)."""
+        if self.feature_norms is None:
+            raise RuntimeError("forward_backbone needs a model built with features_only=True; use "
+                               "forward_intermediates(x) for the stage maps of a classifier")
+        last = self.out_indices[-1]
         x = self.stem(x)
-        out = []
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return out
-
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        """Logits (B, num_classes), or with ``features_only`` the list of normalised stage maps."""
-        if not torch.jit.is_scripting() and is_eager(x):
-            self.check_input(x)
-        if not self.features_only:
-            return self.forward_head(self.forward_features(x))
-        x = self.stem(x)
-        feats = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                feats.append(self.feature_norms[i](x))
-            if i == self.out_indices[-1]:
-                break
+        feats: List[torch.Tensor] = []
+        for i, (stage, norm) in enumerate(zip(self.stages, self.feature_norms)):
+            if i <= last:  # stages after the last returned map do not run
+                x = stage(x)
+                if i in self.out_indices:
+                    feats.append(norm(x))
         return feats
-
-    def get_classifier(self) -> nn.Module:
-        """The final classifier module (Linear or MLP head)."""
-        if self.head is None:
-            raise RuntimeError("this model was built with features_only=True and has no classifier")
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replaces the classifier by a freshly initialised one for ``num_classes`` (0: identity)."""
-        if self.head is None:
-            raise RuntimeError("this model was built with features_only=True and has no classifier")
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
-        device = self.head.norm.weight.device
-        self.head.fc = self.head.make_fc(self.num_features, num_classes).to(device)
-        self.num_classes = num_classes
-        self.config["num_classes"] = num_classes
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass to save memory."""
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @property
-    def default_cfg(self) -> Dict[str, Any]:
-        """Alias of ``pretrained_cfg`` for timm compatibility."""
-        return self.pretrained_cfg
 
     def clone_config(self) -> Dict[str, Any]:
         """A copy of the constructor arguments that rebuild this architecture."""

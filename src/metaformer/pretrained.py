@@ -25,7 +25,8 @@ class PretrainedCfg:
     Attributes:
         architecture: The model name.
         tag: The tag after the dot in ``name.tag``.
-        layout: Key layout of the file: ``"timm"``, ``"original_v1"`` or ``"original_baselines"``.
+        layout: Key layout of the file: ``"timm"``, ``"original_v1"``, ``"original_baselines"`` or
+            ``"transformers"``.
         hf_hub_id: Hugging Face Hub repo holding the file, or None.
         hf_filename: File in that repo.
         url: Direct URL (downloaded through torch.hub's cache), used when there is no Hub repo.
@@ -62,7 +63,7 @@ class PretrainedCfg:
 
 
 def make_pretrained_cfg(architecture: str, record: Optional[PretrainedCfg], *, crop_pct: float, in_chans: int,
-                        num_classes: int, fixed_input_size: bool) -> Dict[str, Any]:
+                        num_classes: int, fixed_input_size: bool, classifier: str = "head.fc") -> Dict[str, Any]:
     """The ``pretrained_cfg`` dict of a built model.
 
     Args:
@@ -73,6 +74,7 @@ def make_pretrained_cfg(architecture: str, record: Optional[PretrainedCfg], *, c
         in_chans: The model's input channels.
         num_classes: The model's classes.
         fixed_input_size: Whether the model takes only its training size.
+        classifier: The final classifier layer (``"head.fc.fc2"`` for the MLP heads), as timm names it.
     """
     size = record.input_size if record is not None else (3, 224, 224)
     return {
@@ -80,12 +82,13 @@ def make_pretrained_cfg(architecture: str, record: Optional[PretrainedCfg], *, c
         "tag": record.tag if record is not None else None,
         "source": record.location if record is not None else None,
         "input_size": (in_chans,) + tuple(size[1:]),
+        "pool_size": (size[1] // 32, size[2] // 32),  # the final map at input_size (timm's key)
         "crop_pct": record.crop_pct if record is not None else crop_pct,
         "interpolation": record.interpolation if record is not None else "bicubic",
         "mean": record.mean if record is not None else IMAGENET_MEAN,
         "std": record.std if record is not None else IMAGENET_STD,
         "num_classes": num_classes,
-        "classifier": "head.fc",
+        "classifier": classifier,
         "first_conv": "stem.conv",
         "fixed_input_size": fixed_input_size,
     }
@@ -94,7 +97,7 @@ def make_pretrained_cfg(architecture: str, record: Optional[PretrainedCfg], *, c
 def normalize_pretrained_cfg(cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """A ``pretrained_cfg`` read back from JSON: sequences as tuples, as :func:`make_pretrained_cfg` gives them."""
     cfg = dict(cfg or {})
-    for key in ("input_size", "mean", "std"):
+    for key in ("input_size", "pool_size", "mean", "std"):
         if isinstance(cfg.get(key), list):
             cfg[key] = tuple(cfg[key])
     return cfg

@@ -71,12 +71,16 @@ class SavedModelMixin(ModelHubMixin):
             The commit URL with ``push_to_hub``, else None.
 
         Raises:
-            TypeError: for an ``optimize_for_inference`` copy (save the original model instead).
+            TypeError: for an ``optimize_for_inference`` copy or a pruned model (save the original model
+                instead).
             metaformer.files.WriteError: if the disk is full or the folder not writable.
         """
         if getattr(self, "_metaformer_inference_only", False):
             raise TypeError("this is an optimize_for_inference copy, whose folded weights no config can rebuild; "
                             "save the original model and call optimize_for_inference after loading it")
+        if getattr(self, "_metaformer_pruned", False):
+            raise TypeError("this model was pruned by prune_intermediate_layers, and its config describes the "
+                            "whole model; save the unpruned model and prune it after loading")
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_saved_model(self, directory)

@@ -1,12 +1,16 @@
 """Checkpoint files and key layouts.
 
-Every source layout is a declarative rename table (regular expression -> replacement) applied by one
-strict converter, :func:`convert_state_dict`. Layouts:
+Every source layout is a declarative rename table (regular expression -> replacement, in
+:mod:`metaformer.layouts`) applied by one strict converter, :func:`convert_state_dict`. Layouts:
 
 - ``"metaformer"``: this library's own names (a superset of timm's);
 - ``"timm"``: timm's ``metaformer.py`` names (MLP weights of attention stages are 2-D there);
 - ``"original_v1"``: sail-sg/poolformer (``patch_embed``, a flat ``network.{k}`` list);
-- ``"original_baselines"``: sail-sg/metaformer (``downsample_layers``, ``stages.{i}.{j}``).
+- ``"original_baselines"``: sail-sg/metaformer (``downsample_layers``, ``stages.{i}.{j}``);
+- ``"transformers"``: Hugging Face transformers' PoolFormer (``poolformer.encoder...``, ``classifier``).
+
+A tensor's name is all that matters: a frozen tensor that one implementation keeps as a parameter and
+another as a buffer (RandFormer's random matrix) loads the same way.
 """
 
 from __future__ import annotations
@@ -19,67 +23,14 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .layouts import LAYOUTS, CheckpointError, detect_layout, layout_rules
+
 __all__ = ["CheckpointError", "LAYOUTS", "detect_layout", "convert_state_dict", "read_checkpoint",
            "load_checkpoint", "load_state_dict_into", "load_torch_file", "summarize_names", "describe_misfit",
            "unwrap_state_dict", "checkpoint_num_classes"]
 
 logger = logging.getLogger("metaformer")
-LAYOUTS = ("metaformer", "timm", "original_v1", "original_baselines")
 Rules = List[Tuple[str, str]]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model."""
-
-
-def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
-    """Guesses the key layout of a state dict from its keys.
-
-    Raises:
-        CheckpointError: if no known layout matches.
-    """
-    keys = set(state_dict)
-    if "patch_embed.proj.weight" in keys or any(k.startswith("network.") for k in keys):
-        return "original_v1"
-    if "downsample_layers.0.conv.weight" in keys:
-        return "original_baselines"
-    if "stem.conv.weight" in keys:
-        return "metaformer"
-    sample = ", ".join(sorted(keys)[:5])
-    raise CheckpointError(f"unrecognised checkpoint layout (first keys: {sample}); expected one of {LAYOUTS}")
-
-
-_BASELINE_RULES: Rules = [
-    (r"^downsample_layers\.0\.conv\.", "stem.conv."),
-    (r"^downsample_layers\.0\.post_norm\.", "stem.norm."),
-    (r"^downsample_layers\.(\d+)\.pre_norm\.", r"stages.\1.downsample.norm."),
-    (r"^downsample_layers\.(\d+)\.conv\.", r"stages.\1.downsample.conv."),
-    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
-    (r"^head\.(weight|bias)$", r"head.fc.\1"),
-    (r"^head\.(fc1|norm|fc2)\.", r"head.fc.\1."),
-    (r"^norm(\d+)\.", r"feature_norms.\1."),  # per-stage norms of a dense backbone (ConvNeXt's convention)
-    (r"^norm\.", "head.norm."),  # after the head rules, which would otherwise rename its result again
-]
-
-
-def _v1_rules(model: nn.Module) -> Rules:
-    """The release's flat ``network`` list: stage, downsample, stage, ... with position embeddings as
-    their own entries, so the indices depend on the architecture."""
-    rules: Rules = [(r"^patch_embed\.proj\.", "stem.conv."), (r"\.layer_scale_([12])$", r".layer_scale\1.scale")]
-    k = 0
-    n = len(model.stages)
-    for i, stage in enumerate(model.stages):
-        if stage.pos_embed is not None:
-            rules.append((rf"^network\.{k}\.pos_embed$", f"stages.{i}.pos_embed"))
-            k += 1
-        rules.append((rf"^network\.{k}\.(\d+)\.", rf"stages.{i}.blocks.\1."))
-        rules.append((rf"^norm{k}\.", f"feature_norms.{i}."))
-        k += 1
-        if i < n - 1:
-            rules.append((rf"^network\.{k}\.proj\.", f"stages.{i + 1}.downsample.conv."))
-            k += 1
-    rules += [(r"^head\.", "head.fc."), (r"^norm\.", "head.norm.")]  # this order: rules apply in sequence
-    return rules
 
 
 def _rename(key: str, rules: Rules) -> str:
@@ -136,11 +87,7 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, la
             tensor for a floating one: int8, bool, complex), and tensors holding NaN or infinity.
     """
     layout = layout or detect_layout(state_dict)
-    if layout not in LAYOUTS:
-        raise CheckpointError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    rules = {"metaformer": [], "timm": [], "original_baselines": _BASELINE_RULES}.get(layout)
-    if rules is None:
-        rules = _v1_rules(model)
+    rules = layout_rules(layout, model)
     target = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
     unexpected: List[str] = []
@@ -279,6 +226,11 @@ def _unreadable(path: str, e: Exception) -> CheckpointError:
                            f"safetensors file, or it is truncated or corrupt; download it again.")
 
 
+_STEM_KEYS = {"original_v1": ("patch_embed.proj.weight",), "original_baselines": ("downsample_layers.0.conv.weight",),
+              "transformers": ("poolformer.encoder.patch_embeddings.0.projection.weight",
+                               "encoder.patch_embeddings.0.projection.weight")}
+
+
 def load_state_dict_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], layout: Optional[str] = None,
                          *, source: str = "checkpoint", replace_classifier: bool = False) -> None:
     """Loads a state dict of any known layout into a model, adapting what may be adapted.
@@ -309,9 +261,8 @@ def load_state_dict_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
         elif replace_classifier:
             skip.append("head.fc.")
             allow_missing.append("head.fc.")
-        conv_key = {"original_v1": "patch_embed.proj.weight", "original_baselines": "downsample_layers.0.conv.weight"
-                    }.get(layout, "stem.conv.weight")
-        if conv_key in state_dict and state_dict[conv_key].shape[1] != model.in_chans:
+        conv_key = next((k for k in _STEM_KEYS.get(layout, ("stem.conv.weight",)) if k in state_dict), None)
+        if conv_key is not None and state_dict[conv_key].shape[1] != model.in_chans:
             from timm.models import adapt_input_conv
 
             state_dict[conv_key] = adapt_input_conv(model.in_chans, state_dict[conv_key])
@@ -323,7 +274,7 @@ def load_state_dict_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
 
 def checkpoint_num_classes(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
     """Number of classes of the classifier in a state dict of any layout, or None if it has none."""
-    for key in ("head.fc.fc2.weight", "head.fc2.weight", "head.fc.weight", "head.weight"):
+    for key in ("head.fc.fc2.weight", "head.fc2.weight", "head.fc.weight", "head.weight", "classifier.weight"):
         if key in state_dict and state_dict[key].dim() == 2:
             return int(state_dict[key].shape[0])
     return None

@@ -102,14 +102,17 @@ _GH = "https://github.com/sail-sg/poolformer/releases/download/v1.0/{}.pth.tar"
 
 
 def _v1_sources(name: str, *, crop_pct: float, on_timm: bool) -> Tuple[PretrainedCfg, ...]:
-    """The PoolFormer release's file on GitHub, and timm's copy on the Hub where there is one (listed first)."""
+    """The PoolFormer release's file on GitHub, timm's copy on the Hub where there is one (listed first),
+    and for the five PoolFormers the conversion in Hugging Face transformers' layout (``sail/{name}``)."""
     release = PretrainedCfg(architecture=name, tag="release_in1k", layout="original_v1", url=_GH.format(name),
                             crop_pct=crop_pct)
     if not on_timm:
         return (release,)
     timm = PretrainedCfg(architecture=name, tag="sail_in1k", layout="timm", hf_hub_id=f"timm/{name}.sail_in1k",
                          crop_pct=crop_pct)
-    return (timm, release)
+    transformers = PretrainedCfg(architecture=name, tag="transformers_in1k", layout="transformers",
+                                 hf_hub_id=f"sail/{name}", hf_filename="pytorch_model.bin", crop_pct=crop_pct)
+    return (timm, release, transformers)
 
 
 # The baselines' extra weights: (our release tag, timm's tag, sail/dl file suffix, input size, classes).
