@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from . import onednn
@@ -36,12 +37,13 @@ _CL = torch.channels_last
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """The (B*H*W, C) rows of a channels_last (B, C, H, W) tensor (a view)."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    return rearrange(t, "b c h w -> (b h w) c")
 
 
 def _rows_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The (B, C', H, W) channels_last map of rows ``t`` (B*H*W, C') laid out like ``x`` (a view)."""
     b, _, h, w = x.shape
-    return t.view(b, h, w, -1).permute(0, 3, 1, 2)
+    return rearrange(t, "(b h w) c -> b c h w", b=b, h=h, w=w)
 
 
 def _norm_forward(kind: str, x: torch.Tensor, eps: float):

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from . import onednn
@@ -205,16 +206,16 @@ def run_attention(x: torch.Tensor, kind: str, eps: float, p: Folded, mixer: nn.M
                   res_scale: Optional[torch.Tensor]) -> torch.Tensor:
     """``res_scale * x + proj(attention(qkv(norm(x))))`` with the folded weights ``p`` (``p.w2``: proj's
     weight transposed), heads and scale from ``mixer``."""
-    b, c, h, w = x.shape
-    n = normalise(kind, x, eps)
-    tokens = n.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for a channels_last x
-    qkv = F.linear(tokens, p.w1, p.b1).view(b, h * w, 3, mixer.num_heads, mixer.head_dim).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=mixer.scale)
-    out = out.transpose(1, 2).reshape(b * h * w, c)
+    b, _, h, _ = x.shape
+    tokens = rearrange(normalise(kind, x, eps), "b c h w -> b (h w) c")  # a view for a channels_last x
+    # qkv channels are ordered (3, heads, head_dim), as in the releases' Attention
+    q, k, v = rearrange(F.linear(tokens, p.w1, p.b1), "b n (three nh d) -> three b nh n d", three=3,
+                        nh=mixer.num_heads)
+    out = rearrange(F.scaled_dot_product_attention(q, k, v, scale=mixer.scale), "b nh n d -> (b n) (nh d)")
     res = x if res_scale is None else x * res_scale.view(1, -1, 1, 1)
-    res = res.permute(0, 2, 3, 1).reshape(b * h * w, c)
+    res = rearrange(res, "b c h w -> (b h w) c")
     if p.b2 is not None:
         y = torch.addmm(p.b2, out, p.w2).add_(res)
     else:
         y = torch.addmm(res, out, p.w2)
-    return y.view(b, h, w, c).permute(0, 3, 1, 2)
+    return rearrange(y, "(b h w) c -> b c h w", b=b, h=h)
