@@ -213,6 +213,22 @@ def test_folded_weights_are_never_stale(family):
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
     check()
 
+@pytest.mark.parametrize("family", ["poolformer", "convformer", "caformer"])
+def test_cpu_autocast_training_matches_reference(family):
+    """Under CPU bf16 autocast the fused paths (fp32 maths) step aside: a training step runs the plain
+    composition, so its output and gradients are those of the reference backend under the same autocast."""
+    model = tiny(family, 0.0).train()
+    x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for backend in ("auto", "reference"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[backend] = _run(model, x, backend)
+    (y, g), (ry, rg) = out["auto"], out["reference"]
+    torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-6)
+    for key in rg:
+        torch.testing.assert_close(g[key], rg[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"d {k}: {m}")
+
+
 
 # CAFormer is left out: PyTorch has no double backward for CPU scaled_dot_product_attention.
 @pytest.mark.parametrize("family", ["poolformer", "poolformerv2", "convformer"])

@@ -25,7 +25,8 @@ when one computes exactly the same function, or the block's own half otherwise:
   LayerNorm are fastest; the layout then carries through the following layers (values are unchanged).
 
 Nothing here runs under TorchScript (the block skips it), FX symbolic tracing, ``torch.jit.trace`` or
-ONNX export, or with the ``"reference"`` backend: those see the plain composition. Under
+ONNX export, with the ``"reference"`` backend, or on CPU under autocast (whose bf16 convolutions the fp32
+paths do not reproduce): those see the plain composition. Under
 ``torch.compile`` only the standard-op paths run (pooling identity, identity and random mixing).
 """
 
@@ -51,7 +52,7 @@ def fast_paths_active(x) -> bool:
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The output of a :class:`~metaformer.MetaFormerBlock`, through fused paths where they apply."""
-    if not fast_paths_active(x):
+    if not fast_paths_active(x) or (x.device.type == "cpu" and _cpu_autocast()):
         return block.mlp_half(block.mixer_half(x))
     if not pool_mixer_fusable(block) and cuda_halves.halves_apply(x):
         y = cuda_halves.ln_block(block, x)  # the baselines' whole block through the Triton kernels
@@ -76,6 +77,14 @@ def _cpu_fused(block: nn.Module, x: torch.Tensor) -> bool:
     if pool_mixer_fusable(block) or type(block.token_mixer) in (Identity, RandomMixing):
         return True
     return onednn.onednn_ok(x)
+
+
+def _cpu_autocast() -> bool:
+    """Whether CPU autocast is on: its convolutions run in bf16/fp16, which the oneDNN halves (fp32) do not."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 def _no_grad_needed(x: torch.Tensor, *modules: nn.Module) -> bool:
