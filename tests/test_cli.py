@@ -125,6 +125,7 @@ def test_validate_reports_the_training_accuracy(trained, digits, tmp_path):
     assert float(row["top1"]) == pytest.approx(results["top1"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(trained, digits, tmp_path):
     out = str(tmp_path / "run")
     args = [sys.executable, "-m", "metaformer", "train", digits, *TRAIN_ARGS, "--output", out]
@@ -157,6 +158,7 @@ def test_killed_run_resumes_exactly(trained, digits, tmp_path):
             assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-4), (key, got, want)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(digits, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

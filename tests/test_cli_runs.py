@@ -17,6 +17,8 @@ import torch
 from cli_utils import ARGS, copy_run, dead_pid, one_error_line, run_main
 from test_cli import _env, cli, load, read_csv
 
+pytestmark = pytest.mark.slow  # each test trains or resumes a run in a subprocess
+
 
 @pytest.fixture(scope="module")
 def run2(data, tmp_path_factory):

@@ -70,6 +70,7 @@ def test_ablation_shows_the_mixer_matters():
     assert pool_acc - id_acc >= 0.10 and id_loss > pool_loss, out
 
 
+@pytest.mark.slow
 def test_finetune_folder_and_cam_on_the_saved_model(tmp_path):
     saved = tmp_path / "model"
     out = run_example("finetune_folder", "--epochs", "1", "--max-steps", "2", "--batch-size", "8",
@@ -86,6 +87,7 @@ def test_finetune_folder_and_cam_on_the_saved_model(tmp_path):
         assert image.size == (64, 64) and image.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_finetune_folder_on_an_unsplit_folder(tmp_path):
     from PIL import Image
 
@@ -97,17 +99,20 @@ def test_finetune_folder_on_an_unsplit_folder(tmp_path):
     assert "8 train / 2 val images, 2 classes" in out
 
 
+@pytest.mark.slow
 def test_segmentation():
     out = run_example("segmentation", "--iters", "4", "--eval-interval", "2")
     assert "64 training and 16 validation images, 3 classes" in out and "chance (all background) mIoU" in out
     assert "iter    2" in out and "iter    4" in out and "best mIoU" in out
 
 
+@pytest.mark.slow
 def test_detection_backbone():
     out = run_example("detection_backbone", "--image-size", "128", "--batch-size", "1")
     assert "strides [4, 8, 16, 32]" in out and "loss_classifier" in out and "inference" in out
 
 
+@pytest.mark.slow
 def test_export_onnx(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
@@ -116,6 +121,7 @@ def test_export_onnx(tmp_path):
     assert path.is_file() and "ONNX Runtime matches eager" in out
 
 
+@pytest.mark.slow
 def test_cam_default_image(tmp_path):
     png = tmp_path / "cam.png"
     run_example("cam", "--image-size", "96", "--output", str(png))

@@ -30,6 +30,7 @@ def backend():
     K.set_backend(before)
 
 
+@pytest.mark.slow
 def test_halves_equal_the_block_under_the_interpreter():
     """Outputs and the gradients of the input and every parameter against mixer_half / mlp_half (fp32 1e-5,
     fp64 1e-9), eval and training, drop path on and off, a real caformer_s18 block and hand-built ones."""

@@ -52,6 +52,7 @@ def suite_results():
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", ["tiles", "precision", "misc"])
 def test_triton_kernels_under_interpreter(suite_results, group):
     """tiles: several pixel tiles, channel blocks, statistics parts and backward splits (tiny tile
@@ -62,6 +63,7 @@ def test_triton_kernels_under_interpreter(suite_results, group):
     assert ok, out
 
 
+@pytest.mark.slow
 def test_triton_kernels_compile_for_h100(suite_results):
     """Every kernel, with the arguments the launch code computes, compiles to a cubin for sm_90."""
     ok, out = suite_results["compile"]

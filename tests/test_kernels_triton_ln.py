@@ -51,6 +51,7 @@ def suite_results():
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", ["tiles", "misc", "star"])
 def test_ln_kernels_under_interpreter(suite_results, group):
     """tiles: several position tiles (partial ones), padded channels and backward splits (tiny tile sizes),
@@ -63,6 +64,7 @@ def test_ln_kernels_under_interpreter(suite_results, group):
     assert ok, out
 
 
+@pytest.mark.slow
 def test_ln_kernels_compile_for_h100(suite_results):
     """Every kernel, with the arguments the launch code computes, compiles to a cubin for sm_90."""
     ok, out = suite_results["compile"]

@@ -270,3 +270,33 @@ def test_malformed_config_fields_are_pretrained_errors(tmp_path, patch):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(PretrainedError, match="config.json"):
         MetaFormer.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------ 16.6 / 16.10 saved folders
+def test_create_accepts_a_saved_folder_and_a_registered_name_wins(tmp_path, monkeypatch):
+    model = _tiny(seed=3).eval()
+    model.save_pretrained(tmp_path / "saved")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(metaformer.create(str(tmp_path / "saved")).eval()(x), model(x), rtol=0, atol=0)
+    # a folder named like a registered model: the name wins, "./NAME" is the folder
+    model.save_pretrained(tmp_path / "poolformer_s12")
+    monkeypatch.chdir(tmp_path)
+    assert metaformer.create("poolformer_s12").num_classes == 1000
+    with torch.no_grad():
+        torch.testing.assert_close(metaformer.create("./poolformer_s12").eval()(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown model"):
+        metaformer.create(str(tmp_path / "not-saved-here"))
+
+
+def test_model_card_cites_the_papers_and_invents_no_url(tmp_path):
+    from importlib import metadata
+
+    metaformer.create("caformer_s18", num_classes=3).save_pretrained(tmp_path / "card")
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "https://arxiv.org/abs/2210.13452" in card and "MetaFormer Baselines for Vision" in card
+    assert "[More Information Needed]" not in card and "github.com/metaformer/metaformer" not in card
+    listed = metadata.metadata("metaformer").get_all("Project-URL") or []
+    card_urls = {line.split(": ", 1)[1] for line in card.splitlines() if line.startswith("- ") and "http" in line
+                 and "arxiv.org" not in line}
+    assert card_urls == {entry.split(", ", 1)[1] for entry in listed}

@@ -258,6 +258,7 @@ def test_reset_and_prune(name, tmp_path):
         _close(backbone(x), feats[:3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILY_REPS)
 def test_compile_fullgraph(name):
     torch._dynamo.reset()
@@ -267,6 +268,7 @@ def test_compile_fullgraph(name):
         _close(compiled(x), model(x))
 
 
+@pytest.mark.slow
 def test_compile_aot_eager_backbone():  # the classifier: test_export.py::test_compile_fullgraph
     torch._dynamo.reset()
     model, x = _model("poolformer_s12", features_only=True), _input("poolformer_s12")
@@ -274,6 +276,7 @@ def test_compile_aot_eager_backbone():  # the classifier: test_export.py::test_c
         _close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), model(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILY_REPS)
 def test_torch_export(name):
     model, x = _model(name), _input(name)
@@ -300,6 +303,7 @@ def _onnx_run(model, x, dynamo):
     return [torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: x.numpy()})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILY_REPS)
 def test_onnx_torchscript_exporter(name):
     model, x = _model(name), _input(name)
@@ -307,6 +311,7 @@ def test_onnx_torchscript_exporter(name):
     _close(logits, _eager(name)[0], tol=1e-4)  # ONNX Runtime's kernels round differently from PyTorch's
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,features_only", [("caformer_s18", False), ("poolformer_s12", True)])
 def test_onnx_dynamo_exporter(name, features_only):
     model, x = _model(name, features_only=features_only), _input(name)
