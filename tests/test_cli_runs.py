@@ -20,6 +20,11 @@ from test_cli import _env, cli, load, read_csv
 pytestmark = pytest.mark.slow  # each test trains or resumes a run in a subprocess
 
 
+def _sigint_default() -> None:
+    """Ctrl-C reaches the child even when the suite runs in the background (which ignores SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def run2(data, tmp_path_factory):
     """A finished 2-epoch run (copied by the tests that change it)."""
@@ -76,7 +81,8 @@ def test_train_refuses_a_folder_holding_a_run(run2, data, tmp_path):
 def test_two_trainings_into_one_folder(data, tmp_path):
     out = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "metaformer", "train", data, *ARGS, "--epochs", "100", "--output", out]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                             preexec_fn=_sigint_default)
     try:
         deadline = time.time() + 300
         while not os.path.isfile(os.path.join(out, ".lock")) and time.time() < deadline:
@@ -136,7 +142,8 @@ def test_ctrl_c_during_a_checkpoint_write(run2, data, tmp_path):
     out = copy_run(run2, tmp_path)
     cmd = [sys.executable, "-m", "metaformer", "train", data, *ARGS, "--epochs", "6", "--output", out,
            "--resume", "auto"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                             preexec_fn=_sigint_default)
     try:
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline:  # SIGINT as soon as a checkpoint is being written
