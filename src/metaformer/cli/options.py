@@ -18,7 +18,8 @@ from ..training import LoadedModel, data_config, load_model_file
 
 __all__ = ["CLIError", "Interrupted", "log", "warn", "format_count", "add_model_args", "add_data_config_args",
            "add_device_args", "add_workers_arg", "image_size", "parse_model_kwargs", "resolve_device",
-           "check_input_file", "check_output_file", "data_config_from_args", "load_model"]
+           "check_input_file", "check_output_file", "data_config_from_args", "load_model", "refuse_failed",
+           "run_distributed"]
 
 MAX_IMG_SIZE = 4096  # 16x the released 224/384; METAFORMER_MAX_IMG_SIZE raises it
 
@@ -298,3 +299,21 @@ def load_model(args: argparse.Namespace, *, use_ema: Optional[bool] = None) -> L
     else:
         weights = "random init (no --pretrained or --checkpoint)"
     return LoadedModel(model.eval(), args.model, weights)
+
+
+def refuse_failed(checks) -> None:
+    """Raises :class:`CLIError` with the message of the first ``(ok, message)`` pair whose ``ok`` is false."""
+    for ok, message in checks:
+        if not ok:
+            raise CLIError(message)
+
+
+def run_distributed(args: argparse.Namespace, entry) -> int:
+    """``entry(args, dist)`` inside a :class:`~metaformer.training.Distributed` group closed on the way out."""
+    from ..training import Distributed
+
+    dist = Distributed(resolve_device(args.device) if args.device else None)
+    try:
+        return entry(args, dist)
+    finally:
+        dist.close()

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..training import Distributed, Recipe
-from .options import CLIError, add_data_config_args, add_device_args, add_workers_arg, resolve_device
+from ..training import Recipe
+from .options import add_data_config_args, add_device_args, add_workers_arg, refuse_failed, run_distributed
 
 DESCRIPTION = """\
 Train (or fine-tune) a model on an ImageFolder with the PoolFormer release's recipe as defaults.
@@ -149,9 +149,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.drop_path is None or 0 <= args.drop_path < 1, "--drop-path must be in [0, 1)"),
         (not (args.pretrained and args.checkpoint), "pass either --pretrained or --checkpoint, not both"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise CLIError(message)
+    refuse_failed(checks)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,8 +157,4 @@ def run(args: argparse.Namespace) -> int:
     from .train_run import train
 
     check_args(args)
-    dist = Distributed(resolve_device(args.device) if args.device else None)
-    try:
-        return train(args, dist)
-    finally:
-        dist.close()
+    return run_distributed(args, train)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..training import Distributed, SegRecipe
-from .options import CLIError, add_device_args, add_workers_arg, resolve_device
+from ..training import SegRecipe
+from .options import add_device_args, add_workers_arg, refuse_failed, run_distributed
 
 DESCRIPTION = """\
 Train a Semantic FPN segmenter (the PoolFormer release's ADE20K model) on any MetaFormer backbone, on a
@@ -130,9 +130,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.drop_path is None or 0 <= args.drop_path < 1, "--drop-path must be in [0, 1)"),
         (not (args.pretrained and args.checkpoint), "pass either --pretrained or --checkpoint, not both"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise CLIError(message)
+    refuse_failed(checks)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,8 +138,4 @@ def run(args: argparse.Namespace) -> int:
     from .train_seg_run import train_segmentation
 
     check_args(args)
-    dist = Distributed(resolve_device(args.device) if args.device else None)
-    try:
-        return train_segmentation(args, dist)
-    finally:
-        dist.close()
+    return run_distributed(args, train_segmentation)
