@@ -44,8 +44,9 @@ def _problem(op: str, C: int, S: int, batch: int, dtype, layout: str, device):
     return [x, y], params, [torch.randn_like(x), torch.randn_like(x)]
 
 
-def _fn(op: str, variant: str):
-    """(x-like inputs, parameters) -> outputs, for one variant."""
+def _fn(op: str, variant: str, autocast=None):
+    """(x-like inputs, parameters) -> outputs, for one variant (the PyTorch ones under ``autocast`` to that
+    dtype when given)."""
     import metaformer.kernels as K
     from metaformer.kernels import torch_ln
 
@@ -61,7 +62,14 @@ def _fn(op: str, variant: str):
     if variant == "compiled":
         torch._dynamo.reset()
         fn = torch.compile(fn, dynamic=False)
-    return fn
+    if autocast is None:
+        return fn
+
+    def under_autocast(*args):  # as in a model: the fp32 parameters meet bf16/fp16 activations under autocast
+        with torch.autocast(args[0].device.type, dtype=autocast):
+            return fn(*args)
+
+    return under_autocast
 
 
 def _outputs(fn, xs, params, grads_out) -> dict:
@@ -96,7 +104,7 @@ def bench_glue(args, info: dict) -> list:
                     if (variant == "triton" and not triton_ok) or (variant == "compiled" and args.no_compile):
                         continue
                     K.set_backend("triton" if variant == "triton" else "auto")
-                    fn = _fn(op, variant)
+                    fn = _fn(op, variant, autocast=None if dtype == torch.float32 else dtype)
                     error = None
                     if variant == "triton":
                         got = _outputs(fn, xs, params, gout)

@@ -8,7 +8,8 @@ Steps, each a subprocess with its own log and a share of the time budget (``--bu
 560 s), killed if it overruns (recorded as such, never silently):
 
 1. ``tests``: tests/test_kernels_cuda.py, test_kernels_selfcheck.py, test_kernels_cuda_ln.py and
-   test_kernels_cuda_halves.py (pytest-xdist when installed). A skipped CUDA test on a machine with a
+   test_kernels_cuda_halves.py without the slow interpreter suites (CPU checks, run by CI), with pytest-xdist when
+   installed. A skipped CUDA test on a machine with a
    GPU counts as a failure.
 2. ``sweep``: the Triton tile sizes and warps (``TritonConfig``), one field at a time from the
    defaults, scored by the fwd+bwd time of the mixer half summed over poolformer_s12's stages
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -59,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-s", type=float, default=90.0, help="most time for the sweep step")
     p.add_argument("--families-s", type=float, default=120.0,
                    help="time kept for the families step when other steps run (alone it gets the whole budget)")
+    p.add_argument("--families-args", default="",
+                   help="more arguments for bench_gpu_families.py, e.g. \"--no-compile --models caformer_s18\"")
     p.add_argument("--skip", nargs="*", default=[], choices=list(STEPS))
     p.add_argument("--dry-run", action="store_true", help="print the steps' commands and exit (no GPU needed)")
     p.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)  # the sweep step itself
@@ -176,16 +180,16 @@ def main(argv=None) -> int:
     def left(reserve: float = 0.0) -> float:
         return t_end - time.perf_counter() - reserve
 
-    reserve = 0.0 if "families" in args.skip else args.families_s
     if "tests" not in args.skip:
-        step = run_step("tests", _command("tests", args), min(args.tests_s, left(300 + reserve)), args.out_dir)
+        step = run_step("tests", _command("tests", args), min(args.tests_s, left(reserve_after(args, "tests"))),
+                        args.out_dir)
         step["counts"] = _pytest_counts(step["tail"])
         if step["counts"].get("skipped") and step["status"] == "passed":
             step["status"] = "failed (CUDA tests skipped on a machine with a GPU)"
         session["steps"]["tests"] = step
     config = ""
     if "sweep" not in args.skip:
-        sweep_s = min(args.sweep_s, left(240 + reserve))
+        sweep_s = min(args.sweep_s, left(60 + reserve_after(args, "sweep")))
         step = run_step("sweep", _command("sweep", args, sweep_s=sweep_s), sweep_s + 60, args.out_dir)
         sweep_file = args.out_dir / "sweep.json"
         step["result"] = json.loads(sweep_file.read_text()) if sweep_file.exists() else None
@@ -195,7 +199,8 @@ def main(argv=None) -> int:
         session["steps"]["sweep"] = step
     if "bench" not in args.skip:
         out = args.out_dir / "gpu.json"
-        step = run_step("bench", _command("bench", args, config=config), left(10 + reserve), args.out_dir)
+        step = run_step("bench", _command("bench", args, config=config), left(10 + reserve_after(args, "bench")),
+                        args.out_dir)
         step["result"] = json.loads(out.read_text()) if out.exists() else None
         mixer = args.out_dir / "gpu_mixer.json"
         step["mixer"] = json.loads(mixer.read_text())["records"] if mixer.exists() else None
@@ -212,10 +217,19 @@ def main(argv=None) -> int:
     return 0 if all(s["status"] == "passed" for s in session["steps"].values()) else 1
 
 
+def reserve_after(args, step: str) -> float:
+    """Seconds kept for the steps after ``step`` that run (skipped ones keep nothing): the sweep's 60 s of
+    configurations' overhead, the benchmark's 240 s, the families' ``--families-s``."""
+    need = {"tests": 0.0, "sweep": 60.0, "bench": 240.0, "families": args.families_s}
+    return sum(need[s] for s in STEPS[STEPS.index(step) + 1:] if s not in args.skip)
+
+
 def _command(name: str, args, config: str = "", sweep_s: float | None = None, budget_s: float | None = None) -> list:
     """The command line of one step."""
     if name == "tests":
-        return [sys.executable, "-m", "pytest", *TESTS, "-q", "-p", "no:cacheprovider", "-rs",
+        # not the slow interpreter suites: they check the kernels on CPU (CI's job) and Triton's interpreter
+        # differs between releases (3.6's cannot run a loop bounded by a runtime argument)
+        return [sys.executable, "-m", "pytest", *TESTS, "-q", "-p", "no:cacheprovider", "-rs", "-m", "not slow",
                 *(["-n", "8"] if _has("xdist") else [])]
     if name == "sweep":
         return [sys.executable, str(HERE / "gpu_session.py"), "--sweep", "--out-dir", str(args.out_dir),
@@ -224,7 +238,7 @@ def _command(name: str, args, config: str = "", sweep_s: float | None = None, bu
         return [sys.executable, str(HERE / "bench_pool_mixer_gpu.py"), "--compile-dtypes", "bf16", "--output",
                 str(args.out_dir / "gpu.json"), *(["--triton-config", config] if config else [])]
     return [sys.executable, str(HERE / "bench_gpu_families.py"), "--output", str(args.out_dir / "gpu_families.json"),
-            "--budget-s", f"{budget_s if budget_s is not None else args.families_s:.0f}"]
+            "--budget-s", f"{budget_s if budget_s is not None else args.families_s:.0f}", *shlex.split(args.families_args)]
 
 
 def _has(module: str) -> bool:

@@ -62,6 +62,20 @@ def test_smoke_run_checks_times_and_writes_json(tmp_path):
     assert res["mixer_file"] == "gpu_mixer.json"
 
 
+def test_families_smoke_run_checks_against_timm_and_writes_json(tmp_path):
+    """The every-family benchmark compares ours (timm's weights) with timm before timing: the final maps for
+    every family, the logits where the heads agree (timm's PoolFormer v1 pools before its head norm)."""
+    path = tmp_path / "families.json"
+    out = _run("bench_gpu_families.py", "--smoke", "--no-compile", "--no-kernels", "--models", "poolformer_s12",
+               "caformer_s18", "--size", "64", "--output", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    models = json.loads(path.read_text())["models"]
+    checks = {name: models[name]["checks"] for name in ("poolformer_s12", "caformer_s18")}
+    assert set(checks["poolformer_s12"]) == {"rel_diff_vs_timm_features_fp32"}
+    assert set(checks["caformer_s18"]) == {"rel_diff_vs_timm_features_fp32", "rel_diff_vs_timm_logits_fp32"}
+    assert all(v <= 1e-3 for c in checks.values() for v in c.values())
+
+
 def test_compare_stops_on_wrong_or_nan_results():
     want = {"y - x": torch.tensor([1.0, -2.0], dtype=torch.float64), "dx": torch.tensor([0.5, 0.5])}
     errors = gpu_common.compare("v", {"y - x": torch.tensor([1.0, -2.0 + 1e-6], dtype=torch.float64), "dx": want["dx"]},
@@ -89,3 +103,12 @@ def test_session_step_is_killed_at_its_time_limit(tmp_path):
     assert slow["status"] == "timed out" and "started" in (tmp_path / "slow.log").read_text()
     failed = gpu_session.run_step("failed", [sys.executable, "-c", "raise SystemExit(3)"], 60, tmp_path)
     assert failed["status"] == "failed (exit status 3)"
+
+
+def test_session_keeps_time_only_for_the_steps_that_run():
+    args = gpu_session.parse_args(["--skip", "sweep", "bench", "--families-s", "120"])
+    assert gpu_session.reserve_after(args, "tests") == 120  # the families step alone follows
+    args = gpu_session.parse_args(["--families-s", "100"])
+    assert gpu_session.reserve_after(args, "tests") == 60 + 240 + 100
+    assert gpu_session.reserve_after(args, "bench") == 100
+    assert gpu_session.reserve_after(gpu_session.parse_args(["--skip", "families"]), "bench") == 0

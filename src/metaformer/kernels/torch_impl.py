@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pool_mixer_residual_torch", "pool_mixer_residual_reference", "sample_rstd", "avg_pool_same"]
+__all__ = ["pool_mixer_residual_torch", "pool_mixer_residual_reference", "sample_rstd", "avg_pool_same",
+           "cuda_channels_last_pool_backward_ok"]
 
 _DIMS = (1, 2, 3)
 
@@ -69,12 +70,51 @@ def avg_pool_same(x: torch.Tensor, pool_size: int) -> torch.Tensor:
     conversions cost less than the difference, so contiguous CPU inputs are pooled in
     channels_last. The branch depends only on the device and strides, which torch.compile
     and torch.export treat as static.
+
+    On CUDA, some PyTorch releases compute the channels_last backward of a padded avg_pool2d wrong
+    (pytorch/pytorch#188344: the NHWC backward kernel omits the padding offset; silently wrong input
+    gradients). Where :func:`cuda_channels_last_pool_backward_ok` finds that on the device, a
+    channels_last input that needs a gradient is pooled in NCHW (correct there) and the result turned
+    back into channels_last.
     """
     pad = pool_size // 2
     if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and x.shape[1] > 1:
         xc = x.contiguous(memory_format=torch.channels_last)
         return F.avg_pool2d(xc, pool_size, 1, pad, count_include_pad=False).contiguous()
+    if (x.device.type == "cuda" and x.requires_grad and torch.is_grad_enabled() and not x.is_contiguous()
+            and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and not torch.compiler.is_compiling() and not cuda_channels_last_pool_backward_ok(x.device)):
+        y = F.avg_pool2d(x.contiguous(), pool_size, 1, pad, count_include_pad=False)
+        return y.contiguous(memory_format=torch.channels_last)
     return F.avg_pool2d(x, pool_size, 1, pad, count_include_pad=False)
+
+
+_POOL_BACKWARD_OK: dict = {}
+
+
+def cuda_channels_last_pool_backward_ok(device) -> bool:
+    """Whether this PyTorch computes the channels_last CUDA backward of a padded, count_include_pad=False
+    avg_pool2d right on ``device`` (pytorch/pytorch#188344), probed once per device on a small tensor
+    against the NCHW backward. During CUDA-graph capture nothing is probed and False is returned (the
+    NCHW detour is right either way)."""
+    device = torch.device(device)
+    key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key in _POOL_BACKWARD_OK:
+        return _POOL_BACKWARD_OK[key]
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    with torch.enable_grad(), torch.autocast("cuda", enabled=False):
+        x = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32, device=device).reshape(2, 3, 5, 4)
+        g = torch.linspace(-1.0, 1.0, x.numel(), device=device).reshape(x.shape)
+        grads = []
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            leaf = x.contiguous(memory_format=fmt).requires_grad_(True)
+            y = F.avg_pool2d(leaf, 3, 1, 1, count_include_pad=False)
+            (gx,) = torch.autograd.grad(y, leaf, g.contiguous(memory_format=fmt))
+            grads.append(gx)
+        ok = bool(torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6))
+    _POOL_BACKWARD_OK[key] = ok
+    return ok
 
 
 def pool_mixer_residual_torch(
