@@ -29,3 +29,44 @@ def place_release_identityformer_s12(folder):
     torch.save(ref.state_dict(), folder / "identityformer_s12.pth")
     place_hub_file("sail/dl", "identityformer/identityformer_s12.pth", folder / "identityformer_s12.pth")
     return ref
+
+
+def run_triton_suite(suite, processes: dict, timeout_s: float = 600) -> dict:
+    """Runs the groups of a Triton test suite script in subprocesses started together (Triton's interpreter
+    must be switched on before triton is imported): ``processes`` maps a tuple of groups to whether they
+    run under the interpreter. Returns {group: (passed?, the process's output)}; skips the test if triton
+    is installed but not importable."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+    tests = Path(__file__).resolve().parent
+    procs = {}
+    for groups, interpret in processes.items():
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests),
+                                                            os.environ.get("PYTHONPATH", "")])}
+        env.pop("METAFORMER_BACKEND", None)
+        env.pop("TRITON_INTERPRET", None)
+        if interpret:
+            env["TRITON_INTERPRET"] = "1"
+        procs[groups] = subprocess.Popen([sys.executable, str(suite), *groups], env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
+    t0 = time.perf_counter()
+    results = {}
+    for groups, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, timeout_s - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            out += f"\n[killed after {timeout_s} s]"
+        for g in groups:
+            results[g] = (f"{g} passed" in out, out)
+    if all("TRITON_AVAILABLE" in out and "AssertionError" in out and not ok for ok, out in results.values()):
+        pytest.skip(f"triton is installed but not importable: {next(iter(results.values()))[1].strip()[-300:]}")
+    return results

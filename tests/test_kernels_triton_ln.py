@@ -7,48 +7,20 @@ installed.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import run_triton_suite
 
-_TESTS = Path(__file__).resolve().parent
-_SRC = _TESTS.parent / "src"
-_SUITE = _TESTS / "triton_ln_suite.py"
-_PROCESSES = {("tiles", "star"): True, ("misc",): True, ("compile",): False}  # groups, interpreted?
-_TIMEOUT_S = 600
+_SUITE = Path(__file__).resolve().parent / "triton_ln_suite.py"
+# groups per subprocess, and whether they interpret
+_PROCESSES = {("tiles", "star"): True, ("misc",): True, ("compile",): False}
 
 
 @pytest.fixture(scope="module")
 def suite_results():
     """Starts every subprocess at once; returns {group: (passed?, the process's output)}."""
-    pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
-    procs = {}
-    for groups, interpret in _PROCESSES.items():
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_SRC), str(_TESTS), os.environ.get("PYTHONPATH", "")])}
-        env.pop("METAFORMER_BACKEND", None)
-        env.pop("TRITON_INTERPRET", None)
-        if interpret:
-            env["TRITON_INTERPRET"] = "1"
-        procs[groups] = subprocess.Popen([sys.executable, str(_SUITE), *groups], env=env, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True)
-    t0 = time.perf_counter()
-    results = {}
-    for groups, proc in procs.items():
-        try:
-            out, _ = proc.communicate(timeout=max(1.0, _TIMEOUT_S - (time.perf_counter() - t0)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-            out += f"\n[killed after {_TIMEOUT_S} s]"
-        for g in groups:
-            results[g] = (f"{g} passed" in out, out)
-    if all("TRITON_AVAILABLE" in out and "AssertionError" in out and not ok for ok, out in results.values()):
-        pytest.skip(f"triton is installed but not importable: {next(iter(results.values()))[1].strip()[-300:]}")
-    return results
+    return run_triton_suite(_SUITE, _PROCESSES)
 
 
 @pytest.mark.slow

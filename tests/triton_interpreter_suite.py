@@ -10,12 +10,9 @@ Prints ``GROUP passed`` or ``GROUP FAILED`` (after the traceback) per group.
 
 from __future__ import annotations
 
-import sys
-import time
-import traceback
-
 import torch
 from kernel_checks import EPS, check, check_large_mean, fused, inputs, oracle, ref
+from triton_suite_common import compile_for_h100, run_groups
 
 import metaformer.kernels as K
 from metaformer.kernels import selfcheck
@@ -113,63 +110,20 @@ def group_compile() -> None:
     Triton's real compiler (to PTX and, through ptxas, to a cubin): what the interpreter cannot
     check (types, constexpr specialisation of arguments equal to 1, lowering). Needs no GPU; runs
     without TRITON_INTERPRET."""
-    import types
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
     from metaformer.kernels import triton_kernels as tk
 
-    names = ("stats_kernel", "fwd_kernel", "bwd_reduce_kernel", "bwd_dx_kernel")
-    assert all(isinstance(getattr(tk, n), triton.runtime.jit.JITFunction) for n in names), "TRITON_INTERPRET is set"
-    launches = []
-
-    class Record:  # stands in for kernel[grid](...): records the launch instead of running it
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, grid, args, kwargs))
-
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    real, ti.tk = ti.tk, types.SimpleNamespace(**{n: Record(getattr(tk, n)) for n in names})
-    try:
+    def drive():
         for shape, dtype, cl, k, has_r, has_s in [((2, 65, 57, 55), F32, False, 3, True, True),
                                                   ((2, 65, 57, 55), torch.bfloat16, True, 7, False, False),
                                                   ((1, 1, 1, 1), torch.float64, False, 5, True, True)]:
             x, w, r, s, gy = inputs(shape, dtype, cl, has_r, has_s)
             xx, _, mean, rstd = ti._forward(x, w, r, s, EPS, k)
             ti._backward(xx, mean, rstd, w, r, s, gy, k, (True, True, has_r, has_s))
-    finally:
-        ti.tk = real
-    for kernel, grid, args, kwargs in launches:
-        assert len(grid) == 1 and 0 < grid[0] < 2**31, grid
-        bind = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = bind(*args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
-        assert compiled.asm.get("cubin"), kernel
-    assert len(launches) == 12, len(launches)
+
+    compile_for_h100(ti, tk, ("stats_kernel", "fwd_kernel", "bwd_reduce_kernel", "bwd_dx_kernel"), drive, 12)
 
 
 GROUPS = {"tiles": group_tiles, "precision": group_precision, "misc": group_misc, "compile": group_compile}
 
 if __name__ == "__main__":
-    assert K.TRITON_AVAILABLE, K.TRITON_IMPORT_ERROR
-    K.set_backend("triton")
-    failed = False
-    for name in sys.argv[1:]:
-        t0 = time.perf_counter()
-        try:
-            GROUPS[name]()
-        except Exception:
-            failed = True
-            traceback.print_exc()
-            print(f"{name} FAILED", flush=True)
-        else:
-            print(f"{name} passed in {time.perf_counter() - t0:.1f} s", flush=True)
-    sys.exit(1 if failed else 0)
+    run_groups(GROUPS)

@@ -10,12 +10,9 @@ the float64 oracles of ln_checks.py. Prints ``GROUP passed`` or ``GROUP FAILED``
 
 from __future__ import annotations
 
-import sys
-import time
-import traceback
-
 import torch
 from ln_checks import EPS, check_layernorm, check_residual, check_star, draw, ln_oracle, residual_oracle
+from triton_suite_common import compile_for_h100, run_groups
 
 import metaformer.kernels as K
 from metaformer.kernels import baseline_checks
@@ -150,30 +147,9 @@ def group_compile() -> None:
     """Every kernel, with the arguments the launch code computes, compiled for an H100 (sm_90) by Triton's
     own compiler (PTX, then a cubin through ptxas): types, specialisation and lowering, which the
     interpreter cannot check. Needs no GPU; runs without TRITON_INTERPRET."""
-    import types
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
     from metaformer.kernels import triton_ln_kernels as tk
 
-    names = ("ln_fwd_kernel", "ln_bwd_kernel", "star_relu_fwd_kernel", "star_relu_bwd_kernel")
-    assert all(isinstance(getattr(tk, n), triton.runtime.jit.JITFunction) for n in names), "TRITON_INTERPRET is set"
-    launches = []
-
-    class Record:  # stands in for kernel[grid](...): records the launch instead of running it
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, grid, args, kwargs))
-
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    real, tl_.tk = tl_.tk, types.SimpleNamespace(**{n: Record(getattr(tk, n)) for n in names})
-    try:
+    def drive():
         for shape, dtype, layout, present in [((128, 64, 56, 56), BF16, CL, ("weight", "res_scale", "sample_scale")),
                                               ((2, 320, 14, 14), F32, "contiguous", ("weight", "bias", "layer_scale")),
                                               ((1, 3, 1, 1), F64, CL, ())]:
@@ -187,33 +163,12 @@ def group_compile() -> None:
             one = torch.ones(1, dtype=dtype)
             tl_._star_forward(x, one, one, dtype)
             tl_._star_backward(x, one, x, (True, True, True))
-    finally:
-        tl_.tk = real
-    for kernel, grid, args, kwargs in launches:
-        assert len(grid) == 1 and 0 < grid[0] < 2**31, grid
-        bind = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = bind(*args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
-        assert compiled.asm.get("cubin"), kernel
-    assert len(launches) == 18, len(launches)
+
+    compile_for_h100(tl_, tk, ("ln_fwd_kernel", "ln_bwd_kernel", "star_relu_fwd_kernel", "star_relu_bwd_kernel"),
+                     drive, 18)
 
 
 GROUPS = {"tiles": group_tiles, "misc": group_misc, "star": group_star, "compile": group_compile}
 
 if __name__ == "__main__":
-    assert K.TRITON_AVAILABLE, K.TRITON_IMPORT_ERROR
-    K.set_backend("triton")
-    failed = False
-    for name in sys.argv[1:]:
-        t0 = time.perf_counter()
-        try:
-            GROUPS[name]()
-        except Exception:
-            failed = True
-            traceback.print_exc()
-            print(f"{name} FAILED", flush=True)
-        else:
-            print(f"{name} passed in {time.perf_counter() - t0:.1f} s", flush=True)
-    sys.exit(1 if failed else 0)
+    run_groups(GROUPS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import errno
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -102,6 +103,23 @@ def add_workers_arg(group, *, per: str = "") -> None:
     """``-j/--workers`` with a default that fits the machine (see :func:`default_workers`)."""
     group.add_argument("-j", "--workers", type=_workers, default=default_workers(), metavar="N",
                        help=f"data loading processes{per} (default: %(default)s: 4, or the CPUs available if fewer)")
+
+
+def add_results_args(parser: argparse.ArgumentParser, *, what: str = "the results") -> None:
+    """An evaluation's ``--results-file`` (checked before it starts), ``--overwrite`` and ``--no-progress``."""
+    parser.add_argument("--results-file", metavar="F.json", help=f"write {what} as JSON to this file (checked "
+                        "before the evaluation starts; an existing file needs --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --results-file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def write_results(args: argparse.Namespace, results: dict) -> None:
+    """Writes ``results`` as JSON to ``--results-file`` (all-or-nothing), when one was given."""
+    if args.results_file:
+        from ..files import write_text
+
+        write_text(args.results_file, json.dumps(results, indent=2) + "\n")
+        log(f"results written to {args.results_file}")
 
 
 # ----------------------------------------------------------------------------------------- options

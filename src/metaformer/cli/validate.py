@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 
-from ..files import write_text
 from ..training import dataset_targets_for, eval_transform, evaluate, image_folder
 from .options import (
     CLIError,
     add_data_config_args,
     add_device_args,
     add_model_args,
+    add_results_args,
     add_workers_arg,
     check_output_file,
     data_config_from_args,
@@ -22,6 +21,7 @@ from .options import (
     log,
     resolve_device,
     warn,
+    write_results,
 )
 
 DESCRIPTION = """\
@@ -50,10 +50,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=128, metavar="N", help="batch size (default: 128)")
     add_workers_arg(p)
     add_device_args(p, amp_help="evaluate under autocast (bfloat16 by default)")
-    p.add_argument("--results-file", metavar="F.json", help="write the results as JSON to this file (checked "
-                   "before the evaluation starts; an existing file needs --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --results-file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_results_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -115,7 +112,5 @@ def run(args: argparse.Namespace) -> int:
     }
     log(f"top1 {results['top1']:.3f}  top5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
         f"({results['images']} images, {results['img_per_sec']:.1f} img/s)")
-    if args.results_file:
-        write_text(args.results_file, json.dumps(results, indent=2) + "\n")
-        log(f"results written to {args.results_file}")
+    write_results(args, results)
     return 0

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 
 import torch
 
-from ..files import write_text
 from ..training import SegRecipe, evaluate_segmentation, load_segmenter_file
 from .options import (
     CLIError,
     add_device_args,
+    add_results_args,
     add_workers_arg,
     check_input_file,
     check_output_file,
     log,
     parse_model_kwargs,
     resolve_device,
+    write_results,
 )
 from .train_seg_run import find_split
 
@@ -60,10 +60,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("--size-divisor", type=int, metavar="D", help="then to multiples of D (default: 32)")
     add_workers_arg(d)
     add_device_args(p, amp_help="evaluate under autocast (bfloat16 by default)")
-    p.add_argument("--results-file", metavar="F.json", help="write the results (with per-class IoU) as JSON to this "
-                   "file (checked before the evaluation starts; an existing file needs --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --results-file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_results_args(p, what="the results (with per-class IoU)")
     p.set_defaults(func=run)
     return p
 
@@ -137,7 +134,5 @@ def run(args: argparse.Namespace) -> int:
     }
     log(f"mIoU {results['mIoU']:.2f}  aAcc {results['aAcc']:.2f}  mAcc {results['mAcc']:.2f}  "
         f"({results['images']} images, {results['img_per_sec']:.1f} img/s)")
-    if args.results_file:
-        write_text(args.results_file, json.dumps(results, indent=2) + "\n")
-        log(f"results written to {args.results_file}")
+    write_results(args, results)
     return 0

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import triton_kernels as tk
+from .tile_config import ConfigSlot, validate
 
 __all__ = ["TritonConfig", "configured", "get_config", "launch_sizes", "pool_mixer_residual_triton", "set_config",
            "unsupported_reason"]
@@ -54,53 +55,11 @@ class TritonConfig:
     stats_num_warps: int = 8
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TritonConfig.{f.name} must be a positive integer, got {v!r}")
-        for name in ("tile", "max_block_c", "stats_block", "num_warps", "stats_num_warps"):
-            v = getattr(self, name)
-            if v & (v - 1):
-                raise ValueError(f"TritonConfig.{name} must be a power of two, got {v}")
+        validate(self, ("tile", "max_block_c", "stats_block", "num_warps", "stats_num_warps"))
 
 
-_config = TritonConfig()
-
-
-def get_config() -> TritonConfig:
-    """Returns the current :class:`TritonConfig`."""
-    return _config
-
-
-def set_config(config: TritonConfig | None = None, **changes) -> TritonConfig:
-    """Sets the kernels' tile sizes; returns the previous configuration.
-
-    Args:
-        config: A whole configuration (default: the current one).
-        **changes: Fields of :class:`TritonConfig` to change.
-
-    Raises:
-        ValueError: On an unknown field or an invalid size.
-    """
-    global _config
-    previous = _config
-    base = previous if config is None else config
-    unknown = set(changes) - {f.name for f in dataclasses.fields(TritonConfig)}
-    if unknown:
-        raise ValueError(f"unknown TritonConfig fields {sorted(unknown)}; valid: "
-                         f"{[f.name for f in dataclasses.fields(TritonConfig)]}")
-    _config = dataclasses.replace(base, **changes)
-    return previous
-
-
-@contextlib.contextmanager
-def configured(**changes):
-    """Context manager: ``set_config(**changes)`` inside, the previous configuration after."""
-    previous = set_config(**changes)
-    try:
-        yield _config
-    finally:
-        set_config(previous)
+_slot = ConfigSlot(TritonConfig())
+get_config, set_config, configured = _slot.functions()
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,7 +100,7 @@ def launch_sizes(shape, channels_last: bool, config: TritonConfig | None = None)
         ``pixel_tiles``, ``channel_blocks``, ``stats_parts``, ``stats_iters`` (blocks per part),
         ``bwd_splits``, ``bwd_iters`` (pixel tiles per backward-reduction program).
     """
-    cfg = config or _config
+    cfg = config or _slot.current
     _, C, H, W = shape
     HW = H * W
     if channels_last:
@@ -164,7 +123,7 @@ def unsupported_reason(x: torch.Tensor, pool_size: int) -> str | None:
     """Why the kernels cannot take ``x`` (offsets within a sample are int32), or None."""
     B, C, H, W = x.shape
     N = C * H * W
-    reach = N + (pool_size // 2 + 1) * (W + 1) * C + _config.stats_block * 2
+    reach = N + (pool_size // 2 + 1) * (W + 1) * C + _slot.current.stats_block * 2
     if reach > _INT32_MAX:
         return (f"a sample of {C}x{H}x{W} = {N} elements is too large for the Triton kernels' 32-bit "
                 f"offsets (at most about 2**31 elements per sample)")
@@ -181,7 +140,7 @@ def _eps_parts(eps: float):
 # --------------------------------------------------------------------------------------------
 def _forward(x, weight, res_scale, sample_scale, eps, pool_size):
     """(x as used, y, mean, rstd); x is made dense first."""
-    cfg = _config
+    cfg = _slot.current
     x, cl = _dense(x)
     B, C, H, W = x.shape
     N = C * H * W
@@ -210,7 +169,7 @@ def _forward(x, weight, res_scale, sample_scale, eps, pool_size):
 
 
 def _backward(x, mean, rstd, weight, res_scale, sample_scale, grad_y, pool_size, needs):
-    cfg = _config
+    cfg = _slot.current
     need_x, need_w, need_r, need_s = needs
     B, C, H, W = x.shape
     N = C * H * W

@@ -26,6 +26,7 @@ import torch
 import triton
 
 from . import triton_ln_kernels as tk
+from .tile_config import ConfigSlot, validate
 from .triton_impl import _acc, _dense, _eps_parts, _strides
 
 __all__ = ["LNConfig", "configured", "get_config", "launch_sizes", "layernorm_triton", "set_config",
@@ -63,53 +64,12 @@ class LNConfig:
     ew_num_warps: int = 4
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"LNConfig.{f.name} must be a positive integer, got {v!r}")
-        for name in ("tile", "nchw_min_positions", "max_block_c", "num_warps", "bwd_num_warps", "ew_block",
-                     "ew_num_warps"):
-            v = getattr(self, name)
-            if v & (v - 1):
-                raise ValueError(f"LNConfig.{name} must be a power of two, got {v}")
+        validate(self, ("tile", "nchw_min_positions", "max_block_c", "num_warps", "bwd_num_warps", "ew_block",
+                        "ew_num_warps"))
 
 
-_config = LNConfig()
-
-
-def get_config() -> LNConfig:
-    """Returns the current :class:`LNConfig`."""
-    return _config
-
-
-def set_config(config: LNConfig | None = None, **changes) -> LNConfig:
-    """Sets the kernels' tile sizes; returns the previous configuration.
-
-    Args:
-        config: A whole configuration (default: the current one).
-        **changes: Fields of :class:`LNConfig` to change.
-
-    Raises:
-        ValueError: On an unknown field or an invalid size.
-    """
-    global _config
-    previous = _config
-    names = [f.name for f in dataclasses.fields(LNConfig)]
-    unknown = set(changes) - set(names)
-    if unknown:
-        raise ValueError(f"unknown LNConfig fields {sorted(unknown)}; valid: {names}")
-    _config = dataclasses.replace(previous if config is None else config, **changes)
-    return previous
-
-
-@contextlib.contextmanager
-def configured(**changes):
-    """Context manager: ``set_config(**changes)`` inside, the previous configuration after."""
-    previous = set_config(**changes)
-    try:
-        yield _config
-    finally:
-        set_config(previous)
+_slot = ConfigSlot(LNConfig())
+get_config, set_config, configured = _slot.functions()
 
 
 def launch_sizes(shape, channels_last: bool, config: LNConfig | None = None) -> dict:
@@ -119,7 +79,7 @@ def launch_sizes(shape, channels_last: bool, config: LNConfig | None = None) -> 
         A dict: ``block_c`` (padded channels), ``block_p`` (positions per tile), ``pos_tiles`` (per
         sample), ``bwd_splits`` (backward programs per sample) and ``bwd_iters`` (tiles per program).
     """
-    cfg = config or _config
+    cfg = config or _slot.current
     _, C, H, W = shape
     HW = H * W
     block_c = triton.next_power_of_2(C)
@@ -136,9 +96,9 @@ def launch_sizes(shape, channels_last: bool, config: LNConfig | None = None) -> 
 def unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the LayerNorm kernels cannot take ``x`` (too many channels, a sample past int32 offsets), or None."""
     B, C, H, W = x.shape
-    if triton.next_power_of_2(C) > _config.max_block_c:
+    if triton.next_power_of_2(C) > _slot.current.max_block_c:
         return (f"{C} channels are more than the Triton LayerNorm kernels hold in registers "
-                f"(LNConfig.max_block_c = {_config.max_block_c})")
+                f"(LNConfig.max_block_c = {_slot.current.max_block_c})")
     if C * H * W > _INT32_MAX:
         return (f"a sample of {C}x{H}x{W} = {C * H * W} elements is too large for the Triton kernels' 32-bit "
                 "offsets (at most 2**31 - 1 elements per sample)")
@@ -168,7 +128,7 @@ def _ln_forward(x, y, weight, bias, r, ls, s, eps, z_dtype, n_dtype):
         C, H * W, sz["pos_tiles"], *_eps_parts(eps), *_strides(x), *_strides(x if y is None else y),
         HAS_Y=y is not None, HAS_R=r is not None, HAS_LS=ls is not None, HAS_S=s is not None,
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=sz["block_p"], BLOCK_C=sz["block_c"], ACC=tl_acc,
-        num_warps=_config.num_warps,
+        num_warps=_slot.current.num_warps,
     )
     return x, y, z, n
 
@@ -200,7 +160,7 @@ def _ln_backward(saved, gz, gn, eps, needs, dtypes):
         HAS_S=s is not None, HAS_W=weight is not None, HAS_GN=gn is not None, HAS_GZ=gz is not None,
         NEED_X=bool(need_x), NEED_Y=bool(need_y), NEED_W=bool(need_w), NEED_B=bool(need_b), NEED_R=bool(need_r),
         NEED_LS=bool(need_ls), NEED_S=bool(need_s), BLOCK_P=sz["block_p"], BLOCK_C=sz["block_c"], ACC=tl_acc,
-        num_warps=_config.bwd_num_warps,
+        num_warps=_slot.current.bwd_num_warps,
     )
     vec = [None if p is None else p.sum(0).to(t.dtype) for p, t in zip(parts, (weight, bias, r, ls))]
     grad_s = None if ps is None else ps.sum(1).to(s.dtype)
@@ -293,9 +253,9 @@ def _flat_dense(t: torch.Tensor) -> torch.Tensor:
 def _star_forward(x, scale, bias, out_dtype):
     x = _flat_dense(x)
     out = torch.empty_like(x, dtype=out_dtype)
-    N, block = x.numel(), _config.ew_block
+    N, block = x.numel(), _slot.current.ew_block
     tk.star_relu_fwd_kernel[(triton.cdiv(N, block),)](x, out, scale, bias, N, BLOCK=block, ACC=_acc(x.dtype)[0],
-                                                       num_warps=_config.ew_num_warps)
+                                                       num_warps=_slot.current.ew_num_warps)
     return x, out
 
 
@@ -303,7 +263,7 @@ def _star_backward(x, scale, g, needs):
     need_x, need_s, need_b = needs
     if g.stride() != x.stride():  # e.g. a broadcast or transposed gradient: one copy into x's layout
         g = g.contiguous(memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
-    N, block, iters = x.numel(), _config.ew_block, _config.ew_bwd_iters
+    N, block, iters = x.numel(), _slot.current.ew_block, _slot.current.ew_bwd_iters
     nprog = triton.cdiv(N, block * iters)
     _, acc = _acc(x.dtype)
     dx = torch.empty_like(x) if need_x else None
@@ -312,7 +272,7 @@ def _star_backward(x, scale, g, needs):
     tk.star_relu_bwd_kernel[(nprog,)](x, g, x if dx is None else dx, scale, x if ps is None else ps,
                                       x if pb is None else pb, N, iters, NEED_X=bool(need_x), NEED_S=bool(need_s),
                                       NEED_B=bool(need_b), BLOCK=block, ACC=_acc(x.dtype)[0],
-                                      num_warps=_config.ew_num_warps)
+                                      num_warps=_slot.current.ew_num_warps)
     return dx, ps, pb
 
 
