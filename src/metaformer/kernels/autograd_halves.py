@@ -1,18 +1,17 @@
-"""Training-mode halves on CPU: one ``autograd.Function`` each, with a written-out backward.
+"""The MLP half in training on CPU: one ``autograd.Function`` with a written-out backward.
 
-Both the MLP half and the SepConv half are ``y = rs * x + sample * ls * pw2(mid(act(pw1(norm(x)))))``:
-``rs`` the res scale (or 1), ``sample`` the stochastic-depth factor of each sample (or 1), ``act``
-GELU, ReLU, StarReLU or SquaredReLU, and ``mid`` the identity (MLP) or SepConv's depthwise convolution.
+The MLP half is ``y = rs * x + sample * ls * fc2(act(fc1(norm(x))))``: ``rs`` the res scale (or 1),
+``sample`` the stochastic-depth factor of each sample (or 1), ``act`` GELU, ReLU, StarReLU or SquaredReLU.
 Autograd through the plain composition keeps the norm's output, the hidden tensor before and after the
-activation, StarReLU's intermediates and the depthwise convolution's input and output; this node keeps
-one hidden tensor (GELU: the pre-activation; the ReLU family: ``relu(h) ** 2``, from which
-``relu(h) = sqrt(relu(h) ** 2)`` comes back exactly), the depthwise output where there is one, and the
-norm's statistics, and recomputes the normalised input from ``x``. Its forward runs the oneDNN
+activation and StarReLU's intermediates; this node keeps one hidden tensor (GELU: the pre-activation; the
+ReLU family: ``relu(h) ** 2``, from which ``relu(h) = sqrt(relu(h) ** 2)`` comes back exactly) and the
+norm's statistics, and recomputes the normalised input from ``x``. (SepConv's half, with its depthwise
+convolution between, measured no faster than the plain composition on CPU and runs that.) Its forward runs the oneDNN
 primitives of inference (fp32) or matrix products on the channels_last rows (fp64); the backward is
 matrix products on the same rows, with the small gradients (norm affine, layer and res scales,
 StarReLU's scale and bias, biases) reduced from those products where possible::
 
-    dW2 = ls * (G^T a),  d ls = rowsum(W2 * (G^T a)) + b2 * colsum(G),  MLP: d(StarReLU b) = colsum(G) . rowsum(ls W2)
+    dW2 = ls * (G^T a),  d ls = rowsum(W2 * (G^T a)) + b2 * colsum(G),  d(StarReLU b) = colsum(G) . rowsum(ls W2)
 
 Every gradient equals the plain composition's (``tests/test_fastpaths.py``, fp32 and fp64).
 """
@@ -27,10 +26,10 @@ from einops import rearrange
 from torch import nn
 
 from . import onednn
-from .folding import act_kind, norm_kind, normalise, plain_1x1, plain_sepconv, scale_of, scales_known
+from .folding import act_kind, norm_kind, normalise, plain_1x1, scale_of, scales_known
 from .twice import grads_through
 
-__all__ = ["mlp_half", "sepconv_half", "PointwiseHalfFunction"]
+__all__ = ["mlp_half", "PointwiseHalfFunction"]
 
 _CL = torch.channels_last
 
@@ -75,18 +74,18 @@ def _gelu_mode(act: str) -> str:
 
 
 class PointwiseHalfFunction(torch.autograd.Function):
-    """The MLP or SepConv half as one autograd node (see the module docstring)."""
+    """The MLP half as one autograd node (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, w1, b1, s, c, wd, bd, w2, b2, ls, rs, sample, cfg):
-        kind, eps, act, k, use_onednn = cfg
+    def forward(ctx, x, gamma, beta, w1, b1, s, c, w2, b2, ls, rs, sample, cfg):
+        kind, eps, act, use_onednn = cfg
         x_in, x = x, x.contiguous(memory_format=_CL)
         w1m, w2m = w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
         n, mean, rstd = _norm_forward(kind, x, eps)
         w1f = w1m * gamma if gamma is not None else w1m  # the norm's affine folded into pw1
         b1f = b1 if beta is None else (w1m @ beta if b1 is None else torch.addmv(b1, w1m, beta))
         w2f, b2f = w2m, b2
-        if act == "star" and not k:  # MLP: StarReLU's s and b folded into fc2 (not through a depthwise conv)
+        if act == "star":  # StarReLU's s and b folded into fc2
             b2f = c * w2m.sum(1) if b2 is None else b2 + c * w2m.sum(1)
             w2f = w2m * s
         if ls is not None:
@@ -100,65 +99,48 @@ class PointwiseHalfFunction(torch.autograd.Function):
         if act in ("star", "square"):
             hidden.square_()
         saved = hidden  # GELU: the pre-activation; ReLU family: relu(h), squared where the act squares
-        a = _activation(saved, act, s, c, folded=not k)
-        mid = None
-        if k:
-            groups = wd.shape[0]
-            mid = onednn.conv(a, wd, bd, "none", padding=k // 2, groups=groups) if use_onednn else None
-            if mid is None:
-                mid = F.conv2d(a, wd, bd, padding=k // 2, groups=groups).contiguous(memory_format=_CL)
-        pw2_in = a if mid is None else mid
+        pw2_in = _activation(saved, act)
         res = x if rs is None else x * rs.view(1, -1, 1, 1)
         y = onednn.conv_add(pw2_in, res, w2f[:, :, None, None], b2f) if sample is None and use_onednn else None
         if y is None:
             out = _rows_like(_rowmm(_rows(pw2_in.contiguous(memory_format=_CL)), w2f, b2f), x)
             y = torch.addcmul(res, out, sample) if sample is not None else out.add_(res)
         ctx.cfg = cfg
-        ctx.save_for_backward(x_in, mean, rstd, saved, mid, gamma, beta, w1, w1f, b1, s, c, wd, bd, w2, b2, ls,
-                              rs, sample)
+        ctx.save_for_backward(x_in, mean, rstd, saved, gamma, beta, w1, w1f, b1, s, c, w2, b2, ls, rs, sample)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        kind, eps, act, k, _ = ctx.cfg
-        (x, mean, rstd, saved, mid, gamma, beta, w1, w1f, b1, s, c, wd, bd, w2, b2, ls, rs,
-         sample) = ctx.saved_tensors
+        kind, eps, act, _ = ctx.cfg
+        x, mean, rstd, saved, gamma, beta, w1, w1f, b1, s, c, w2, b2, ls, rs, sample = ctx.saved_tensors
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (kernels/twice.py)
-            inputs = (x, gamma, beta, w1, b1, s, c, wd, bd, w2, b2, ls, rs, sample)
-            return grads_through(lambda *t: _plain(*t, ctx.cfg), inputs, need, gy, 15)
+            inputs = (x, gamma, beta, w1, b1, s, c, w2, b2, ls, rs, sample)
+            return grads_through(lambda *t: _plain(*t, ctx.cfg), inputs, need, gy, 13)
         x = x.contiguous(memory_format=_CL)
         w1m, w2m = w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
-        grads = [None] * 15
+        grads = [None] * 13
         gy = gy.contiguous(memory_format=_CL)
         g = _rows(gy)
         gs = g if sample is None else _rows((gy * sample).contiguous(memory_format=_CL))
         col = gs.sum(0)  # colsum(G)
         w2ls = w2m * ls[:, None] if ls is not None else w2m
         saved_rows = _rows(saved)
-        a = _activation(saved, act, s, c, folded=not k)  # pw2's input without a depthwise conv
-        p = gs.t() @ _rows(a if mid is None else mid)  # G^T (pw2 input), (C_out, hidden)
-        if act == "star" and not k:
+        p = gs.t() @ _rows(_activation(saved, act))  # G^T (fc2 input), (C_out, hidden)
+        if act == "star":
             p = p.mul_(s).add_(c * col[:, None])  # G^T a with the unfolded a = s * a' + c
+        if need[7]:
+            grads[7] = (p * ls[:, None] if ls is not None else p).reshape(*w2m.shape, 1, 1)
+        if need[8]:
+            grads[8] = col * ls if ls is not None else col.clone()
         if need[9]:
-            grads[9] = (p * ls[:, None] if ls is not None else p).reshape(*w2m.shape, 1, 1)
-        if need[10]:
-            grads[10] = col * ls if ls is not None else col.clone()
-        if need[11]:
-            grads[11] = (w2m * p).sum(1) + (b2 * col if b2 is not None else 0)
-        da = gs @ w2ls  # gradient of pw2's input, rows
-        if k:  # back through the depthwise convolution
-            pad = k // 2
-            da4, gwd, gbd = torch.ops.aten.convolution_backward(
-                _rows_like(da, x), a, wd, [wd.shape[0]] if bd is not None else None, [1, 1], [pad, pad], [1, 1],
-                False, [0, 0], wd.shape[0], [True, need[7], need[8]])
-            grads[7], grads[8] = gwd, gbd
-            da = _rows(da4.contiguous(memory_format=_CL))
+            grads[9] = (w2m * p).sum(1) + (b2 * col if b2 is not None else 0)
+        da = gs @ w2ls  # gradient of fc2's input, rows
         if act == "star":
             if need[5]:
                 grads[5] = torch.dot(da.reshape(-1), saved_rows.reshape(-1)).view(1)
             if need[6]:
-                grads[6] = (da.sum() if k else torch.dot(col, w2ls.sum(1))).view(1)
+                grads[6] = torch.dot(col, w2ls.sum(1)).view(1)
         factor = None
         if act.startswith("gelu"):
             dh = torch.ops.aten.gelu_backward(da, saved_rows, approximate=_gelu_mode(act))
@@ -187,34 +169,30 @@ class PointwiseHalfFunction(torch.autograd.Function):
         if need[0]:
             dx = _norm_backward(kind, dn, x, mean, rstd)
             grads[0] = dx.add_(gy * rs.view(1, -1, 1, 1)) if rs is not None else dx.add_(gy)
-        if need[12]:
-            grads[12] = (g * _rows(x)).sum(0)
+        if need[10]:
+            grads[10] = (g * _rows(x)).sum(0)
         return tuple(grads)
 
 
-def _plain(x, gamma, beta, w1, b1, s, c, wd, bd, w2, b2, ls, rs, sample, cfg) -> torch.Tensor:
+def _plain(x, gamma, beta, w1, b1, s, c, w2, b2, ls, rs, sample, cfg) -> torch.Tensor:
     """The half as the plain composition of the modules' ops (for second derivatives)."""
-    kind, eps, act, k, _ = cfg
+    kind, eps, act, _ = cfg
     h = F.conv2d(normalise(kind, x, eps, gamma, beta), w1, b1)
     if act.startswith("gelu"):
         a = F.gelu(h, approximate=_gelu_mode(act))
     else:
         a = torch.relu(h) if act == "relu" else torch.relu(h) ** 2
         a = s * a + c if act == "star" else a
-    if k:
-        a = F.conv2d(a, wd, bd, padding=k // 2, groups=wd.shape[0])
     out = F.conv2d(a, w2, b2)
     out = out if ls is None else out * ls.view(1, -1, 1, 1)
     out = out if sample is None else out * sample
     return (x if rs is None else x * rs.view(1, -1, 1, 1)) + out
 
 
-def _activation(saved: torch.Tensor, act: str, s, c, folded: bool) -> torch.Tensor:
-    """The activation from the saved hidden tensor (StarReLU's s and b left out where ``folded``)."""
+def _activation(saved: torch.Tensor, act: str) -> torch.Tensor:
+    """The activation from the saved hidden tensor (StarReLU's s and b left out: they are folded into fc2)."""
     if act.startswith("gelu"):
         return F.gelu(saved, approximate=_gelu_mode(act))
-    if act == "star" and not folded:
-        return torch.addcmul(c.view(1, 1, 1, 1), saved, s.view(1, 1, 1, 1))
     return saved
 
 
@@ -228,14 +206,13 @@ def _usable(block: nn.Module, x: torch.Tensor, norm: nn.Module, drop_path: nn.Mo
     return norm_kind(norm)
 
 
-def _apply(x, norm, pw1, act_module, act, dw, pw2, ls, rs, sample, kind, k):
+def _apply(x, norm, pw1, act_module, act, pw2, ls, rs, sample, kind):
     star = act == "star"
     params = [norm.weight, norm.bias, pw1.weight, pw1.bias, act_module.scale if star else None,
-              act_module.bias if star else None, None if dw is None else dw.weight,
-              None if dw is None else dw.bias, pw2.weight, pw2.bias, scale_of(ls), scale_of(rs)]
+              act_module.bias if star else None, pw2.weight, pw2.bias, scale_of(ls), scale_of(rs)]
     if any(p is not None and p.dtype != x.dtype for p in params):
         return None
-    cfg = (kind, float(norm.eps), act, k, onednn.onednn_ok(x))
+    cfg = (kind, float(norm.eps), act, onednn.onednn_ok(x))
     return PointwiseHalfFunction.apply(x, *params, sample(), cfg)
 
 
@@ -258,23 +235,5 @@ def mlp_half(block: nn.Module, x: torch.Tensor,
     act = act_kind(mlp.act)
     if act is None or (block.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)):
         return None
-    return _apply(x, block.norm2, mlp.fc1, mlp.act, act, None, mlp.fc2, block.layer_scale2, block.res_scale2,
-                  draw_sample, kind, 0)
-
-
-def sepconv_half(block: nn.Module, x: torch.Tensor,
-                 draw_sample: Callable[[], Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-    """The SepConv token-mixer half of ``block`` as one autograd node, or None (as :func:`mlp_half`)."""
-    from ..mixers import SepConv
-
-    m = block.token_mixer
-    kind = _usable(block, x, block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1)
-    if kind is None or type(m) is not SepConv or not plain_sepconv(m):
-        return None
-    dw = m.dwconv
-    k = dw.kernel_size[0]
-    act = act_kind(m.act1)
-    if act is None:
-        return None
-    return _apply(x, block.norm1, m.pwconv1, m.act1, act, dw, m.pwconv2, block.layer_scale1, block.res_scale1,
-                  draw_sample, kind, k)
+    return _apply(x, block.norm2, mlp.fc1, mlp.act, act, mlp.fc2, block.layer_scale2, block.res_scale2,
+                  draw_sample, kind)
