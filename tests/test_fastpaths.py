@@ -254,3 +254,29 @@ def test_second_derivatives_match_reference(family):
     assert set(fast) == set(ref) and ref
     for k in ref:
         _close(fast[k], ref[k], rtol=1e-9, what=k, floor=_floor(ref, k))
+
+
+@pytest.mark.parametrize("family", ["poolformerv2", "convformer", "caformer"])
+def test_model_built_inside_inference_mode(family):
+    """Parameters that are inference tensors (no version counter): the eval paths run, are exact, and see an
+    in-place change made under inference mode (nothing is cached for them)."""
+    with torch.inference_mode():
+        model = copy.deepcopy(tiny(family)).eval()
+        for m in model.modules():  # as if built here: every parameter an inference tensor
+            for name, p in list(m.named_parameters(recurse=False)):
+                setattr(m, name, nn.Parameter(p.detach().clone(), requires_grad=False))
+        assert all(p.is_inference() for p in model.parameters())
+        x = torch.randn(2, 3, *SIZE)
+
+        def check():
+            fast = model(x)
+            metaformer.set_backend("reference")
+            try:
+                ref = model(x)
+            finally:
+                metaformer.set_backend("auto")
+            _close(fast, ref, what=family)
+
+        check()
+        model.stages[2].blocks[0].mlp.fc1.weight.mul_(1.5)
+        check()

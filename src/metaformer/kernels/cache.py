@@ -12,6 +12,10 @@ One change is invisible to it, as to autograd: writing through ``tensor.data`` (
 bypasses the version counter. After such a write call :func:`clear_cache` (or modify the parameter
 under ``torch.no_grad()`` instead, as optimisers and ``load_state_dict`` do).
 
+Parameters that are inference tensors (a model created or loaded inside ``torch.inference_mode()``) have
+no version counter, so nothing can tell whether they changed: for them the value is built on every call
+and never cached (always right, a little slower; create the model outside inference mode to cache).
+
 The cache holds the modules weakly: it never keeps a model alive, and a deleted model's entries go.
 """
 
@@ -50,6 +54,9 @@ def derived(owner: nn.Module, tag: str, sources: Sequence[Optional[torch.Tensor]
     Returns:
         The cached or freshly built value.
     """
+    if any(t is not None and t.is_inference() for t in sources):  # no version counter: never cached
+        with torch.inference_mode(False), torch.no_grad():
+            return build()
     key = tuple(_key(t) for t in sources)
     with _LOCK:
         slot = _ENTRIES.get(owner)
