@@ -13,7 +13,11 @@ Variants:
   NCHW batch, and in channels_last; ``timm compiled`` in the table is the faster of the two;
 - ``ours``: ``metaformer.create(name)``, default forward (the fused paths), on the NCHW batch;
 - ``ours_optimized`` (inference): ``metaformer.optimize_for_inference`` of that model;
-- ``ours_compiled``: ``torch.compile(our model)``.
+- ``ours_compiled``: ``torch.compile(our model)``;
+- ``floor``: every ``nn.Conv2d`` / ``nn.Linear`` call of the model (recorded with forward hooks on the plain
+  composition) run on its own, same shapes and layout, forward (and, in training, backward): the work any
+  implementation must do. ``timm best / floor`` is the largest speed-up over timm that removing everything
+  else could give (attention's matrix products, loss and optimiser are left out of the floor: generous).
 
 Passes: ``inference`` (eval mode, ``torch.inference_mode``) for every model, and ``train`` (a training
 step: forward, cross-entropy, backward, SGD with momentum; eager variants, ``--train-compile`` adds the
@@ -55,9 +59,9 @@ import cpu_models  # noqa: E402
 import metaformer  # noqa: E402
 from metaformer.files import write_text  # noqa: E402
 
-INFERENCE = ("timm_nchw", "timm_cl", "timm_compiled", "timm_compiled_cl", "ours", "ours_optimized",
+INFERENCE = ("timm_nchw", "timm_cl", "timm_compiled", "timm_compiled_cl", "ours", "ours_optimized", "floor",
              "ours_compiled")
-TRAIN = ("timm_nchw", "timm_cl", "timm_compiled", "timm_compiled_cl", "ours", "ours_compiled")
+TRAIN = ("timm_nchw", "timm_cl", "timm_compiled", "timm_compiled_cl", "ours", "ours_compiled", "floor")
 TRAIN_MODELS = ("poolformer_s12", "convformer_s18")
 GEMM_N = 2048
 
@@ -170,7 +174,7 @@ def main(argv=None) -> dict:
             times = run_pass(name, train, variants, args, gemm_times)
             memory = {}
             if train and not args.no_memory:
-                for v in (v for v in variants if "compiled" not in v):
+                for v in (v for v in variants if "compiled" not in v and v != "floor"):
                     memory[v] = cpu_models.peak_memory_subprocess(name, v, args.batch, args.size,
                                                                   threads=args.threads)
             peak = 2 * GEMM_N ** 3 / min(gemm_times)
@@ -216,7 +220,7 @@ def markdown(rows) -> str:
     ips = lambda v: f"{v['img_per_s']:.1f}" if v else "-"  # noqa: E731
     lines = ["| model | timm NCHW | timm channels_last | timm compiled (best layout) | ours default | "
              "ours optimize_for_inference | ours compiled | ours / timm best eager | ours / timm compiled | "
-             "GEMM-peak share (ours) |", "|---" * 10 + "|"]
+             "GEMM-peak share (ours) | conv/linear floor: share of ours, bound over timm |", "|---" * 11 + "|"]
     for (model, pass_name), v in by.items():
         if pass_name != "inference":
             continue
@@ -226,17 +230,24 @@ def markdown(rows) -> str:
         vs_comp = f"{ours['vs_timm_compiled']:.2f}x" if "vs_timm_compiled" in ours else "-"
         lines.append(f"| {model} | {ips(v['timm_nchw'])} | {ips(v['timm_cl'])} | {ips(best_comp)} | {ips(ours)} | "
                      f"{ips(v.get('ours_optimized'))} | {ips(v.get('ours_compiled'))} | "
-                     f"{ours['vs_timm_best']:.2f}x | {vs_comp} | {100 * ours['gemm_peak_share']:.0f}% |")
+                     f"{ours['vs_timm_best']:.2f}x | {vs_comp} | {100 * ours['gemm_peak_share']:.0f}% | {_floor(v)} |")
     train = [(m, v) for (m, p), v in by.items() if p == "train"]
     if train:
         lines += ["", "| training step | timm best eager img/s | ours img/s | ours / timm | timm peak MiB | "
-                  "ours peak MiB |", "|---" * 6 + "|"]
+                  "ours peak MiB | conv/linear floor: share of ours, bound over timm |", "|---" * 7 + "|"]
         for model, v in train:
             timm_best = max((v[k] for k in ("timm_nchw", "timm_cl")), key=lambda r: r["img_per_s"])
             mem = lambda r: f"{r['train_peak_mib']:.0f}" if "train_peak_mib" in r else "-"  # noqa: E731
             lines.append(f"| {model} ({timm_best['variant']}) | {ips(timm_best)} | {ips(v['ours'])} | "
-                         f"{v['ours']['vs_timm_best']:.2f}x | {mem(timm_best)} | {mem(v['ours'])} |")
+                         f"{v['ours']['vs_timm_best']:.2f}x | {mem(timm_best)} | {mem(v['ours'])} | {_floor(v)} |")
     return "\n".join(lines) + "\n"
+
+
+def _floor(v: dict) -> str:
+    """The floor's share of our time and its bound over timm's best eager (``-`` if not measured)."""
+    if "floor" not in v:
+        return "-"
+    return f"{100 * v['ours']['median_ms'] ** -1 * v['floor']['median_ms']:.0f}%, {v['floor']['vs_timm_best']:.2f}x"
 
 
 def _fmt(load) -> str:

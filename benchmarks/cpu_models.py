@@ -112,6 +112,8 @@ def train_step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
 
 def make_variant(name: str, variant: str, train: bool, batch: int, size: int):
     """``(callable, input)`` for one benchmark variant (see bench_cpu.VARIANTS)."""
+    if variant == "floor":
+        return floor_variant(name, train, batch, size), None
     side, _, how = variant.partition("_")
     model = timm_model(name) if side == "timm" else ours(name)
     model.train(train)
@@ -127,6 +129,67 @@ def make_variant(name: str, variant: str, train: bool, batch: int, size: int):
         target = torch.randint(0, 1000, (batch,))
         return train_step_fn(model, x, target), x
     return (lambda: model(x)), x
+
+
+def record_calls(model: nn.Module, x: torch.Tensor) -> list:
+    """(module, input shape, channels_last?) of every Conv2d / Linear call of one forward, in order."""
+    calls, hooks = [], []
+
+    def hook(module, inputs, _output):
+        t = inputs[0]
+        cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+        calls.append((module, tuple(t.shape), cl))
+
+    import metaformer.kernels as K
+
+    for m in model.modules():
+        if type(m) in (nn.Conv2d, nn.Linear):
+            hooks.append(m.register_forward_hook(hook))
+    before = K.get_backend()
+    K.set_backend("reference")  # the plain composition calls every module (fast paths call oneDNN directly)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        K.set_backend(before)
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def floor_fn(calls: list, train: bool):
+    """A callable running just the recorded convolutions / linears (forward, or forward and backward)."""
+    inputs = []
+    for _module, shape, cl in calls:
+        t = torch.randn(shape)
+        if cl:
+            t = t.contiguous(memory_format=torch.channels_last)
+        inputs.append(t.requires_grad_(train and bool(inputs)))  # the stem's input is the image: no gradient
+    grads = None
+    if train:
+        with torch.no_grad():
+            grads = [torch.randn_like(m(t)) for (m, _, _), t in zip(calls, inputs)]
+
+    def run():
+        if not train:
+            with torch.inference_mode():
+                for (m, _, _), t in zip(calls, inputs):
+                    m(t)
+            return
+        for (m, _, _), t, g in zip(calls, inputs, grads):
+            m(t).backward(g)
+        for m, _, _ in calls:
+            for p in m.parameters():
+                p.grad = None
+
+    return run
+
+
+def floor_variant(name: str, train: bool, batch: int, size: int):
+    """The ``floor`` variant: just the convolutions and linears of our model on the batch (see bench_cpu)."""
+    model = ours(name).train(train).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    return floor_fn(record_calls(model, x), train)
 
 
 def peak_memory_subprocess(name: str, variant: str, batch: int, size: int, steps: int = 2,
