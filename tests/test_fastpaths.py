@@ -171,6 +171,16 @@ def test_eval_mode_finetuning_of_a_subset_gets_every_gradient(family, subset):
     _compare(family, torch.randn(2, 3, *SIZE), train=False, subset=subset)
 
 
+def _fast_and_reference(model, x):
+    """The model's output with the fast paths (the ``auto`` backend) and with the ``reference`` backend."""
+    fast = model(x)
+    metaformer.set_backend("reference")
+    try:
+        return fast, model(x)
+    finally:
+        metaformer.set_backend("auto")
+
+
 @pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
 @pytest.mark.parametrize("family", ["poolformer", "poolformerv2", "convformer", "caformer"])
 def test_folded_weights_are_never_stale(family):
@@ -180,13 +190,7 @@ def test_folded_weights_are_never_stale(family):
 
     def check():
         with torch.inference_mode():
-            fast = model(x)
-            metaformer.set_backend("reference")
-            try:
-                ref = model(x)
-            finally:
-                metaformer.set_backend("auto")
-        _close(fast, ref, what=family)
+            _close(*_fast_and_reference(model, x), what=family)
 
     check()
     assert cache.cache_size() > 0
@@ -268,15 +272,6 @@ def test_model_built_inside_inference_mode(family):
         assert all(p.is_inference() for p in model.parameters())
         x = torch.randn(2, 3, *SIZE)
 
-        def check():
-            fast = model(x)
-            metaformer.set_backend("reference")
-            try:
-                ref = model(x)
-            finally:
-                metaformer.set_backend("auto")
-            _close(fast, ref, what=family)
-
-        check()
+        _close(*_fast_and_reference(model, x), what=family)
         model.stages[2].blocks[0].mlp.fc1.weight.mul_(1.5)
-        check()
+        _close(*_fast_and_reference(model, x), what=family)
