@@ -247,7 +247,7 @@ def _floor(v: dict) -> str:
     """The floor's share of our time and its bound over timm's best eager (``-`` if not measured)."""
     if "floor" not in v:
         return "-"
-    return f"{100 * v['ours']['median_ms'] ** -1 * v['floor']['median_ms']:.0f}%, {v['floor']['vs_timm_best']:.2f}x"
+    return f"{100 * v['floor']['median_ms'] / v['ours']['median_ms']:.0f}%, {v['floor']['vs_timm_best']:.2f}x"
 
 
 def _fmt(load) -> str:

@@ -8,9 +8,8 @@ Steps, each a subprocess with its own log and a share of the time budget (``--bu
 560 s), killed if it overruns (recorded as such, never silently):
 
 1. ``tests``: tests/test_kernels_cuda.py, test_kernels_selfcheck.py, test_kernels_cuda_ln.py and
-   test_kernels_cuda_halves.py without the slow interpreter suites (CPU checks, run by CI), with pytest-xdist when
-   installed. A skipped CUDA test on a machine with a
-   GPU counts as a failure.
+   test_kernels_cuda_halves.py without the slow interpreter suites (CPU checks, run by CI), with
+   pytest-xdist when installed. A skipped CUDA test on a machine with a GPU counts as a failure.
 2. ``sweep``: the Triton tile sizes and warps (``TritonConfig``), one field at a time from the
    defaults, scored by the fwd+bwd time of the mixer half summed over poolformer_s12's stages
    (weighted by blocks per stage), bf16 channels_last, batch 128; every configuration is
@@ -220,7 +219,7 @@ def main(argv=None) -> int:
 def reserve_after(args, step: str) -> float:
     """Seconds kept for the steps after ``step`` that run (skipped ones keep nothing): the sweep's 60 s of
     configurations' overhead, the benchmark's 240 s, the families' ``--families-s``."""
-    need = {"tests": 0.0, "sweep": 60.0, "bench": 240.0, "families": args.families_s}
+    need = {"sweep": 60.0, "bench": 240.0, "families": args.families_s}
     return sum(need[s] for s in STEPS[STEPS.index(step) + 1:] if s not in args.skip)
 
 

@@ -217,6 +217,7 @@ def test_folded_weights_are_never_stale(family):
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
     check()
 
+
 @pytest.mark.parametrize("family", ["poolformer", "convformer", "caformer"])
 def test_cpu_autocast_training_matches_reference(family):
     """Under CPU bf16 autocast the fused paths (fp32 maths) step aside: a training step runs the plain
@@ -231,7 +232,6 @@ def test_cpu_autocast_training_matches_reference(family):
     torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-6)
     for key in rg:
         torch.testing.assert_close(g[key], rg[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"d {k}: {m}")
-
 
 
 # CAFormer is left out: PyTorch has no double backward for CPU scaled_dot_product_attention.
@@ -271,7 +271,6 @@ def test_model_built_inside_inference_mode(family):
                 setattr(m, name, nn.Parameter(p.detach().clone(), requires_grad=False))
         assert all(p.is_inference() for p in model.parameters())
         x = torch.randn(2, 3, *SIZE)
-
         _close(*_fast_and_reference(model, x), what=family)
         model.stages[2].blocks[0].mlp.fc1.weight.mul_(1.5)
         _close(*_fast_and_reference(model, x), what=family)

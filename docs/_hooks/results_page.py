@@ -27,13 +27,9 @@ HOW_TO_BENCHMARK = (
 
 # Which script writes which file (shown under the file's title).
 SCRIPTS = {"cpu.json": "benchmarks/bench_cpu.py", "gpu.json": "benchmarks/bench_pool_mixer_gpu.py",
-           "gpu_mixer.json": "benchmarks/bench_pool_mixer_gpu.py", "gpu_session.json": "benchmarks/gpu_session.py",
-           "gpu_families.json": "benchmarks/bench_gpu_families.py",
-           "gpu_families_poolformer_s12.json": "benchmarks/bench_gpu_families.py"}
+           "gpu_mixer.json": "benchmarks/bench_pool_mixer_gpu.py", "gpu_session.json": "benchmarks/gpu_session.py"}
 # Titles of the files whose records do not name a model.
-TITLES = {"gpu_mixer.json": "The pooling mixer's half-block (fused kernels against PyTorch)",
-          "gpu_families.json": "Every family against timm on an H200 (eager, bf16 autocast)",
-          "gpu_families_poolformer_s12.json": "poolformer_s12 against timm on an H200, after the pooling fix"}
+TITLES = {"gpu_mixer.json": "The pooling mixer's half-block (fused kernels against PyTorch)"}
 # Objects holding facts about the run rather than measurements.
 META = ("machine", "settings", "setup", "environment", "triton_config", "config")
 # Keys shown in the one-line summary, in this order, with their labels.

@@ -15,12 +15,13 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from ..files import write_text
 from ..training import LoadedModel, data_config, load_model_file
 
 __all__ = ["CLIError", "Interrupted", "log", "warn", "format_count", "add_model_args", "add_data_config_args",
            "add_device_args", "add_workers_arg", "image_size", "parse_model_kwargs", "resolve_device",
            "check_input_file", "check_output_file", "data_config_from_args", "load_model", "refuse_failed",
-           "run_distributed"]
+           "run_distributed", "add_results_args", "check_results_file", "write_results"]
 
 MAX_IMG_SIZE = 4096  # 16x the released 224/384; METAFORMER_MAX_IMG_SIZE raises it
 
@@ -113,11 +114,15 @@ def add_results_args(parser: argparse.ArgumentParser, *, what: str = "the result
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def check_results_file(args: argparse.Namespace) -> None:
+    """Refuses an existing ``--results-file`` without ``--overwrite`` (before the evaluation starts)."""
+    if args.results_file:
+        check_output_file(args.results_file, "--results-file", args.overwrite)
+
+
 def write_results(args: argparse.Namespace, results: dict) -> None:
     """Writes ``results`` as JSON to ``--results-file`` (all-or-nothing), when one was given."""
     if args.results_file:
-        from ..files import write_text
-
         write_text(args.results_file, json.dumps(results, indent=2) + "\n")
         log(f"results written to {args.results_file}")
 

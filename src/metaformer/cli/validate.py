@@ -15,7 +15,7 @@ from .options import (
     add_model_args,
     add_results_args,
     add_workers_arg,
-    check_output_file,
+    check_results_file,
     data_config_from_args,
     load_model,
     log,
@@ -64,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
         root = os.path.join(root, args.split)
     if not os.path.isdir(root):  # before the (slow) model build, and before its random-weights warning
         raise CLIError(f"validation data folder not found: {root}")
-    if args.results_file:
-        check_output_file(args.results_file, "--results-file", args.overwrite)
+    check_results_file(args)
     device = resolve_device(args.device)
 
     loaded = load_model(args, use_ema=args.use_ema)

@@ -15,7 +15,7 @@ from .options import (
     add_results_args,
     add_workers_arg,
     check_input_file,
-    check_output_file,
+    check_results_file,
     log,
     parse_model_kwargs,
     resolve_device,
@@ -86,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     split = find_split(args.data, args.split, ("validation", "val"), "--split")
     check_input_file(args.checkpoint, "--checkpoint")
-    if args.results_file:
-        check_output_file(args.results_file, "--results-file", args.overwrite)
+    check_results_file(args)
     if args.num_classes is not None and args.num_classes < 1:
         raise CLIError(f"--num-classes must be >= 1, got {args.num_classes}")
     device = resolve_device(args.device)

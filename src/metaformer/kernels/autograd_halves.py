@@ -5,15 +5,16 @@ The MLP half is ``y = rs * x + sample * ls * fc2(act(fc1(norm(x))))``: ``rs`` th
 Autograd through the plain composition keeps the norm's output, the hidden tensor before and after the
 activation and StarReLU's intermediates; this node keeps one hidden tensor (GELU: the pre-activation; the
 ReLU family: ``relu(h) ** 2``, from which ``relu(h) = sqrt(relu(h) ** 2)`` comes back exactly) and the
-norm's statistics, and recomputes the normalised input from ``x``. (SepConv's half, with its depthwise
-convolution between, measured no faster than the plain composition on CPU and runs that.) Its forward runs the oneDNN
+norm's statistics, and recomputes the normalised input from ``x``. Its forward runs the oneDNN
 primitives of inference (fp32) or matrix products on the channels_last rows (fp64); the backward is
 matrix products on the same rows, with the small gradients (norm affine, layer and res scales,
 StarReLU's scale and bias, biases) reduced from those products where possible::
 
     dW2 = ls * (G^T a),  d ls = rowsum(W2 * (G^T a)) + b2 * colsum(G),  d(StarReLU b) = colsum(G) . rowsum(ls W2)
 
-Every gradient equals the plain composition's (``tests/test_fastpaths.py``, fp32 and fp64).
+Every gradient equals the plain composition's (``tests/test_fastpaths.py``, fp32 and fp64). SepConv's half
+(a depthwise convolution between the two) had such a node too; it measured no faster than the plain
+composition on CPU, which it now runs.
 """
 
 from __future__ import annotations
