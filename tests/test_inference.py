@@ -10,6 +10,7 @@ from torch import nn
 
 import metaformer
 from metaformer.inference import InferenceBlock, is_inference_optimized
+from metaformer.kernels.folding import Folded
 from metaformer.layers import GroupNorm1
 
 # (model, input size): odd sizes where any size works; the hybrid with a position embedding needs 224.
@@ -92,6 +93,29 @@ def test_starrelu_scale_and_bias_are_folded_into_fc2():
     x = torch.randn(2, 3, 37, 50)
     with torch.inference_mode():
         _assert_close_scaled(fast(x), model(x))
+
+
+@pytest.mark.skipif(not metaformer.kernels.onednn.ONEDNN_AVAILABLE, reason="a PyTorch build without oneDNN")
+def test_every_cached_weight_is_prepacked():
+    """Each 1x1 / depthwise weight the CPU halves cache is in oneDNN's packed layout, in the default path
+    and in the optimized copy: a weight packed for the wrong input shape is refused by oneDNN, kept plain
+    and reordered on every call (optimize_for_inference measured slower than the default for that)."""
+    from metaformer.kernels import cache
+
+    model = metaformer.create("convformer_s18").eval()
+    fast = metaformer.optimize_for_inference(model)
+    x = torch.randn(1, 3, 64, 64)
+    for net in (model, fast):
+        cache.clear_cache()
+        with torch.inference_mode():
+            net(x)
+        values = [value for owner, slots in cache._ENTRIES.items() if any(owner is m for m in net.modules())
+                  for _, _, value in slots.values()]
+        folded = [v for v in values if isinstance(v, Folded)]
+        assert len(folded) == 2 * sum(model.depths)  # the SepConv and the MLP half of every block
+        weights = [w for v in folded for w in (v.w1, v.w2, *v.extra[:1])]  # extra[0]: the depthwise weight
+        assert all(w.layout == torch._mkldnn for w in weights), [tuple(w.shape) for w in weights
+                                                                 if w.layout != torch._mkldnn]
 
 
 def test_optimized_features_only_backbone():

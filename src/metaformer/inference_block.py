@@ -176,11 +176,8 @@ class InferenceBlock(nn.Module):
 
     # ------------------------------------------------------------------ running
     def _prepacked(self, tag: str, first: nn.Module, last: nn.Module, x: torch.Tensor, extra=()) -> Folded:
-        def build():
-            pack = onednn.prepack
-            return Folded(pack(first.weight, 0, 1, x.shape), first.bias, pack(last.weight, 0, 1, x.shape),
-                          last.bias, extra)
-        return derived(self, tag, [first.weight, first.bias, last.weight, last.bias], build)
+        return derived(self, tag, [first.weight, first.bias, last.weight, last.bias],
+                       lambda: cpu_eval.packed_pair(first.weight, first.bias, last.weight, last.bias, x.shape, extra))
 
     def _mixer_half(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
         mode = self.mixer_mode
@@ -199,8 +196,9 @@ class InferenceBlock(nn.Module):
         if fast and type(m) is SepConv and self.mixer_act is not None and onednn.onednn_usable(x):
             k = m.dwconv.kernel_size[0]
             star = (float(m.act1.scale), m.act1.bias) if self.mixer_act == "star" else None
+            mid_shape = (x.shape[0], m.pwconv1.weight.shape[0], *x.shape[2:])
             dw = derived(self, "dw", [m.dwconv.weight],
-                         lambda: onednn.prepack(m.dwconv.weight, k // 2, m.dwconv.groups, x.shape))
+                         lambda: onednn.prepack(m.dwconv.weight, k // 2, m.dwconv.groups, mid_shape))
             p = self._prepacked("sepconv", m.pwconv1, m.pwconv2, x, (dw, m.dwconv.bias, star))
             y = cpu_eval.run_sepconv(x, self.norm1_kind, self.eps1, p, self.mixer_act, k, m.dwconv.groups,
                                      self.res_scale1)

@@ -42,7 +42,7 @@ from .folding import (
     scales_known,
 )
 
-__all__ = ["mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention"]
+__all__ = ["mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention", "packed_pair"]
 
 _RELU_FIRST = {"relu": "relu", "star": "relu", "square": "relu", "gelu": "gelu", "gelu_tanh": "gelu"}
 
@@ -58,6 +58,18 @@ def _half_ok(norm: nn.Module, drop_path: nn.Module, *scales: nn.Module) -> Optio
 
 def _star(act: nn.Module, kind: str):
     return (act.scale, act.bias) if kind == "star" else None
+
+
+def packed_pair(w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
+                input_shape, extra: tuple = ()) -> Folded:
+    """The two 1x1 weights of a half pre-packed for oneDNN: ``w1`` for inputs shaped ``input_shape``,
+    ``w2`` for the hidden tensor between them (``w1.shape[0]`` channels).
+
+    Packing ``w2`` for the wrong channel count makes oneDNN refuse the layout, and the unpacked weight
+    is then reordered on every call.
+    """
+    hidden_shape = (input_shape[0], w1.shape[0], *input_shape[2:])
+    return Folded(onednn.prepack(w1, 0, 1, input_shape), b1, onednn.prepack(w2, 0, 1, hidden_shape), b2, extra)
 
 
 # ------------------------------------------------------------------------------------------ MLP half
@@ -79,9 +91,7 @@ def _fold_mlp(block: nn.Module, act: str, x: torch.Tensor) -> Folded:
     w1, b1 = fold_in(mlp.fc1.weight, mlp.fc1.bias, norm.weight, norm.bias)
     w2, b2 = fold_out(mlp.fc2.weight, mlp.fc2.bias, scale_of(block.layer_scale2), _star(mlp.act, act))
     like = mlp.fc1.weight
-    hidden_shape = (x.shape[0], w1.shape[0], *x.shape[2:])
-    return Folded(onednn.prepack(cast(w1, like), 0, 1, x.shape), cast(b1, like),
-                  onednn.prepack(cast(w2, like), 0, 1, hidden_shape), cast(b2, like))
+    return packed_pair(cast(w1, like), cast(b1, like), cast(w2, like), cast(b2, like), x.shape)
 
 
 def mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -130,9 +140,8 @@ def _fold_sepconv(block: nn.Module, act: str, x: torch.Tensor) -> Folded:
     k = m.dwconv.kernel_size[0]
     dw = onednn.prepack(m.dwconv.weight.detach().contiguous(), k // 2, m.dwconv.groups, mid_shape)
     star = (float(m.act1.scale), m.act1.bias.detach().clone()) if act == "star" else None
-    return Folded(onednn.prepack(cast(w1, like), 0, 1, x.shape), cast(b1, like),
-                  onednn.prepack(cast(w2, like), 0, 1, mid_shape), cast(b2, like),
-                  (dw, None if m.dwconv.bias is None else m.dwconv.bias.detach().clone(), star))
+    return packed_pair(cast(w1, like), cast(b1, like), cast(w2, like), cast(b2, like), x.shape,
+                       (dw, None if m.dwconv.bias is None else m.dwconv.bias.detach().clone(), star))
 
 
 def sepconv_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
