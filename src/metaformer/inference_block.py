@@ -175,9 +175,10 @@ class InferenceBlock(nn.Module):
         self.mlp_mode = "folded"
 
     # ------------------------------------------------------------------ running
-    def _prepacked(self, tag: str, first: nn.Module, last: nn.Module, x: torch.Tensor, extra=()) -> Folded:
+    def _prepacked(self, tag: str, first: nn.Module, last: nn.Module, shape: tuple, extra=()) -> Folded:
         return derived(self, tag, [first.weight, first.bias, last.weight, last.bias],
-                       lambda: cpu_eval.packed_pair(first.weight, first.bias, last.weight, last.bias, x.shape, extra))
+                       lambda: cpu_eval.packed_pair(first.weight, first.bias, last.weight, last.bias, shape, extra),
+                       shape=shape)
 
     def _mixer_half(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
         mode = self.mixer_mode
@@ -198,8 +199,8 @@ class InferenceBlock(nn.Module):
             star = (float(m.act1.scale), m.act1.bias) if self.mixer_act == "star" else None
             mid_shape = (x.shape[0], m.pwconv1.weight.shape[0], *x.shape[2:])
             dw = derived(self, "dw", [m.dwconv.weight],
-                         lambda: onednn.prepack(m.dwconv.weight, k // 2, m.dwconv.groups, mid_shape))
-            p = self._prepacked("sepconv", m.pwconv1, m.pwconv2, x, (dw, m.dwconv.bias, star))
+                         lambda: onednn.prepack(m.dwconv.weight, k // 2, m.dwconv.groups, mid_shape), shape=mid_shape)
+            p = self._prepacked("sepconv", m.pwconv1, m.pwconv2, tuple(x.shape), (dw, m.dwconv.bias, star))
             y = cpu_eval.run_sepconv(x, self.norm1_kind, self.eps1, p, self.mixer_act, k, m.dwconv.groups,
                                      self.res_scale1)
             if y is not None:
@@ -221,8 +222,9 @@ class InferenceBlock(nn.Module):
         if self.mlp_mode == "original":
             return self.original_mlp_half(x)
         if fast and self.act_kind in _ONEDNN_ACTS and onednn.onednn_usable(x):
-            p = self._prepacked("mlp", self.fc1, self.fc2, x)
-            y = cpu_eval.run_mlp(x, self.norm2_kind, self.eps2, p, self.act_kind, self.res_scale2)
+            shape = cpu_eval.mlp_input_shape(x, self.fc1.weight.shape[0])
+            p = self._prepacked("mlp", self.fc1, self.fc2, shape)
+            y = cpu_eval.run_mlp(x, self.norm2_kind, self.eps2, p, self.act_kind, self.res_scale2, rows=shape[0])
             if y is not None:
                 return y
         res = x if self.res_scale2 is None else x * self.res_scale2.view(1, -1, 1, 1)

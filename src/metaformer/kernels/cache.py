@@ -41,8 +41,9 @@ def _key(t: Optional[torch.Tensor]):
     return (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.requires_grad)
 
 
-def derived(owner: nn.Module, tag: str, sources: Sequence[Optional[torch.Tensor]], build: Callable[[], T]) -> T:
-    """``build()``, computed once per state of ``sources`` and kept with ``owner``.
+def derived(owner: nn.Module, tag: str, sources: Sequence[Optional[torch.Tensor]], build: Callable[[], T],
+            shape: tuple = ()) -> T:
+    """``build()``, computed once per state of ``sources`` (and ``shape``) and kept with ``owner``.
 
     Args:
         owner: The module the derived tensors belong to (held weakly).
@@ -50,6 +51,9 @@ def derived(owner: nn.Module, tag: str, sources: Sequence[Optional[torch.Tensor]
         sources: Every tensor ``build`` reads; a change to any of them invalidates the entry.
         build: Computes the value; called without autograd and outside inference mode (so that the
             value is an ordinary tensor wherever it is used later).
+        shape: Anything else the value depends on, such as the input shape oneDNN weights are packed
+            for (a weight packed for another batch size is reordered by oneDNN on every call); a new
+            value replaces the entry, so a module keeps one value per tag.
 
     Returns:
         The cached or freshly built value.
@@ -57,7 +61,7 @@ def derived(owner: nn.Module, tag: str, sources: Sequence[Optional[torch.Tensor]
     if any(t is not None and t.is_inference() for t in sources):  # no version counter: never cached
         with torch.inference_mode(False), torch.no_grad():
             return build()
-    key = tuple(_key(t) for t in sources)
+    key = (tuple(shape), *(_key(t) for t in sources))
     with _LOCK:
         slot = _ENTRIES.get(owner)
         hit = None if slot is None else slot.get(tag)
