@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 
 import pytest
 import torch
@@ -309,32 +310,41 @@ def test_packed_weights_follow_the_batch_size(optimized, capfd):
 
 
 @pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
-@pytest.mark.parametrize("family,batch,rows", [("poolformer", 12, 2), ("poolformer", 11, 1), ("convformer", 12, 2)])
-def test_mlp_half_in_chunks_matches_reference(family, batch, rows):
-    """A batch whose hidden tensor outgrows the cache runs the MLP half a few samples at a time; the result
-    is the plain composition's, in the default path and in the optimized copy."""
+@pytest.mark.parametrize("family,batch,rows", [("poolformer", 12, 2), ("poolformer", 11, 1), ("convformer", 12, 2),
+                                               ("caformer", 9, 1)])
+def test_blocks_in_chunks_match_reference(family, batch, rows, capfd):
+    """A batch whose MLP hidden tensor outgrows the cache runs each block a few samples at a time (the
+    oneDNN convolutions see ``rows`` samples); the result is the plain composition's, in the default path
+    and in the optimized copy."""
     from metaformer.blocks import MetaFormerBlock
     from metaformer.kernels import cpu_eval
     from metaformer.layers import LayerNorm2d, StarReLU
 
     if family == "poolformer":
-        block = MetaFormerBlock(64, token_mixer=Identity)
+        block, size = MetaFormerBlock(64), 56
     else:  # the baselines' parts: channel LayerNorm without bias, StarReLU, no MLP bias or layer scale
-        block = MetaFormerBlock(64, token_mixer=Identity, norm_layer=P(LayerNorm2d, eps=1e-6, bias=False),
-                                act_layer=StarReLU, mlp_bias=False, layer_scale_init_value=None)
+        size = 56 if family == "convformer" else 64  # attention over 64x64 tokens
+        block = MetaFormerBlock(64, token_mixer=SepConv if family == "convformer" else P(Attention, head_dim=32),
+                                norm_layer=P(LayerNorm2d, eps=1e-6, bias=False), act_layer=StarReLU, mlp_bias=False,
+                                layer_scale_init_value=None, res_scale_init_value=1.0)
     with torch.no_grad():
         for p in block.parameters():
             p.add_(0.3 * torch.randn(p.shape))
     block.eval()
-    x = torch.randn(batch, 64, 56, 56).contiguous(memory_format=torch.channels_last)
-    assert cpu_eval.mlp_input_shape(x, 256) == (rows, 64, 56, 56)
+    x = torch.randn(batch, 64, size, size)
+    assert cpu_eval.chunk_rows(x, 256) == rows
+    optimized = metaformer.optimize_for_inference(nn.Sequential(block).eval())
     with torch.inference_mode():
-        fast = cpu_eval.mlp_half(block, x)
+        capfd.readouterr()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            fast = block(x)
+            folded = optimized(x)
+        convs = [line for line in capfd.readouterr().out.splitlines() if ",convolution," in line]
         metaformer.set_backend("reference")
         try:
-            expected = block.mlp_half(x)
+            expected = block(x)
         finally:
             metaformer.set_backend("auto")
-        folded = metaformer.optimize_for_inference(nn.Sequential(block).eval())[0]
-        _close(fast, expected, what="default")
-        _close(folded._mlp_half(x, True), expected, what="optimized")
+    assert len(convs) >= 2 * 2 * batch // rows and all(re.search(rf"[,\d]mb{rows}_", line) for line in convs), convs[:2]
+    _close(fast, expected, what="default")
+    _close(folded, expected, what="optimized")

@@ -222,9 +222,8 @@ class InferenceBlock(nn.Module):
         if self.mlp_mode == "original":
             return self.original_mlp_half(x)
         if fast and self.act_kind in _ONEDNN_ACTS and onednn.onednn_usable(x):
-            shape = cpu_eval.mlp_input_shape(x, self.fc1.weight.shape[0])
-            p = self._prepacked("mlp", self.fc1, self.fc2, shape)
-            y = cpu_eval.run_mlp(x, self.norm2_kind, self.eps2, p, self.act_kind, self.res_scale2, rows=shape[0])
+            p = self._prepacked("mlp", self.fc1, self.fc2, tuple(x.shape))
+            y = cpu_eval.run_mlp(x, self.norm2_kind, self.eps2, p, self.act_kind, self.res_scale2)
             if y is not None:
                 return y
         res = x if self.res_scale2 is None else x * self.res_scale2.view(1, -1, 1, 1)
@@ -234,6 +233,10 @@ class InferenceBlock(nn.Module):
         fast = kernels.fast_paths_active(x) and x.device.type == "cpu" and not torch.compiler.is_compiling()
         if fast and x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous():
             x = x.contiguous(memory_format=torch.channels_last)
+        if fast and self.mlp_mode == "folded" and self.mixer_mode != "original" and onednn.onednn_usable(x):
+            # every part is a built-in one that treats each sample on its own: run cache-sized chunks
+            rows = cpu_eval.chunk_rows(x, self.fc1.weight.shape[0])
+            return cpu_eval.in_chunks(lambda part: self._mlp_half(self._mixer_half(part, True), True), x, rows)
         return self._mlp_half(self._mixer_half(x, fast), fast)
 
     def extra_repr(self) -> str:

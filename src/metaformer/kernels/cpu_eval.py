@@ -43,7 +43,7 @@ from .folding import (
 )
 
 __all__ = ["mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention", "packed_pair",
-           "mlp_input_shape"]
+           "chunk_rows", "in_chunks"]
 
 _RELU_FIRST = {"relu": "relu", "star": "relu", "square": "relu", "gelu": "gelu", "gelu_tanh": "gelu"}
 
@@ -87,29 +87,49 @@ def _mlp_parts(block: nn.Module):
     return kind, act
 
 
-# The hidden tensor of an MLP half on a large batch outgrows the last-level cache, and fc2 then streams it
-# from memory: at PoolFormer's first stage (64 -> 256 channels at 56x56, batch 16: 51 MiB) the half ran
-# ~1.45x faster a few samples at a time (interleaved, 2 cores, 32 MiB L3); at the later stages, whose hidden
-# tensors fit, chunking measured 3-10% slower, so only halves whose hidden tensor exceeds _CHUNK_ABOVE are
-# chunked, into pieces of at most _CHUNK_BYTES.
+# A block on a large batch outgrows the last-level cache: its MLP's hidden tensor (4x the input) is written
+# by fc1 and streamed back from memory by fc2. At the first stage (64 -> 256 channels at 56x56, batch 16:
+# 51 MiB) whole blocks run faster a few samples at a time (interleaved, 2 cores, 32 MiB L3: the MLP half
+# alone 1.45x, poolformer_s12 1.09-1.14x, convformer_s18 1.08x); where the hidden tensor fits, chunking
+# measured 3-10% slower. So a block is chunked only when its hidden tensor exceeds _CHUNK_ABOVE, into
+# pieces whose hidden tensor is at most _CHUNK_BYTES.
 _CHUNK_ABOVE = 32 << 20
 _CHUNK_BYTES = 8 << 20
 
 
-def mlp_input_shape(x: torch.Tensor, hidden: int) -> tuple:
-    """The input shape the MLP half runs its convolutions on (and packs its weights for): ``x``'s, or a
-    chunk of ``rows`` samples (``rows`` divides the batch) where the hidden tensor would not fit in cache."""
+def chunk_rows(x: torch.Tensor, hidden: int) -> int:
+    """How many samples of ``x`` a block whose MLP has ``hidden`` channels runs at a time in evaluation:
+    the whole batch, or a divisor of it where the hidden tensor would not fit in cache."""
     b, c = x.shape[0], x.shape[1]
     per_sample = hidden * (x[0].numel() // c) * x.element_size()
-    rows = b
-    if b > 1 and per_sample * b > _CHUNK_ABOVE:
-        rows = max(1, _CHUNK_BYTES // per_sample)
-        while b % rows:
-            rows -= 1
-    return (rows, *x.shape[1:])
+    if b < 2 or per_sample * b <= _CHUNK_ABOVE:
+        return b
+    rows = max(1, _CHUNK_BYTES // per_sample)
+    while b % rows:
+        rows -= 1
+    return rows
 
 
-def _fold_mlp(block: nn.Module, act: str, shape: tuple) -> Folded:
+def in_chunks(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``fn(x)`` computed ``rows`` samples at a time, for an ``fn`` that treats every sample on its own."""
+    if rows >= x.shape[0]:
+        return fn(x)
+    out = None
+    for i in range(0, x.shape[0], rows):
+        y = fn(x[i:i + rows])
+        if out is None:
+            out = torch.empty((x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device,
+                              memory_format=_format_of(y))
+        out[i:i + rows] = y
+    return out
+
+
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def _fold_mlp(block: nn.Module, act: str, shape) -> Folded:
     mlp, norm = block.mlp, block.norm2
     w1, b1 = fold_in(mlp.fc1.weight, mlp.fc1.bias, norm.weight, norm.bias)
     w2, b2 = fold_out(mlp.fc2.weight, mlp.fc2.bias, scale_of(block.layer_scale2), _star(mlp.act, act))
@@ -126,32 +146,19 @@ def mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     mlp = block.mlp
     sources = [block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
                *(_star(mlp.act, act) or ()), scale_of(block.layer_scale2)]
-    shape = mlp_input_shape(x, mlp.fc1.weight.shape[0])
+    shape = tuple(x.shape)
     p = derived(block, "mlp_half", sources, lambda: _fold_mlp(block, act, shape), shape=shape)
-    return run_mlp(x, kind, block.norm2.eps, p, "square" if act == "star" else act, scale_of(block.res_scale2),
-                   rows=shape[0])
+    return run_mlp(x, kind, block.norm2.eps, p, "square" if act == "star" else act, scale_of(block.res_scale2))
 
 
 def run_mlp(x: torch.Tensor, kind: str, eps: float, p: Folded, act: str,
-            res_scale: Optional[torch.Tensor], rows: Optional[int] = None) -> Optional[torch.Tensor]:
-    """``res_scale * x + fc2(act(fc1(norm(x))))`` with the folded weights ``p`` (``act`` not StarReLU),
-    ``rows`` samples at a time (all at once by default; see :func:`mlp_input_shape`)."""
+            res_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``res_scale * x + fc2(act(fc1(norm(x))))`` with the folded weights ``p`` (``act`` not StarReLU)."""
+    n = normalise(kind, x, eps)
     fused = "relu_square" if act == "square" else _RELU_FIRST[act]
-    algorithm = "tanh" if act == "gelu_tanh" else "none"
-
-    def run(part: torch.Tensor) -> Optional[torch.Tensor]:
-        res = part if res_scale is None else part * res_scale.view(1, -1, 1, 1)
-        return onednn.mlp_residual_onednn(normalise(kind, part, eps), res, p.w1, p.b1, p.w2, p.b2, fused, algorithm)
-
-    if rows is None or rows >= x.shape[0]:
-        return run(x)
-    out = torch.empty_like(x)
-    for i in range(0, x.shape[0], rows):
-        y = run(x[i:i + rows])
-        if y is None:
-            return None
-        out[i:i + rows] = y
-    return out
+    res = x if res_scale is None else x * res_scale.view(1, -1, 1, 1)
+    return onednn.mlp_residual_onednn(n, res, p.w1, p.b1, p.w2, p.b2, fused,
+                                      "tanh" if act == "gelu_tanh" else "none")
 
 
 # --------------------------------------------------------------------------------------- SepConv half

@@ -22,7 +22,10 @@ when one computes exactly the same function, or the block's own half otherwise:
   the whole block with its residual update fused with ``norm2`` where it is all covered
   (:mod:`metaformer.kernels.cuda_halves`);
 - on CPU a block with a fused half works in channels_last, where oneDNN, ATen's pooling and the channel
-  LayerNorm are fastest; the layout then carries through the following layers (values are unchanged).
+  LayerNorm are fastest; the layout then carries through the following layers (values are unchanged);
+- on CPU in evaluation, a block of built-in parts whose MLP hidden tensor would outgrow the cache runs a
+  few samples at a time (:func:`~metaformer.kernels.cpu_eval.chunk_rows`; every part treats each sample on
+  its own, so the result is the same).
 
 Nothing here runs under TorchScript (the block skips it), FX symbolic tracing, ``torch.jit.trace`` or
 ONNX export, with the ``"reference"`` backend, or on CPU under autocast (whose bf16 convolutions the fp32
@@ -32,6 +35,7 @@ paths do not reproduce): those see the plain composition. Under
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -39,6 +43,7 @@ from torch import nn
 
 # The package defines these before it imports this module (at its end).
 from . import autograd_halves, cpu_eval, cuda_halves, get_backend, onednn, pool_mixer_residual, torch_halves
+from .folding import norm_kind, scales_known
 
 __all__ = ["block_forward", "fast_paths_active", "pool_mixer_fusable"]
 
@@ -60,10 +65,36 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return y
     if x.device.type == "cpu" and _nchw_contiguous(x) and _cpu_fused(block, x):
         x = x.contiguous(memory_format=torch.channels_last)
+    rows = _cpu_eval_chunk_rows(block, x)
+    if rows is not None:
+        return cpu_eval.in_chunks(functools.partial(_halves, block), x, rows)
+    return _halves(block, x)
+
+
+def _halves(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     y = _mixer_half(block, x)
     x = block.mixer_half(x) if y is None else y
     y = _mlp_half(block, x)
     return block.mlp_half(x) if y is None else y
+
+
+def _cpu_eval_chunk_rows(block: nn.Module, x: torch.Tensor) -> Optional[int]:
+    """Samples per chunk for a CPU evaluation of ``block`` on a batch too large for the cache, else None.
+
+    Only blocks made of the built-in parts, each of which treats every sample on its own in evaluation,
+    are chunked (see :func:`metaformer.kernels.cpu_eval.chunk_rows`).
+    """
+    from ..layers import Mlp
+    from ..mixers import Attention, Identity, Pooling, RandomMixing, SepConv
+
+    if (x.device.type != "cpu" or block.training or x.dim() != 4 or x.shape[0] < 2 or type(block.mlp) is not Mlp
+            or type(block.token_mixer) not in (Pooling, Identity, RandomMixing, SepConv, Attention)
+            or norm_kind(block.norm1) is None or norm_kind(block.norm2) is None
+            or not scales_known(block.layer_scale1, block.res_scale1, block.layer_scale2, block.res_scale2)
+            or not onednn.onednn_ok(x) or not _no_grad_needed(x, block)):
+        return None
+    rows = cpu_eval.chunk_rows(x, block.mlp.fc1.weight.shape[0])
+    return rows if rows < x.shape[0] else None
 
 
 def _nchw_contiguous(x: torch.Tensor) -> bool:
