@@ -310,8 +310,8 @@ def test_packed_weights_follow_the_batch_size(optimized, capfd):
 
 
 @pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
-@pytest.mark.parametrize("family,batch,rows", [("poolformer", 12, 2), ("poolformer", 11, 1), ("convformer", 12, 2),
-                                               ("caformer", 9, 1)])
+@pytest.mark.parametrize("family,batch,rows", [("poolformer", 12, 4), ("poolformer", 11, 1), ("convformer", 12, 4),
+                                               ("caformer", 9, 3)])
 def test_blocks_in_chunks_match_reference(family, batch, rows, capfd):
     """A batch whose MLP hidden tensor outgrows the cache runs each block a few samples at a time (the
     oneDNN convolutions see ``rows`` samples); the result is the plain composition's, in the default path

@@ -89,12 +89,13 @@ def _mlp_parts(block: nn.Module):
 
 # A block on a large batch outgrows the last-level cache: its MLP's hidden tensor (4x the input) is written
 # by fc1 and streamed back from memory by fc2. At the first stage (64 -> 256 channels at 56x56, batch 16:
-# 51 MiB) whole blocks run faster a few samples at a time (interleaved, 2 cores, 32 MiB L3: the MLP half
-# alone 1.45x, poolformer_s12 1.09-1.14x, convformer_s18 1.08x); where the hidden tensor fits, chunking
-# measured 3-10% slower. So a block is chunked only when its hidden tensor exceeds _CHUNK_ABOVE, into
-# pieces whose hidden tensor is at most _CHUNK_BYTES.
-_CHUNK_ABOVE = 32 << 20
-_CHUNK_BYTES = 8 << 20
+# 51 MiB) whole blocks run faster a few samples at a time (interleaved, 2 cores, 32 MiB L3, stage-1 blocks:
+# pooling v1 68 -> 48 ms, v2 72 -> 39, ConvFormer 95 -> 70; the MLP half alone 1.45x), at the second
+# (26 MiB) pooling blocks gained 9-13% and ConvFormer's lost 3%, at the third (16 MiB) nothing was won.
+# Chunking above 16 MiB into pieces of at most 16 MiB measured best of the rules tried on whole models
+# (poolformer_s12 1.07x over 32/8 MiB, poolformerv2_s12 and convformer_s18 1.00x).
+_CHUNK_ABOVE = 16 << 20
+_CHUNK_BYTES = 16 << 20
 
 
 def chunk_rows(x: torch.Tensor, hidden: int) -> int:
