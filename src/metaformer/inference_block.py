@@ -205,10 +205,14 @@ class InferenceBlock(nn.Module):
                                      self.res_scale1)
             if y is not None:
                 return y
-        if fast and type(m) is Attention:
+        if fast and type(m) is Attention and onednn.onednn_usable(x):
+            shape = tuple(x.shape)
             p = derived(self, "attention", [m.qkv.weight, m.qkv.bias, m.proj.weight, m.proj.bias],
-                        lambda: Folded(m.qkv.weight, m.qkv.bias, m.proj.weight.t().contiguous(), m.proj.bias))
-            return cpu_eval.run_attention(x, self.norm1_kind, self.eps1, p, m, self.res_scale1)
+                        lambda: cpu_eval.attention_weights(m.qkv.weight, m.qkv.bias, m.proj.weight, m.proj.bias,
+                                                           shape), shape=shape)
+            y = cpu_eval.run_attention(x, self.norm1_kind, self.eps1, p, m, self.res_scale1)
+            if y is not None:
+                return y
         if mode == "pool_ln":
             n = normalise(self.norm1_kind, x, self.eps1)
             mix = (avg_pool_same(n, self.pool_size) - n) * self.mix_weight.view(1, -1, 1, 1)
