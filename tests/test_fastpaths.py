@@ -348,22 +348,3 @@ def test_blocks_in_chunks_match_reference(family, batch, rows, capfd):
     assert len(convs) >= 2 * 2 * batch // rows and all(re.search(rf"[,\d]mb{rows}_", line) for line in convs), convs[:2]
     _close(fast, expected, what="default")
     _close(folded, expected, what="optimized")
-
-
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_stem_reads_the_image_in_channels_last(train):
-    """On CPU the stem convolution runs on a channels_last copy of the image (1.6-1.8x faster than NCHW
-    followed by the blocks' conversion); the values are the plain convolution's, and the reference
-    backend keeps the plain NCHW call."""
-    model = copy.deepcopy(tiny("poolformer")).train(train)  # no stem norm: the layout is the convolution's
-    x = torch.randn(2, 3, *SIZE)
-    with torch.set_grad_enabled(train):
-        y = model.stem(x)
-        metaformer.set_backend("reference")
-        try:
-            expected = model.stem(x)
-        finally:
-            metaformer.set_backend("auto")
-    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-    assert expected.is_contiguous()
-    _close(y, expected, what="stem")

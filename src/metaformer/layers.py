@@ -158,12 +158,6 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(x))
 
 
-def _stem_input(x: torch.Tensor) -> torch.Tensor:
-    from . import kernels  # imported here: metaformer.kernels imports this module
-
-    return kernels.stem_input(x)
-
-
 class Stem(nn.Module):
     """The patch embedding: Conv2d(in_chans, dim, 7, stride 4, padding 2), then an optional norm.
 
@@ -179,8 +173,6 @@ class Stem(nn.Module):
         self.norm = norm_layer(dim) if norm_layer else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            x = _stem_input(x)  # the layout the convolution is fastest in (values unchanged)
         return self.norm(self.conv(x))
 
 

@@ -37,7 +37,6 @@ __all__ = [
     "BACKENDS",
     "TRITON_AVAILABLE",
     "block_forward",
-    "stem_input",
     "fast_paths_active",
     "get_backend",
     "layernorm_channels",
@@ -236,4 +235,4 @@ def _validate(x, weight, pool_size, res_scale, sample_scale) -> None:
 
 
 from .baseline_ops import layernorm_channels, residual_layernorm, star_relu  # noqa: E402  (reads the names above)
-from .dispatch import block_forward, fast_paths_active, stem_input  # noqa: E402  (it reads the names defined above)
+from .dispatch import block_forward, fast_paths_active  # noqa: E402  (it reads the names defined above)

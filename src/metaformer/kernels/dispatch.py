@@ -23,7 +23,6 @@ when one computes exactly the same function, or the block's own half otherwise:
   (:mod:`metaformer.kernels.cuda_halves`);
 - on CPU a block with a fused half works in channels_last, where oneDNN, ATen's pooling and the channel
   LayerNorm are fastest; the layout then carries through the following layers (values are unchanged);
-- on CPU the stem's convolution reads the image in channels_last (:func:`stem_input`);
 - on CPU in evaluation, a block of built-in parts whose MLP hidden tensor would outgrow the cache runs a
   few samples at a time (:func:`~metaformer.kernels.cpu_eval.chunk_rows`; every part treats each sample on
   its own, so the result is the same).
@@ -46,7 +45,7 @@ from torch import nn
 from . import autograd_halves, cpu_eval, cuda_halves, get_backend, onednn, pool_mixer_residual, torch_halves
 from .folding import norm_kind, scales_known
 
-__all__ = ["block_forward", "stem_input", "fast_paths_active", "pool_mixer_fusable"]
+__all__ = ["block_forward", "fast_paths_active", "pool_mixer_fusable"]
 
 
 def fast_paths_active(x) -> bool:
@@ -70,20 +69,6 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if rows is not None:
         return cpu_eval.in_chunks(functools.partial(_halves, block), x, rows)
     return _halves(block, x)
-
-
-def stem_input(x: torch.Tensor) -> torch.Tensor:
-    """The image batch in the layout the stem's convolution is fastest in: channels_last on CPU.
-
-    The blocks work in channels_last on CPU; a stem convolution run on an NCHW batch is followed by
-    oneDNN's reorder of its output and then by the blocks' conversion, and measured 1.8x slower than
-    converting the image first (forward; 1.6x for forward and backward; 16x3x224x224, 2 cores). Values
-    are unchanged; under torch.compile, tracing or CPU autocast the batch is left as it is.
-    """
-    if (fast_paths_active(x) and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
-            and not torch.compiler.is_compiling() and not _cpu_autocast()):
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def _halves(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
