@@ -1,0 +1,89 @@
+"""CPU evaluation with and without cache-sized chunks (see ``docs/kernels.md``).
+
+In evaluation a block whose MLP hidden tensor would exceed ``metaformer.kernels.cpu_eval._CHUNK_ABOVE``
+runs a few samples at a time (``default``); ``no_chunks`` raises that threshold out of reach.
+
+One process; every model is timed in interleaved rounds, each round calling both variants once in an
+order alternated from round to round, so load drifts affect them alike. Medians, img/s, and the ratio to
+the default. fp32, ``torch.inference_mode``, batch 16, 224x224.
+
+Usage::
+
+    python benchmarks/bench_cpu_chunks.py                            # poolformer_s12 ... caformer_s18
+    python benchmarks/bench_cpu_chunks.py --models poolformerv2_s12 --rounds 21 --output /tmp/chunks.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import metaformer
+from metaformer.files import write_text
+from metaformer.kernels import cpu_eval
+
+MODELS = ("poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
+COMBINATIONS = {"default": True, "no_chunks": False}  # name -> chunks on
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=metaformer.list_models())
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=11, help="interleaved rounds (median reported)")
+    p.add_argument("--output", type=Path, default=None, help="also write the figures as JSON here")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.size < 32 or args.rounds < 1:
+        p.error("--batch and --rounds must be at least 1 and --size at least 32")
+    return args
+
+
+def time_model(name: str, batch: int, size: int, rounds: int) -> dict:
+    """Median seconds per forward of each variant, timed in interleaved rounds."""
+    model = metaformer.create(name).eval()
+    x = torch.randn(batch, 3, size, size)
+    chunk_above = cpu_eval._CHUNK_ABOVE
+    times = {k: [] for k in COMBINATIONS}
+    try:
+        with torch.inference_mode():
+            for i in range(rounds):
+                order = list(COMBINATIONS)
+                order = order[i % len(order):] + order[:i % len(order)]
+                for key in order:
+                    cpu_eval._CHUNK_ABOVE = chunk_above if COMBINATIONS[key] else 1 << 62
+                    model(x)  # weights packed for this variant's shapes, outside the timing
+                    start = time.perf_counter()
+                    model(x)
+                    times[key].append(time.perf_counter() - start)
+    finally:
+        cpu_eval._CHUNK_ABOVE = chunk_above
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = {}
+    print(f"batch {args.batch}, {args.size}x{args.size}, fp32, {torch.get_num_threads()} threads, "
+          f"{args.rounds} rounds; img/s (ratio to default)")
+    for name in args.models:
+        med = time_model(name, args.batch, args.size, args.rounds)
+        results[name] = {k: {"median_s": v, "img_per_s": args.batch / v, "vs_default": med["default"] / v}
+                         for k, v in med.items()}
+        print(f"{name:20s} " + "  ".join(f"{k} {args.batch / v:6.2f} ({med['default'] / v:.2f}x)"
+                                         for k, v in med.items()), flush=True)
+    if args.output is not None:
+        setup = {"batch": args.batch, "size": args.size, "rounds": args.rounds, "threads": torch.get_num_threads(),
+                 "torch": torch.__version__}
+        write_text(args.output, json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
