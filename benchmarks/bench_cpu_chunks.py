@@ -28,7 +28,7 @@ from metaformer.files import write_text
 from metaformer.kernels import cpu_eval
 
 MODELS = ("poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
-COMBINATIONS = {"default": True, "no_chunks": False}  # name -> chunks on
+VARIANTS = {"default": True, "no_chunks": False}  # name -> chunks on
 
 
 def parse_args(argv=None):
@@ -49,14 +49,14 @@ def time_model(name: str, batch: int, size: int, rounds: int) -> dict:
     model = metaformer.create(name).eval()
     x = torch.randn(batch, 3, size, size)
     chunk_above = cpu_eval._CHUNK_ABOVE
-    times = {k: [] for k in COMBINATIONS}
+    times = {k: [] for k in VARIANTS}
     try:
         with torch.inference_mode():
             for i in range(rounds):
-                order = list(COMBINATIONS)
+                order = list(VARIANTS)
                 order = order[i % len(order):] + order[:i % len(order)]
                 for key in order:
-                    cpu_eval._CHUNK_ABOVE = chunk_above if COMBINATIONS[key] else 1 << 62
+                    cpu_eval._CHUNK_ABOVE = chunk_above if VARIANTS[key] else 1 << 62
                     model(x)  # weights packed for this variant's shapes, outside the timing
                     start = time.perf_counter()
                     model(x)

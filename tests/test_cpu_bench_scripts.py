@@ -24,7 +24,7 @@ def test_chunks_benchmark_writes_both_variants_and_restores_the_threshold(tmp_pa
     data = json.loads(out.read_text())
     assert data["setup"]["batch"] == 2
     row = data["results"]["poolformer_s12"]
-    assert set(row) == set(bench_cpu_chunks.COMBINATIONS)
+    assert set(row) == set(bench_cpu_chunks.VARIANTS)
     assert all(r["median_s"] > 0 and r["img_per_s"] > 0 for r in row.values())
     assert row["default"]["vs_default"] == 1.0
     assert "poolformer_s12" in capsys.readouterr().out

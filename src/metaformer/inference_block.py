@@ -197,7 +197,7 @@ class InferenceBlock(nn.Module):
         if fast and type(m) is SepConv and self.mixer_act is not None and onednn.onednn_usable(x):
             k = m.dwconv.kernel_size[0]
             star = (float(m.act1.scale), m.act1.bias) if self.mixer_act == "star" else None
-            mid_shape = (x.shape[0], m.pwconv1.weight.shape[0], *x.shape[2:])
+            mid_shape = cpu_eval.hidden_shape(x.shape, m.pwconv1.weight.shape[0])
             dw = derived(self, "dw", [m.dwconv.weight],
                          lambda: onednn.prepack(m.dwconv.weight, k // 2, m.dwconv.groups, mid_shape), shape=mid_shape)
             p = self._prepacked("sepconv", m.pwconv1, m.pwconv2, tuple(x.shape), (dw, m.dwconv.bias, star))

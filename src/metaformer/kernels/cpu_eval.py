@@ -43,7 +43,7 @@ from .folding import (
 )
 
 __all__ = ["mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention", "packed_pair",
-           "attention_weights", "chunk_rows", "in_chunks"]
+           "attention_weights", "hidden_shape", "chunk_rows", "block_chunk_rows", "in_chunks"]
 
 _RELU_FIRST = {"relu": "relu", "star": "relu", "square": "relu", "gelu": "gelu", "gelu_tanh": "gelu"}
 
@@ -61,6 +61,12 @@ def _star(act: nn.Module, kind: str):
     return (act.scale, act.bias) if kind == "star" else None
 
 
+def hidden_shape(input_shape, channels: int) -> tuple:
+    """The shape of a half's hidden tensor: ``input_shape`` with ``channels`` channels (what the weights
+    after the first 1x1 convolution are packed for)."""
+    return (input_shape[0], channels, *input_shape[2:])
+
+
 def packed_pair(w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
                 input_shape, extra: tuple = ()) -> Folded:
     """The two 1x1 weights of a half pre-packed for oneDNN: ``w1`` for inputs shaped ``input_shape``,
@@ -69,8 +75,8 @@ def packed_pair(w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, 
     Packing ``w2`` for the wrong channel count makes oneDNN refuse the layout, and the unpacked weight
     is then reordered on every call.
     """
-    hidden_shape = (input_shape[0], w1.shape[0], *input_shape[2:])
-    return Folded(onednn.prepack(w1, 0, 1, input_shape), b1, onednn.prepack(w2, 0, 1, hidden_shape), b2, extra)
+    return Folded(onednn.prepack(w1, 0, 1, input_shape), b1,
+                  onednn.prepack(w2, 0, 1, hidden_shape(input_shape, w1.shape[0])), b2, extra)
 
 
 # ------------------------------------------------------------------------------------------ MLP half
@@ -109,6 +115,22 @@ def chunk_rows(x: torch.Tensor, hidden: int) -> int:
     while b % rows:
         rows -= 1
     return rows
+
+
+def block_chunk_rows(block: nn.Module, x: torch.Tensor) -> Optional[int]:
+    """Samples per chunk for evaluating ``block`` on ``x`` (see :func:`chunk_rows`), or None where the
+    block runs whole: a batch that fits, or a block with a part that is not a built-in one (only those
+    are known to treat every sample on its own)."""
+    from ..layers import Mlp
+    from ..mixers import Attention, Identity, Pooling, RandomMixing, SepConv
+
+    if (x.dim() != 4 or type(block.mlp) is not Mlp
+            or type(block.token_mixer) not in (Pooling, Identity, RandomMixing, SepConv, Attention)
+            or _half_ok(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1) is None
+            or _half_ok(block.norm2, block.drop_path2, block.layer_scale2, block.res_scale2) is None):
+        return None
+    rows = chunk_rows(x, block.mlp.fc1.weight.shape[0])
+    return rows if rows < x.shape[0] else None
 
 
 def in_chunks(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -181,9 +203,9 @@ def _fold_sepconv(block: nn.Module, act: str, x: torch.Tensor) -> Folded:
     w1, b1 = fold_in(m.pwconv1.weight, m.pwconv1.bias, norm.weight, norm.bias)
     w2, b2 = fold_out(m.pwconv2.weight, m.pwconv2.bias, scale_of(block.layer_scale1))
     like = m.pwconv1.weight
-    mid_shape = (x.shape[0], w1.shape[0], *x.shape[2:])
     k = m.dwconv.kernel_size[0]
-    dw = onednn.prepack(m.dwconv.weight.detach().contiguous(), k // 2, m.dwconv.groups, mid_shape)
+    dw = onednn.prepack(m.dwconv.weight.detach().contiguous(), k // 2, m.dwconv.groups,
+                        hidden_shape(x.shape, w1.shape[0]))
     star = (float(m.act1.scale), m.act1.bias.detach().clone()) if act == "star" else None
     return packed_pair(cast(w1, like), cast(b1, like), cast(w2, like), cast(b2, like), x.shape,
                        (dw, None if m.dwconv.bias is None else m.dwconv.bias.detach().clone(), star))
@@ -269,7 +291,7 @@ def run_attention(x: torch.Tensor, kind: str, eps: float, p: Folded, mixer: nn.M
                   res_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``res_scale * x + proj(attention(qkv(norm(x))))`` with the weights ``p`` of
     :func:`attention_weights`, heads and scale from ``mixer``; None if oneDNN refuses."""
-    b, c, h, w = x.shape
+    h = x.shape[2]
     qkv = onednn.conv(normalise(kind, x, eps).contiguous(memory_format=torch.channels_last), p.w1, p.b1)
     if qkv is None:
         return None

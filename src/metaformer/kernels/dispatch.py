@@ -43,7 +43,6 @@ from torch import nn
 
 # The package defines these before it imports this module (at its end).
 from . import autograd_halves, cpu_eval, cuda_halves, get_backend, onednn, pool_mixer_residual, torch_halves
-from .folding import norm_kind, scales_known
 
 __all__ = ["block_forward", "fast_paths_active", "pool_mixer_fusable"]
 
@@ -79,22 +78,11 @@ def _halves(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _cpu_eval_chunk_rows(block: nn.Module, x: torch.Tensor) -> Optional[int]:
-    """Samples per chunk for a CPU evaluation of ``block`` on a batch too large for the cache, else None.
-
-    Only blocks made of the built-in parts, each of which treats every sample on its own in evaluation,
-    are chunked (see :func:`metaformer.kernels.cpu_eval.chunk_rows`).
-    """
-    from ..layers import Mlp
-    from ..mixers import Attention, Identity, Pooling, RandomMixing, SepConv
-
-    if (x.device.type != "cpu" or block.training or x.dim() != 4 or x.shape[0] < 2 or type(block.mlp) is not Mlp
-            or type(block.token_mixer) not in (Pooling, Identity, RandomMixing, SepConv, Attention)
-            or norm_kind(block.norm1) is None or norm_kind(block.norm2) is None
-            or not scales_known(block.layer_scale1, block.res_scale1, block.layer_scale2, block.res_scale2)
-            or not onednn.onednn_ok(x) or not _no_grad_needed(x, block)):
+    """Samples per chunk for a CPU evaluation of ``block`` on a batch too large for the cache, else None
+    (:func:`metaformer.kernels.cpu_eval.block_chunk_rows`)."""
+    if x.device.type != "cpu" or block.training or not onednn.onednn_ok(x) or not _no_grad_needed(x, block):
         return None
-    rows = cpu_eval.chunk_rows(x, block.mlp.fc1.weight.shape[0])
-    return rows if rows < x.shape[0] else None
+    return cpu_eval.block_chunk_rows(block, x)
 
 
 def _nchw_contiguous(x: torch.Tensor) -> bool:
