@@ -14,10 +14,12 @@ Variants:
 - ``ours``: ``metaformer.create(name)``, default forward (the fused paths), on the NCHW batch;
 - ``ours_optimized`` (inference): ``metaformer.optimize_for_inference`` of that model;
 - ``ours_compiled``: ``torch.compile(our model)``;
-- ``floor``: every ``nn.Conv2d`` / ``nn.Linear`` call of the model (recorded with forward hooks on the plain
-  composition) run on its own, same shapes and layout, forward (and, in training, backward): the work any
-  implementation must do. ``timm best / floor`` is the largest speed-up over timm that removing everything
-  else could give (attention's matrix products, loss and optimiser are left out of the floor: generous).
+- ``floor``: every ``nn.Conv2d`` / ``nn.Linear`` call of the model and every attention product
+  (``scaled_dot_product_attention``, the kernel timm's attention and ours both use; recorded with hooks on
+  the plain composition) run on its own, same shapes and layout, forward (and, in training, backward): the
+  work any implementation must do. ``timm best / floor`` is the largest speed-up over timm that removing
+  everything else could give (norms, activations, loss and optimiser are left out of the floor, and the
+  attention product runs with q = k = v: generous).
 
 Passes: ``inference`` (eval mode, ``torch.inference_mode``) for every model, and ``train`` (a training
 step: forward, cross-entropy, backward, SGD with momentum; eager variants, ``--train-compile`` adds the
@@ -220,7 +222,7 @@ def markdown(rows) -> str:
     ips = lambda v: f"{v['img_per_s']:.1f}" if v else "-"  # noqa: E731
     lines = ["| model | timm NCHW | timm channels_last | timm compiled (best layout) | ours default | "
              "ours optimize_for_inference | ours compiled | ours / timm best eager | ours / timm compiled | "
-             "GEMM-peak share (ours) | conv/linear floor: share of ours, bound over timm |", "|---" * 11 + "|"]
+             "GEMM-peak share (ours) | conv/linear/attention floor: share of ours, bound over timm |", "|---" * 11 + "|"]
     for (model, pass_name), v in by.items():
         if pass_name != "inference":
             continue
@@ -234,7 +236,7 @@ def markdown(rows) -> str:
     train = [(m, v) for (m, p), v in by.items() if p == "train"]
     if train:
         lines += ["", "| training step | timm best eager img/s | ours img/s | ours / timm | timm peak MiB | "
-                  "ours peak MiB | conv/linear floor: share of ours, bound over timm |", "|---" * 7 + "|"]
+                  "ours peak MiB | conv/linear/attention floor: share of ours, bound over timm |", "|---" * 7 + "|"]
         for model, v in train:
             timm_best = max((v[k] for k in ("timm_nchw", "timm_cl")), key=lambda r: r["img_per_s"])
             mem = lambda r: f"{r['train_peak_mib']:.0f}" if "train_peak_mib" in r else "-"  # noqa: E731

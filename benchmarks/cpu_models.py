@@ -17,6 +17,7 @@ import time
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models.metaformer import GroupNorm1NoBias, MetaFormer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -132,7 +133,10 @@ def make_variant(name: str, variant: str, train: bool, batch: int, size: int):
 
 
 def record_calls(model: nn.Module, x: torch.Tensor) -> list:
-    """(module, input shape, channels_last?) of every Conv2d / Linear call of one forward, in order."""
+    """(module, input shape, channels_last?) of every Conv2d / Linear call of one forward, in order, and
+    for every :class:`~metaformer.Attention`, (mixer, shape of q, k and v, False): its attention product."""
+    from metaformer import Attention
+
     calls, hooks = [], []
 
     def hook(module, inputs, _output):
@@ -140,11 +144,17 @@ def record_calls(model: nn.Module, x: torch.Tensor) -> list:
         cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
         calls.append((module, tuple(t.shape), cl))
 
+    def attention_hook(mixer, inputs):
+        b, _c, h, w = inputs[0].shape
+        calls.append((mixer, (b, mixer.num_heads, h * w, mixer.head_dim), False))
+
     import metaformer.kernels as K
 
     for m in model.modules():
         if type(m) in (nn.Conv2d, nn.Linear):
             hooks.append(m.register_forward_hook(hook))
+        elif isinstance(m, Attention):  # its qkv / proj hooks record after this one: the product sits between
+            hooks.append(m.register_forward_pre_hook(attention_hook))
     before = K.get_backend()
     K.set_backend("reference")  # the plain composition calls every module (fast paths call oneDNN directly)
     try:
@@ -157,8 +167,18 @@ def record_calls(model: nn.Module, x: torch.Tensor) -> list:
     return calls
 
 
+def _floor_call(module: nn.Module):
+    """What the floor runs for one recorded call: the module itself, or an attention mixer's product
+    (``scaled_dot_product_attention``, the kernel timm's attention and ours both use) on q = k = v."""
+    if type(module) in (nn.Conv2d, nn.Linear):
+        return module
+    return lambda t: F.scaled_dot_product_attention(t, t, t, scale=module.scale)
+
+
 def floor_fn(calls: list, train: bool):
-    """A callable running just the recorded convolutions / linears (forward, or forward and backward)."""
+    """A callable running just the recorded convolutions / linears / attention products (forward, or forward
+    and backward)."""
+    fns = [_floor_call(m) for m, _, _ in calls]
     inputs = []
     for _module, shape, cl in calls:
         t = torch.randn(shape)
@@ -168,16 +188,16 @@ def floor_fn(calls: list, train: bool):
     grads = None
     if train:
         with torch.no_grad():
-            grads = [torch.randn_like(m(t)) for (m, _, _), t in zip(calls, inputs)]
+            grads = [torch.randn_like(f(t)) for f, t in zip(fns, inputs)]
 
     def run():
         if not train:
             with torch.inference_mode():
-                for (m, _, _), t in zip(calls, inputs):
-                    m(t)
+                for f, t in zip(fns, inputs):
+                    f(t)
             return
-        for (m, _, _), t, g in zip(calls, inputs, grads):
-            m(t).backward(g)
+        for f, t, g in zip(fns, inputs, grads):
+            f(t).backward(g)
         for m, _, _ in calls:
             for p in m.parameters():
                 p.grad = None
@@ -186,7 +206,8 @@ def floor_fn(calls: list, train: bool):
 
 
 def floor_variant(name: str, train: bool, batch: int, size: int):
-    """The ``floor`` variant: just the convolutions and linears of our model on the batch (see bench_cpu)."""
+    """The ``floor`` variant: just the convolutions, linears and attention products of our model on the batch
+    (see bench_cpu)."""
     model = ours(name).train(train).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     return floor_fn(record_calls(model, x), train)

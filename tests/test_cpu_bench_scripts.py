@@ -1,4 +1,4 @@
-"""benchmarks/bench_cpu_chunks.py's plumbing (its timings are never asserted anywhere)."""
+"""The CPU benchmarks' plumbing: bench_cpu_chunks.py, and the floor of bench_cpu.py (timings are never asserted)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
+import metaformer
 from metaformer.kernels import cpu_eval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_cpu_chunks  # noqa: E402
+import cpu_models  # noqa: E402
 
 
 def test_chunks_benchmark_writes_both_variants_and_restores_the_threshold(tmp_path, capsys):
@@ -33,3 +38,25 @@ def test_chunks_benchmark_writes_both_variants_and_restores_the_threshold(tmp_pa
 def test_chunks_benchmark_refuses_bad_arguments():
     with pytest.raises(SystemExit):
         bench_cpu_chunks.main(["--rounds", "0"])
+
+
+def test_the_floor_records_every_matrix_product_in_order():
+    """caformer_s18's floor: every conv / linear of the plain composition, and each attention product
+    between its block's qkv and proj, with the shape the mixer gives q, k and v."""
+    model = metaformer.create("caformer_s18").eval()
+    calls = cpu_models.record_calls(model, torch.randn(2, 3, 64, 64))
+    convs = [m for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    assert [m for m, _, _ in calls if type(m) in (nn.Conv2d, nn.Linear)] == convs  # each once, in model order
+    mixers = [m for m in model.modules() if isinstance(m, metaformer.Attention)]
+    assert [m for m, _, _ in calls if isinstance(m, metaformer.Attention)] == mixers and len(mixers) == 12
+    for i, (m, shape, _) in enumerate(calls):
+        if isinstance(m, metaformer.Attention):
+            assert calls[i + 1][0] is m.qkv and calls[i + 2][0] is m.proj  # qkv's hook fires after the pre-hook
+            side = 4 if m.num_heads == 10 else 2  # stage 3 at 64 / 16, stage 4 at 64 / 32
+            assert shape == (2, m.num_heads, side * side, 32)
+            t = torch.randn(shape)
+            torch.testing.assert_close(cpu_models._floor_call(m)(t),
+                                       F.scaled_dot_product_attention(t, t, t, scale=32 ** -0.5))
+    run = cpu_models.floor_fn(calls, train=True)
+    run()  # forward and backward through all of them
+    assert all(p.grad is None for m, _, _ in calls for p in m.parameters())
