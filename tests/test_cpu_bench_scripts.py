@@ -1,4 +1,5 @@
-"""The CPU benchmarks' plumbing: bench_cpu_chunks.py, and the floor of bench_cpu.py (timings are never asserted)."""
+"""The CPU benchmarks' plumbing: bench_cpu_chunks.py, bench_cpu_allocator.py and the floor of bench_cpu.py
+(timings are never asserted)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from metaformer.kernels import cpu_eval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_cpu_allocator  # noqa: E402
 import bench_cpu_chunks  # noqa: E402
 import cpu_models  # noqa: E402
 
@@ -60,3 +62,15 @@ def test_the_floor_records_every_matrix_product_in_order():
     run = cpu_models.floor_fn(calls, train=True)
     run()  # forward and backward through all of them
     assert all(p.grad is None for m, _, _ in calls for p in m.parameters())
+
+
+@pytest.mark.slow  # two child processes (interpreter and timm start-up)
+def test_allocator_benchmark_measures_in_a_child_process_with_the_settings():
+    args = bench_cpu_allocator.parse_args(["--batch", "1", "--size", "32", "--calls", "1"])
+    got = bench_cpu_allocator._in_process("poolformer_s12", "ours", "kept", args)
+    assert got["ms"] > 0 and got["faults"] >= 0 and got["kept"]
+    assert not bench_cpu_allocator._in_process("poolformer_s12", "ours", "default", args)["kept"]
+    here = bench_cpu_allocator.measure("poolformer_s12", "timm_cl", 1, 32, 1)
+    assert here["ms"] > 0 and here["faults"] >= 0
+    with pytest.raises(SystemExit):
+        bench_cpu_allocator.parse_args(["--calls", "0"])
