@@ -192,7 +192,10 @@ def main(argv=None) -> dict:
         "settings": {"batch": args.batch, "size": args.size, "dtype": "float32", "reps": args.reps,
                      "train_reps": args.train_reps, "gemm_n": GEMM_N,
                      "gemm_peak_gflops_best": peak / 1e9,
-                     "gemm_peak_gflops_median": 2 * GEMM_N ** 3 / statistics.median(gemm_times) / 1e9},
+                     "gemm_peak_gflops_median": 2 * GEMM_N ** 3 / statistics.median(gemm_times) / 1e9,
+                     # glibc allocator settings in force (see bench_cpu_allocator.py): they move timm's figures most
+                     "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
+                     "ld_preload": os.environ.get("LD_PRELOAD", "")},
         "flops_per_image": flops,
         "rows": rows,
     }
