@@ -57,34 +57,27 @@ def measure(name: str, side: str, batch: int, size: int, calls: int) -> dict:
     process runs with the ``kept`` settings)."""
     import torch
 
-    if side == "ours":
-        import metaformer
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import cpu_models  # the models exactly as bench_cpu.py builds its "ours" and "timm_cl" variants
 
-        model, x = metaformer.create(name).eval(), torch.randn(batch, 3, size, size)
-    else:
-        import timm
-
-        model = timm.create_model(name).eval().to(memory_format=torch.channels_last)
-        x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    forward, _x = cpu_models.make_variant(name, side, False, batch, size)
     times, faults = [], []
     with torch.inference_mode():
         for _ in range(2):
-            model(x)
+            forward()
         for _ in range(calls):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
-            model(x)
+            forward()
             times.append(time.perf_counter() - start)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     kept = all(os.environ.get(k) == v for k, v in ALLOCATORS["kept"].items())
     return {"ms": 1e3 * statistics.median(times), "faults": statistics.median(faults), "kept": kept}
 
 
-def _in_process(name: str, side: str, allocator: str, args) -> dict:
-    env = {**os.environ, **ALLOCATORS[allocator]}
-    for key in ALLOCATORS["kept"]:
-        if allocator == "default":
-            env.pop(key, None)
+def _in_child(name: str, side: str, allocator: str, args) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATORS["kept"]}
+    env.update(ALLOCATORS[allocator])
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_cpu_allocator as b; "
             "print(json.dumps(b.measure(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:]))))")
     proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), name, side,
@@ -103,7 +96,7 @@ def main(argv=None) -> int:
         runs = {pair: [] for pair in pairs}
         for i in range(args.rounds):
             for pair in pairs[i % len(pairs):] + pairs[:i % len(pairs)]:
-                runs[pair].append(_in_process(name, *pair, args))
+                runs[pair].append(_in_child(name, *pair, args))
         row = {}
         for (side, alloc), got in runs.items():
             row[f"{side}/{alloc}"] = {"median_ms": statistics.median(r["ms"] for r in got),
