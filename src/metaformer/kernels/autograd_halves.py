@@ -3,9 +3,12 @@
 The MLP half is ``y = rs * x + sample * ls * fc2(act(fc1(norm(x))))``: ``rs`` the res scale (or 1),
 ``sample`` the stochastic-depth factor of each sample (or 1), ``act`` GELU, ReLU, StarReLU or SquaredReLU.
 Autograd through the plain composition keeps the norm's output, the hidden tensor before and after the
-activation and StarReLU's intermediates; this node keeps one hidden tensor (GELU: the pre-activation; the
-ReLU family: ``relu(h) ** 2``, from which ``relu(h) = sqrt(relu(h) ** 2)`` comes back exactly) and the
-norm's statistics, and recomputes the normalised input from ``x``. Its forward runs the oneDNN
+activation, StarReLU's intermediates and the products of the layer scale; this node keeps the normalised
+input, the norm's statistics and the hidden tensors the backward reads: for GELU the pre-activation and
+its output, for the ReLU family only ``relu(h) ** 2`` (fc2's input with StarReLU's scale and bias folded
+into fc2; ``relu(h) = sqrt(relu(h) ** 2)`` comes back exactly). Keeping only the pre-activation and
+recomputing the rest saved memory but made a training step slower than the plain composition in
+channels_last; as it is, a poolformer_s12 step still peaks below timm's. Its forward runs the oneDNN
 primitives of inference (fp32) or matrix products on the channels_last rows (fp64); the backward is
 matrix products on the same rows, with the small gradients (norm affine, layer and res scales,
 StarReLU's scale and bias, biases) reduced from those products where possible::
@@ -107,13 +110,16 @@ class PointwiseHalfFunction(torch.autograd.Function):
             out = _rows_like(_rowmm(_rows(pw2_in.contiguous(memory_format=_CL)), w2f, b2f), x)
             y = torch.addcmul(res, out, sample) if sample is not None else out.add_(res)
         ctx.cfg = cfg
-        ctx.save_for_backward(x_in, mean, rstd, saved, gamma, beta, w1, w1f, b1, s, c, w2, b2, ls, rs, sample)
+        # GELU's output is a tensor of its own; the ReLU family's fc2 input is ``saved`` itself.
+        gelu_out = pw2_in if act.startswith("gelu") else None
+        ctx.save_for_backward(x_in, mean, rstd, saved, gelu_out, n, gamma, beta, w1, w1f, b1, s, c, w2, b2, ls, rs,
+                              sample)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         kind, eps, act, _ = ctx.cfg
-        x, mean, rstd, saved, gamma, beta, w1, w1f, b1, s, c, w2, b2, ls, rs, sample = ctx.saved_tensors
+        x, mean, rstd, saved, gelu_out, n, gamma, beta, w1, w1f, b1, s, c, w2, b2, ls, rs, sample = ctx.saved_tensors
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (kernels/twice.py)
             inputs = (x, gamma, beta, w1, b1, s, c, w2, b2, ls, rs, sample)
@@ -127,7 +133,7 @@ class PointwiseHalfFunction(torch.autograd.Function):
         col = gs.sum(0)  # colsum(G)
         w2ls = w2m * ls[:, None] if ls is not None else w2m
         saved_rows = _rows(saved)
-        p = gs.t() @ _rows(_activation(saved, act))  # G^T (fc2 input), (C_out, hidden)
+        p = gs.t() @ _rows(saved if gelu_out is None else gelu_out)  # G^T (fc2 input), (C_out, hidden)
         if act == "star":
             p = p.mul_(s).add_(c * col[:, None])  # G^T a with the unfolded a = s * a' + c
         if need[7]:
@@ -150,7 +156,6 @@ class PointwiseHalfFunction(torch.autograd.Function):
         else:  # d/dh relu(h)**2 = 2 relu(h), and relu(h) = sqrt(relu(h)**2) exactly
             dh = saved_rows.sqrt().mul_(da)
             factor = 2 * s if act == "star" else 2.0
-        n, _, _ = _norm_forward(kind, x, eps)
         dw1f = dh.t() @ n  # dL/dW1', W1' = W1 * gamma
         dn = dh @ w1f  # dL/d(normalised x)
         if factor is not None:

@@ -100,6 +100,12 @@ def _mlp_parts(block: nn.Module):
 # (26 MiB) pooling blocks gained 9-13% and ConvFormer's lost 3%, at the third (16 MiB) nothing was won.
 # Chunking above 16 MiB into pieces of at most 16 MiB measured best of the rules tried on whole models
 # (poolformer_s12 1.07x over 32/8 MiB, poolformerv2_s12 and convformer_s18 1.00x).
+# Measured again later, what the chunks save is mostly page faults, not cache misses: under glibc's default
+# settings a freed block above its mmap threshold goes back to the OS and the next forward faults it in again
+# (docs/kernels.md, "Page faults and the allocator"). Whole models at batch 16, interleaved: in chunks
+# 1.02-1.08x faster under the defaults, but 0.84-0.98x of the whole batch where freed memory is kept
+# (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ raised). A probe of the allocator (fault counts of a freed
+# and re-allocated block) answered differently with the order of its sizes, so the rule stays the defaults'.
 _CHUNK_ABOVE = 16 << 20
 _CHUNK_BYTES = 16 << 20
 

@@ -16,8 +16,8 @@ when one computes exactly the same function, or the block's own half otherwise:
     nothing needs a gradient, oneDNN primitives on folded weights (:mod:`metaformer.kernels.cpu_eval`);
 
 - MLP half: on CPU in fp32, oneDNN primitives on folded weights where nothing needs a gradient, and in
-  training an ``autograd.Function`` with a written-out backward that keeps one hidden tensor instead of
-  four (:mod:`metaformer.kernels.autograd_halves`);
+  training an ``autograd.Function`` with a written-out backward that keeps only the tensors it reads
+  (:mod:`metaformer.kernels.autograd_halves`);
 - on CUDA (the baselines' halves): the channel LayerNorm and StarReLU as Triton kernels with autograd,
   the whole block with its residual update fused with ``norm2`` where it is all covered
   (:mod:`metaformer.kernels.cuda_halves`);
