@@ -6,9 +6,11 @@ Every layer works on NCHW tensors ``(B, C, H, W)``; the vector norms and heads w
 
 from __future__ import annotations
 
+import math
+from typing import List
+
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 __all__ = [
@@ -26,6 +28,68 @@ __all__ = [
     "DropPath",
     "trunc_normal_",
 ]
+
+
+def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0,
+                  b: float = 2.0) -> torch.Tensor:
+    """Fills ``tensor`` in place with the normal distribution ``N(mean, std**2)`` cut to ``[a, b]``; returns it.
+
+    The release's initialiser (timm's ``trunc_normal_``), drawn the same way so that a seeded model gets the
+    release's weights: one uniform draw between the normal CDF's values at ``a`` and ``b``, mapped back by
+    the inverse CDF (``erfinv``), scaled, shifted and clamped. PyTorch's ``nn.init.trunc_normal_`` draws
+    differently (rejection sampling, since 2.14), which gives other weights from the same seed.
+
+    Args:
+        tensor: The tensor to fill.
+        mean: Mean of the normal distribution.
+        std: Standard deviation of the normal distribution.
+        a: Lower cut-off (an absolute value, not in units of ``std``).
+        b: Upper cut-off.
+    """
+
+    def cdf(v: float) -> float:  # the standard normal CDF at (v - mean) / std
+        return (1.0 + math.erf((v - mean) / std / math.sqrt(2.0))) / 2.0
+
+    with torch.no_grad():
+        tensor.uniform_(2 * cdf(a) - 1, 2 * cdf(b) - 1)
+        tensor.erfinv_()
+        tensor.mul_(std * math.sqrt(2.0))
+        tensor.add_(mean)
+        tensor.clamp_(min=a, max=b)
+    return tensor
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, each sample of the batch is dropped (zeroed) with probability
+    ``drop_prob``, and the kept ones are scaled by ``1 / (1 - drop_prob)`` (with ``scale_by_keep``).
+
+    The module the original release takes from timm (``timm.layers.DropPath``), with the same arguments and
+    the same draw from the random stream: one Bernoulli tensor of shape ``(B, 1, ..., 1)`` per call, so a
+    seeded run drops the same samples as the release. Written here so that building a model does not need
+    timm imported (about 2.5 s of a command's start).
+
+    Args:
+        drop_prob: Probability of dropping a sample, in [0, 1].
+        scale_by_keep: Divide the kept samples by the keep probability (the release does).
+    """
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape: List[int] = [x.shape[0]] + [1] * (x.dim() - 1)
+        mask = x.new_empty(shape).bernoulli_(keep)
+        if keep > 0.0 and self.scale_by_keep:
+            mask.div_(keep)
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
 
 
 class _ChannelAffineNorm(nn.Module):
