@@ -24,7 +24,7 @@ Variants:
 Passes: ``inference`` (eval mode, ``torch.inference_mode``) for every model, and ``train`` (a training
 step: forward, cross-entropy, backward, SGD with momentum; eager variants, ``--train-compile`` adds the
 compiled ones) for ``--train-models``. Peak memory of a training step is measured for the eager
-variants, each in a fresh process: the peak resident set (``ru_maxrss``) minus the resident set after
+variants, each in a fresh process: the peak resident set (``VmHWM``) minus the resident set after
 building the model, optimiser and batch, i.e. what the steps themselves took at their peak.
 
 GEMM-peak share: img/s x FLOPs per image / the machine's fp32 GEMM rate, where the FLOPs are twice the
@@ -39,6 +39,8 @@ Usage::
     python benchmarks/bench_cpu.py                                   # everything -> results/cpu.json
     python benchmarks/bench_cpu.py --quick --batch 2 --output /tmp/smoke.json   # smoke test, minutes
     python benchmarks/bench_cpu.py --models convformer_s18 --no-compile --no-memory --output /tmp/c.json
+    python benchmarks/bench_cpu.py --models poolformer_s12 convformer_s18 --no-inference --update
+        # re-measure the training rows only, keeping results/cpu.json's others (its settings list each update)
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
     p.add_argument("--no-memory", action="store_true", help="leave out the training peak-memory processes")
+    p.add_argument("--no-inference", action="store_true", help="leave out the inference pass (training only)")
+    p.add_argument("--update", action="store_true",
+                   help="replace only the rows this run measures in an existing --output (same batch and size), "
+                        "keeping the others; the file records each update's settings")
     p.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "cpu.json",
                    help="JSON results file (default benchmarks/results/cpu.json)")
     args = p.parse_args(argv)
@@ -92,6 +98,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.train_reps = args.train_reps if "--train-reps" in given else 2
     if args.batch < 1 or args.size < 32 or args.reps < 1 or args.train_reps < 0:
         p.error("--batch and --reps must be >= 1, --size >= 32, --train-reps >= 0")
+    if args.no_inference and (args.train_reps <= 0 or not set(args.models) & set(args.train_models)):
+        p.error("--no-inference leaves nothing to run: give --train-reps >= 1 and a model of --train-models")
+    if args.update:
+        if not args.output.is_file():
+            p.error(f"--update needs an existing results file; {args.output} does not exist")
+        old = json.loads(args.output.read_text())["settings"]
+        if (old["batch"], old["size"]) != (args.batch, args.size):
+            p.error(f"--update: {args.output} was measured at batch {old['batch']}, size {old['size']}; "
+                    f"run with --batch {old['batch']} --size {old['size']} or write another --output")
     return args
 
 
@@ -167,7 +182,7 @@ def main(argv=None) -> dict:
     for name in args.models:
         flops[name] = cpu_models.flops_per_image(name, args.size)
         for train, variants in ((False, INFERENCE), (True, TRAIN)):
-            if train and (args.train_reps <= 0 or name not in args.train_models):
+            if train and (args.train_reps <= 0 or name not in args.train_models) or not train and args.no_inference:
                 continue
             variants = [v for v in variants if "compiled" not in v or not (args.no_compile
                                                                         or (train and not args.train_compile))]
@@ -199,12 +214,38 @@ def main(argv=None) -> dict:
         "flops_per_image": flops,
         "rows": rows,
     }
+    if args.update:
+        results = _updated(json.loads(args.output.read_text()), results)
+        rows = results["rows"]
     table = markdown(rows)
     print("\n" + table)
     write_text(args.output, json.dumps(results, indent=2) + "\n")
     write_text(args.output.with_suffix(".md"), table)
     print(f"\nfp32 GEMM peak {peak / 1e9:.0f} GFLOP/s; wrote {args.output} and {args.output.with_suffix('.md')}")
     return results
+
+
+def _updated(old: dict, new: dict) -> dict:
+    """``old`` results with the rows ``new`` measured replaced (and new ones added), in ``old``'s order;
+    ``new``'s machine and settings are recorded under ``settings["updates"]``."""
+    fresh = {(r["model"], r["pass"]) for r in new["rows"]}
+    rows, placed = [], set()
+    for r in old["rows"]:
+        key = (r["model"], r["pass"])
+        if key not in fresh:
+            rows.append(r)
+        elif key not in placed:
+            rows += [n for n in new["rows"] if (n["model"], n["pass"]) == key]
+            placed.add(key)
+    rows += [n for n in new["rows"] if (n["model"], n["pass"]) not in placed]
+    env = new["settings"]["malloc_env"]
+    update = {"rows": sorted(f"{m} {p}" for m, p in fresh), "metaformer": new["machine"]["metaformer"],
+              "gemm_peak_gflops_best": new["settings"]["gemm_peak_gflops_best"],
+              "malloc_env": " ".join(f"{k}={v}" for k, v in env.items()) or "glibc defaults",
+              "machine": new["machine"], "settings": new["settings"]}
+    settings = {**old["settings"], "updates": old["settings"].get("updates", []) + [update]}
+    return {**old, "settings": settings, "flops_per_image": {**old["flops_per_image"], **new["flops_per_image"]},
+            "rows": rows}
 
 
 def _print(rows) -> None:

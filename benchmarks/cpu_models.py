@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import metaformer
+from metaformer.cli.benchmark import peak_rss_bytes
 
 MODELS = ("poolformer_s12", "poolformerv2_s12", "identityformer_s12", "randformer_s12", "convformer_s18",
           "caformer_s18")
@@ -215,7 +215,7 @@ def floor_variant(name: str, train: bool, batch: int, size: int):
 
 def peak_memory_subprocess(name: str, variant: str, batch: int, size: int, steps: int = 2,
                            threads: int | None = None) -> dict:
-    """Peak RSS of training steps of one variant, in a fresh process (``ru_maxrss``).
+    """Peak RSS of training steps of one variant, in a fresh process (``VmHWM``, :func:`metaformer.cli.benchmark.peak_rss_bytes`).
 
     Returns the process's peak RSS and the increase over its RSS after building the model, optimiser
     and batch (MiB): what the training steps themselves took at their peak (activations kept for the
@@ -236,5 +236,6 @@ def _memory_child(name, variant, batch, size, steps, threads):
     base = _rss_mb()
     for _ in range(steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_bytes() / 2 ** 20  # VmHWM: ru_maxrss would be this benchmark's own peak (fork)
     return json.dumps({"peak_rss_mib": peak, "base_rss_mib": base, "train_peak_mib": peak - base})
+

@@ -239,7 +239,7 @@ def test_benchmark_cpu():
     res = json.loads(cli("benchmark", "--model", "poolformer_s12", "--img-size", "32", "-b", "4", "--steps", "2",
                          "--warmup", "1", "--train", "--amp", "--json").stdout)
     assert res["img_per_sec"] > 0 and res["mode"] == "train" and res["device"] == "cpu"
-    assert "ru_maxrss" in res["memory_method"] and res["peak_memory_bytes"] >= 0
+    assert "VmHWM" in res["memory_method"] and res["peak_memory_bytes"] >= 0
 
 
 # ------------------------------------------------------------------------------------------------ mistakes

@@ -1,8 +1,9 @@
-"""The CPU benchmarks' plumbing: bench_cpu_chunks.py, bench_cpu_allocator.py and the floor of bench_cpu.py
-(timings are never asserted)."""
+"""The CPU benchmarks' plumbing: bench_cpu_chunks.py, bench_cpu_allocator.py, and bench_cpu.py's floor and
+updates (timings are never asserted)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,8 +16,10 @@ from torch import nn
 import metaformer
 from metaformer.kernels import cpu_eval
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_cpu  # noqa: E402
 import bench_cpu_allocator  # noqa: E402
 import bench_cpu_chunks  # noqa: E402
 import cpu_models  # noqa: E402
@@ -74,3 +77,30 @@ def test_allocator_benchmark_measures_in_a_child_process_with_the_settings():
     assert here["ms"] > 0 and here["faults"] >= 0
     with pytest.raises(SystemExit):
         bench_cpu_allocator.parse_args(["--calls", "0"])
+
+
+def test_an_update_replaces_only_the_rows_it_measures(tmp_path):
+    """A training-only run with --update keeps the file's inference rows and settings, adds its own rows
+    and records its settings; a file of another batch size is refused."""
+    out = tmp_path / "cpu.json"
+    small = ["--models", "poolformer_s12", "--batch", "2", "--size", "64", "--quick", "--no-compile", "--no-memory",
+             "--output", str(out)]
+    bench_cpu.main(small + ["--train-reps", "0"])
+    before = json.loads(out.read_text())
+    assert {r["pass"] for r in before["rows"]} == {"inference"}
+    bench_cpu.main(small + ["--no-inference", "--train-models", "poolformer_s12", "--update"])
+    after = json.loads(out.read_text())
+    assert [r for r in after["rows"] if r["pass"] == "inference"] == before["rows"]
+    assert {r["variant"] for r in after["rows"] if r["pass"] == "train"} == {"timm_nchw", "timm_cl", "ours", "floor"}
+    assert after["settings"]["reps"] == before["settings"]["reps"]
+    assert [u["rows"] for u in after["settings"]["updates"]] == [["poolformer_s12 train"]]
+    assert "training step" in out.with_suffix(".md").read_text()
+    spec = importlib.util.spec_from_file_location("results_page", ROOT / "docs" / "_hooks" / "results_page.py")
+    results_page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results_page)
+    page = "\n".join(results_page.file_markdown(out, tmp_path))  # the performance page shows the update
+    assert "rows: poolformer_s12 train, metaformer: " in page and "malloc_env: " in page
+    with pytest.raises(SystemExit):
+        bench_cpu.parse_args(small[:2] + ["--batch", "4", "--size", "64", "--output", str(out), "--update"])
+    with pytest.raises(SystemExit):
+        bench_cpu.parse_args(["--output", str(tmp_path / "none.json"), "--update"])

@@ -148,6 +148,9 @@ def _fmt(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, list):
         return " / ".join(_fmt(v) for v in value)
+    if isinstance(value, dict):  # e.g. one of bench_cpu.py's updates: its flat fields
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()
+                         if _scalar(v) or (isinstance(v, list) and all(_scalar(x) for x in v)))
     return "" if value is None else str(value)
 
 

@@ -26,8 +26,8 @@ DESCRIPTION = """\
 Measure inference (or, with --train, forward + backward + SGD step) throughput on random inputs:
 the median step time over --steps timed steps after --warmup steps, as images per second, and the
 peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the growth of the process's peak
-resident set size (getrusage ru_maxrss), which also counts allocator caches and is 0 when the run
-stays below an earlier peak.
+resident set size (VmHWM on Linux, getrusage ru_maxrss elsewhere), which also counts allocator caches
+and is 0 when the run stays below an earlier peak.
 
   metaformer benchmark --model poolformer_s12 -b 256 --amp --channels-last --device cuda
   metaformer benchmark --model poolformer_s12 --train -b 64
@@ -55,7 +55,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _max_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size, bytes: ``VmHWM`` of ``/proc/self/status`` where there is one.
+
+    ``getrusage``'s ``ru_maxrss`` elsewhere. Not ``ru_maxrss`` on Linux: it is carried over from the process
+    that forked this one, so a command started by a process holding gigabytes reported that process's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
 
@@ -109,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base_mem = torch.cuda.memory_allocated(device)
-    rss0 = _max_rss_bytes()
+    rss0 = peak_rss_bytes()
     for _ in range(args.warmup):
         step()
     _sync(device)
@@ -125,8 +137,8 @@ def run(args: argparse.Namespace) -> int:
         memory = {"peak_memory_bytes": peak, "peak_memory_over_model_bytes": peak - base_mem,
                   "memory_method": "torch.cuda.max_memory_allocated"}
     else:
-        memory = {"peak_memory_bytes": max(0, _max_rss_bytes() - rss0),
-                  "memory_method": "growth of peak RSS (getrusage ru_maxrss) during the benchmark"}
+        memory = {"peak_memory_bytes": max(0, peak_rss_bytes() - rss0),
+                  "memory_method": "growth of peak RSS (VmHWM; getrusage ru_maxrss where there is none) during the benchmark"}
     results = {
         "model": args.model, "mode": "train" if args.train else "inference", "device": str(device),
         "batch_size": args.batch_size, "img_size": size[-1], "amp": args.amp and args.amp_dtype,
