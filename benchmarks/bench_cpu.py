@@ -103,7 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.update:
         if not args.output.is_file():
             p.error(f"--update needs an existing results file; {args.output} does not exist")
-        old = json.loads(args.output.read_text())["settings"]
+        try:
+            old = json.loads(args.output.read_text())["settings"]
+        except (OSError, ValueError, KeyError) as err:
+            p.error(f"--update: could not read the settings of {args.output} ({err}); it is not a results file "
+                    "written by this script")
         if (old["batch"], old["size"]) != (args.batch, args.size):
             p.error(f"--update: {args.output} was measured at batch {old['batch']}, size {old['size']}; "
                     f"run with --batch {old['batch']} --size {old['size']} or write another --output")

@@ -215,7 +215,8 @@ def floor_variant(name: str, train: bool, batch: int, size: int):
 
 def peak_memory_subprocess(name: str, variant: str, batch: int, size: int, steps: int = 2,
                            threads: int | None = None) -> dict:
-    """Peak RSS of training steps of one variant, in a fresh process (``VmHWM``, :func:`metaformer.cli.benchmark.peak_rss_bytes`).
+    """Peak RSS of training steps of one variant, in a fresh process (``VmHWM``: see
+    :func:`metaformer.cli.benchmark.peak_rss_bytes`).
 
     Returns the process's peak RSS and the increase over its RSS after building the model, optimiser
     and batch (MiB): what the training steps themselves took at their peak (activations kept for the
@@ -238,4 +239,3 @@ def _memory_child(name, variant, batch, size, steps, threads):
         step()
     peak = peak_rss_bytes() / 2 ** 20  # VmHWM: ru_maxrss would be this benchmark's own peak (fork)
     return json.dumps({"peak_rss_mib": peak, "base_rss_mib": base, "train_peak_mib": peak - base})
-

@@ -104,3 +104,6 @@ def test_an_update_replaces_only_the_rows_it_measures(tmp_path):
         bench_cpu.parse_args(small[:2] + ["--batch", "4", "--size", "64", "--output", str(out), "--update"])
     with pytest.raises(SystemExit):
         bench_cpu.parse_args(["--output", str(tmp_path / "none.json"), "--update"])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit):
+        bench_cpu.parse_args(["--output", str(tmp_path / "bad.json"), "--update"])
