@@ -7,7 +7,7 @@ Every layer works on NCHW tensors ``(B, C, H, W)``; the vector norms and heads w
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,14 +79,22 @@ class DropPath(nn.Module):
         self.scale_by_keep = scale_by_keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = self.sample_factor(x)
+        return x if factor is None else x * factor
+
+    def sample_factor(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The factor this module multiplies ``x`` by, shape ``(B, 1, ..., 1)``: each sample's keep mask,
+        divided by the keep probability (with ``scale_by_keep``); None where the module is the identity
+        (evaluation, ``drop_prob`` 0). One draw from the random stream per call, in ``x``'s dtype; the fused
+        paths (:mod:`metaformer.kernels`) call it to drop the same samples as this module."""
         if self.drop_prob == 0.0 or not self.training:
-            return x
+            return None
         keep = 1.0 - self.drop_prob
         shape: List[int] = [x.shape[0]] + [1] * (x.dim() - 1)
         mask = x.new_empty(shape).bernoulli_(keep)
         if keep > 0.0 and self.scale_by_keep:
             mask.div_(keep)
-        return x * mask
+        return mask
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"

@@ -150,16 +150,10 @@ def _scale(module) -> Optional[torch.Tensor]:
 
 
 def _drop_mask(drop_path: nn.Module, y: torch.Tensor) -> Optional[torch.Tensor]:
-    """``DropPath``'s per-sample factor for ``y``, drawn as timm's ``drop_path`` draws it (same random
-    stream, y's dtype), or None when it is the identity (eval, rate 0)."""
-    rate = float(getattr(drop_path, "drop_prob", 0.0) or 0.0)
-    if isinstance(drop_path, nn.Identity) or rate == 0.0 or not drop_path.training:
-        return None
-    keep = 1.0 - rate
-    mask = y.new_empty((y.shape[0], 1, 1, 1)).bernoulli_(keep)
-    if keep > 0.0 and getattr(drop_path, "scale_by_keep", True):
-        mask.div_(keep)
-    return mask.view(-1)
+    """``DropPath``'s per-sample factor for ``y``, flat (its :meth:`~metaformer.layers.DropPath.sample_factor`:
+    the same random stream, y's dtype), or None when it is the identity (eval, rate 0)."""
+    mask = drop_path.sample_factor(y) if isinstance(drop_path, DropPath) else None
+    return None if mask is None else mask.view(-1)
 
 
 def _cast_dtype(x: torch.Tensor, conv: nn.Module) -> Optional[torch.dtype]:

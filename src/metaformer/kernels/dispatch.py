@@ -177,16 +177,9 @@ def _fused_pool_half(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _drop_path_scale(drop_path: nn.Module, training: bool, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The (B, 1, 1, 1) factor of stochastic depth in training (keep mask / keep prob), or None.
+    """The (B, 1, 1, 1) factor of stochastic depth in training (keep mask / keep prob), or None: the
+    block's own :meth:`~metaformer.layers.DropPath.sample_factor`, so that a seeded run takes the same
+    samples as the plain composition."""
+    from ..layers import DropPath
 
-    Drawn exactly as timm's ``DropPath`` draws it (same shape, dtype and RNG call), so that a seeded run
-    takes the same samples as the plain composition.
-    """
-    rate = float(getattr(drop_path, "drop_prob", 0.0) or 0.0)
-    if not training or rate <= 0.0 or not getattr(drop_path, "training", True):
-        return None
-    keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    if getattr(drop_path, "scale_by_keep", True):
-        mask.div_(keep)
-    return mask
+    return drop_path.sample_factor(x) if training and isinstance(drop_path, DropPath) else None
