@@ -1,6 +1,8 @@
 """Shared helpers of the test suite."""
 
 import functools
+import importlib.util
+from pathlib import Path
 
 
 @functools.cache
@@ -70,3 +72,13 @@ def run_triton_suite(suite, processes: dict, timeout_s: float = 600) -> dict:
     if all("TRITON_AVAILABLE" in out and "AssertionError" in out and not ok for ok, out in results.values()):
         pytest.skip(f"triton is installed but not importable: {next(iter(results.values()))[1].strip()[-300:]}")
     return results
+
+
+def docs_hook(name: str):
+    """The documentation build's hook module ``docs/_hooks/<name>.py``, loaded as mkdocs loads it (a file,
+    not a package)."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "_hooks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"docs_hook_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@ updates (timings are never asserted)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import docs_hook
 from torch import nn
 
 import metaformer
@@ -95,10 +95,7 @@ def test_an_update_replaces_only_the_rows_it_measures(tmp_path):
     assert after["settings"]["reps"] == before["settings"]["reps"]
     assert [u["rows"] for u in after["settings"]["updates"]] == [["poolformer_s12 train"]]
     assert "training step" in out.with_suffix(".md").read_text()
-    spec = importlib.util.spec_from_file_location("results_page", ROOT / "docs" / "_hooks" / "results_page.py")
-    results_page = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(results_page)
-    page = "\n".join(results_page.file_markdown(out, tmp_path))  # the performance page shows the update
+    page = "\n".join(docs_hook("results_page").file_markdown(out, tmp_path))  # the performance page shows the update
     assert "rows: poolformer_s12 train, metaformer: " in page and "malloc_env: " in page
     with pytest.raises(SystemExit):
         bench_cpu.parse_args(small[:2] + ["--batch", "4", "--size", "64", "--output", str(out), "--update"])

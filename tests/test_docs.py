@@ -3,13 +3,14 @@ test_docs_site.py)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import inspect
 import json
 import re
 from pathlib import Path
 
 import pytest
+from helpers import docs_hook
 
 import metaformer
 
@@ -28,10 +29,7 @@ def _directives() -> set:
 
 
 def _hooks():
-    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "_hooks" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return docs_hook("generate")
 
 
 @pytest.mark.parametrize("name", metaformer.__all__)
@@ -107,10 +105,7 @@ def test_zoo_lists_the_release_dense_results():
 
 
 def _results_page():
-    spec = importlib.util.spec_from_file_location("results_page", DOCS / "_hooks" / "results_page.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return docs_hook("results_page")
 
 
 # The shapes the benchmarks write: benchmarks/bench_cpu.py (cpu.json), bench_pool_mixer_gpu.py (gpu.json and

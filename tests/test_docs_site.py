@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import docs_hook
 
 import metaformer
 
@@ -33,10 +34,7 @@ pytestmark = pytest.mark.slow  # one site build (~30 s) and a browser
 
 
 def _results_page():
-    spec = importlib.util.spec_from_file_location("results_page", DOCS / "_hooks" / "results_page.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return docs_hook("results_page")
 
 
 @pytest.fixture(scope="module")
