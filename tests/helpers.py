@@ -4,6 +4,10 @@ import functools
 import importlib.util
 from pathlib import Path
 
+# One model per family: what is one code path for every model of a family is tested on these.
+FAMILY_REPS = ["poolformer_s12", "metaformer_ppaa_s12_224", "metaformer_pppf_s12_224", "identityformer_s12",
+               "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18"]
+
 
 @functools.cache
 def built_model(name: str, **kwargs):

@@ -25,16 +25,14 @@ import warnings
 
 import pytest
 import torch
-from helpers import built_model, input_size_for
+from helpers import FAMILY_REPS, built_model, input_size_for
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import metaformer
 
 NAMES = metaformer.list_models()
-# One model of each family: PoolFormer v1, the hybrids (attention with position embedding, spatial MLP),
-# IdentityFormer, RandFormer, PoolFormerV2, ConvFormer, CAFormer.
-FAMILY_REPS = ["poolformer_s12", "metaformer_ppaa_s12_224", "metaformer_pppf_s12_224", "identityformer_s12",
-               "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18"]
+# FAMILY_REPS (helpers): one model of each family: PoolFormer v1, the hybrids (attention with position
+# embedding, spatial MLP), IdentityFormer, RandFormer, PoolFormerV2, ConvFormer, CAFormer.
 
 
 def _close(actual, expected, tol=1e-5):
