@@ -67,13 +67,14 @@ def test_families_smoke_run_checks_against_timm_and_writes_json(tmp_path):
     every family, the logits where the heads agree (timm's PoolFormer v1 pools before its head norm)."""
     path = tmp_path / "families.json"
     out = _run("bench_gpu_families.py", "--smoke", "--no-compile", "--no-kernels", "--models", "poolformer_s12",
-               "caformer_s18", "--size", "64", "--output", str(path))
+               "caformer_s18", "--size", "32", "--variants", "timm_cl", "ours", "--output", str(path))
     assert out.returncode == 0, out.stdout + out.stderr
     models = json.loads(path.read_text())["models"]
     checks = {name: models[name]["checks"] for name in ("poolformer_s12", "caformer_s18")}
     assert set(checks["poolformer_s12"]) == {"rel_diff_vs_timm_features_fp32"}
     assert set(checks["caformer_s18"]) == {"rel_diff_vs_timm_features_fp32", "rel_diff_vs_timm_logits_fp32"}
     assert all(v <= 1e-3 for c in checks.values() for v in c.values())
+    assert set(models["caformer_s18"]["variants"]) == {"timm_cl", "ours"}
 
 
 def test_compare_stops_on_wrong_or_nan_results():
