@@ -309,11 +309,11 @@ def test_user_mistakes_give_one_line_errors(case, digits, trained, tmp_path):
     args = _mistake_setup(case, digits, trained, str(tmp_path))
     # "unreadable image" loads in a worker process, whose own output only a real process's stderr shows
     proc = cli(*args, check=False, timeout=300) if case == "unreadable image" else run_main(*args)
-    errors = [one_error_line(proc)]
-    assert errors[0].startswith("metaformer: error: "), proc.stderr
+    error = one_error_line(proc)
+    assert error.startswith("metaformer: error: "), proc.stderr
     expected = {"missing folder": "not found", "class folder without images": "no images",
                 "unreadable image": "broken.png", "training checkpoint of another model": "poolformer_s12",
                 "state dict of another model": "does not fit", "corrupt checkpoint": "could not read",
                 "unknown flag": "--no-such-flag", "unknown model": "poolformer_s99",
                 "resume from a plain state dict": "not a checkpoint written by"}[case]
-    assert expected in errors[0], errors[0]
+    assert expected in error, error

@@ -28,10 +28,6 @@ def _directives() -> set:
     return found
 
 
-def _hooks():
-    return docs_hook("generate")
-
-
 @pytest.mark.parametrize("name", metaformer.__all__)
 def test_public_name_is_in_the_api_reference(name):
     assert f"metaformer.{name}" in _directives(), (
@@ -80,7 +76,7 @@ def test_every_nav_page_exists():
 
 
 def test_zoo_table_lists_every_model_with_its_sources():
-    table = _hooks().zoo_markdown()
+    table = docs_hook("generate").zoo_markdown()
     for name, variant in metaformer.VARIANTS.items():
         assert f"| [`{name}`](#{name}) |" in table
         assert f"{variant.params:,}" in table
@@ -98,14 +94,10 @@ def test_zoo_lists_the_release_dense_results():
                "poolformer_s36": (42.0, 39.5, 41.0, 37.7), "poolformer_m36": (42.4, None, None, None),
                "poolformer_m48": (42.7, None, None, None)}
     assert {name: tuple(vars(r).values()) for name, r in DENSE_RESULTS.items()} == release
-    table = _hooks().zoo_markdown()
+    table = docs_hook("generate").zoo_markdown()
     for name, figures in release.items():
         cells = " | ".join("—" if f is None else f"{f:.1f}" for f in figures)
         assert f"| [`{name}`](#{name}) | {cells} |" in table
-
-
-def _results_page():
-    return docs_hook("results_page")
 
 
 # The shapes the benchmarks write: benchmarks/bench_cpu.py (cpu.json), bench_pool_mixer_gpu.py (gpu.json and
@@ -128,13 +120,13 @@ MIXER_RUN = {"machine": {"device": "NVIDIA H200"}, "records": [
 
 
 def test_benchmark_page_placeholder():
-    results = _results_page()
+    results = docs_hook("results_page")
     assert results.benchmarks_markdown(Path("/nonexistent")) == results.HOW_TO_BENCHMARK
-    assert _hooks().HOW_TO_BENCHMARK == results.HOW_TO_BENCHMARK
+    assert docs_hook("generate").HOW_TO_BENCHMARK == results.HOW_TO_BENCHMARK
 
 
 def test_benchmark_page_describes_each_run_and_keeps_every_row(tmp_path):
-    results = _results_page()
+    results = docs_hook("results_page")
     folder = tmp_path / "benchmarks" / "results"
     folder.mkdir(parents=True)
     for name, data in (("cpu.json", CPU_RUN), ("gpu.json", GPU_RUN), ("gpu_mixer.json", MIXER_RUN)):
@@ -162,7 +154,7 @@ def test_benchmark_page_describes_each_run_and_keeps_every_row(tmp_path):
 
 
 def test_benchmark_page_reads_the_repository_results():
-    results = _results_page()
+    results = docs_hook("results_page")
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
         setup, records = results.load(path)
         assert records, f"{path.name}: no measurements found"
@@ -170,7 +162,7 @@ def test_benchmark_page_reads_the_repository_results():
 
 
 def test_docstring_roles_become_optional_autorefs():
-    out = _hooks().on_page_content("see :func:<code>~metaformer.zoo.list_models</code>.", None, None, None)
+    out = docs_hook("generate").on_page_content("see :func:<code>~metaformer.zoo.list_models</code>.", None, None, None)
     assert out == ('see <autoref identifier="metaformer.zoo.list_models" optional><code>list_models</code>'
                    '</autoref>.')
 

@@ -33,10 +33,6 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
 pytestmark = pytest.mark.slow  # one site build (~30 s) and a browser
 
 
-def _results_page():
-    return docs_hook("results_page")
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """(folder of the built site, mkdocs' output)."""
@@ -168,7 +164,7 @@ def test_zoo_tables_show_every_column_and_whole_names(site, browser, width):
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_performance_page_describes_the_runs_and_shows_every_row(site, browser, width):
-    results = _results_page()
+    results = docs_hook("results_page")
     files = sorted(p for p in RESULTS.glob("*") if p.suffix in (".json", ".jsonl", ".csv")) if RESULTS.is_dir() else []
     loaded = [results.load(p) for p in files]
     tab = _open(browser, site[0], "performance", width)
