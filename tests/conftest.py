@@ -33,6 +33,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_folded_weights_left():
+    """Each test leaves no folded weights behind. The evaluation fast paths keep a folded copy of the
+    weights of every model they ran (``metaformer.kernels.cache``), for as long as the model lives, and
+    the shared models of ``helpers.built_model`` live all session: their copies took it to 17 GB."""
+    yield
+    from metaformer.kernels.cache import clear_cache
+
+    clear_cache()
+
+
 @pytest.fixture(scope="session")
 def cache_root():
     """The session's temporary cache folder (HF_HOME and TORCH_HOME live under it)."""

@@ -11,10 +11,20 @@ FAMILY_REPS = ["poolformer_s12", "metaformer_ppaa_s12_224", "metaformer_pppf_s12
 
 @functools.cache
 def built_model(name: str, **kwargs):
-    """One shared instance per (name, kwargs): building the large variants is the slow part."""
+    """One shared instance per (name, kwargs): building the large variants is the slow part.
+
+    A variant (``features_only=True``, ...) takes the plain model's tensors wherever a name and shape match,
+    so the session holds each model's weights once: 33 models and their 33 backbones, each with weights of
+    its own, took the test process to 22 GB.
+    """
     import metaformer
 
-    return metaformer.create(name, **kwargs)
+    model = metaformer.create(name, **kwargs)
+    if kwargs:
+        own = model.state_dict()
+        base = {k: v for k, v in built_model(name).state_dict().items() if k in own and v.shape == own[k].shape}
+        model.load_state_dict(base, strict=False, assign=True)
+    return model
 
 
 def input_size_for(name: str):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import re
 
 import pytest
@@ -180,6 +181,33 @@ def _fast_and_reference(model, x):
         return fast, model(x)
     finally:
         metaformer.set_backend("auto")
+
+
+@pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
+def test_folded_weights_go_with_the_model():
+    """The folded copy (docs/kernels.md: its memory) is held weakly: it goes with its model and with
+    clear_cache(), and the reference backend keeps none."""
+    x = torch.randn(1, 3, *SIZE)
+    cache.clear_cache()
+    model = copy.deepcopy(tiny("convformer")).eval()
+    try:
+        metaformer.set_backend("reference")
+        with torch.no_grad():
+            model(x)
+        assert cache.cache_size() == 0
+    finally:
+        metaformer.set_backend("auto")
+    with torch.no_grad():
+        model(x)
+    assert cache.cache_size() > 0
+    cache.clear_cache()
+    assert cache.cache_size() == 0
+    with torch.no_grad():
+        model(x)
+    assert cache.cache_size() > 0
+    del model
+    gc.collect()
+    assert cache.cache_size() == 0
 
 
 @pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
