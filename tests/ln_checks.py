@@ -122,10 +122,17 @@ def check_layernorm(shape, dtype=torch.float32, layout="contiguous", weight=True
     assert got_o[0].dtype == (out_dtype or dtype) and (K.get_backend() != "triton" or got_o[0].stride() == x.stride())
     want_o, want_g = outputs(ln_oracle, [x.double(), *(None if t is None else t.double() for t in (w, b))],
                              [gn.double()], needs)
+    # the weight and bias gradients are sums over every position whose terms cancel: their rounding error
+    # scales with the sum of |terms| (sum |dn * xhat|, sum |dn|), not with the result. PyTorch's own bf16
+    # LayerNorm backward on one CPU thread is 4% off the result on these inputs, yet well within this.
+    dn = gn.double().abs()
+    mags = [None, (dn * ln_oracle(x.double()).abs()).sum((0, 2, 3)), dn.sum((0, 2, 3))]
+    needs = needs or [t is not None for t in (x, w, b)]
+    mags = [m for m, t, n in zip(mags, (x, w, b), needs) if t is not None and n]
     tol = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else dtype
     assert_near(got_o[0], want_o[0], tol, "n")
-    for i, (a, c) in enumerate(zip(got_g, want_g)):
-        assert_near(a, c, tol, f"gradient {i}")
+    for i, (a, c, m) in enumerate(zip(got_g, want_g, mags)):
+        assert_near(a, c, tol, f"gradient {i}", magnitude=m)
 
 
 def check_star(shape, dtype=torch.float32, layout="contiguous", needs=None, seed=0, out_dtype=None, param_dtype=None,
