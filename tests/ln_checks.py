@@ -57,13 +57,20 @@ def draw(shape, dtype=torch.float32, layout="contiguous", present=ALL, seed=0, o
     return (x, y, *(vec[k] if k in present else None for k in ALL))
 
 
+def differentiated(items, tensors, needs=None):
+    """The items that belong to the tensors :func:`outputs` returns gradients of, in its order: those given
+    and flagged in ``needs`` (default: every tensor given)."""
+    needs = needs or [t is not None for t in tensors]
+    return [item for item, t, n in zip(items, tensors, needs) if t is not None and n]
+
+
 def outputs(fn, tensors, grad_outputs, needs=None):
     """(outputs, gradients of the tensors flagged in ``needs``; default: every tensor given)."""
     needs = needs or [t is not None for t in tensors]
     leaves = [None if t is None else t.detach().clone().requires_grad_(bool(n)) for t, n in zip(tensors, needs)]
     outs = fn(*leaves)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    wanted = differentiated(leaves, tensors, needs)
     pairs = [(o, g) for o, g in zip(outs, grad_outputs) if o.requires_grad]
     grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs]) if wanted else ()
     assert [g.dtype for g in grads] == [t.dtype for t in wanted]
@@ -126,9 +133,8 @@ def check_layernorm(shape, dtype=torch.float32, layout="contiguous", weight=True
     # scales with the sum of |terms| (sum |dn * xhat|, sum |dn|), not with the result. PyTorch's own bf16
     # LayerNorm backward on one CPU thread is 4% off the result on these inputs, yet well within this.
     dn = gn.double().abs()
-    mags = [None, (dn * ln_oracle(x.double()).abs()).sum((0, 2, 3)), dn.sum((0, 2, 3))]
-    needs = needs or [t is not None for t in (x, w, b)]
-    mags = [m for m, t, n in zip(mags, (x, w, b), needs) if t is not None and n]
+    mags = differentiated([None, (dn * ln_oracle(x.double()).abs()).sum((0, 2, 3)), dn.sum((0, 2, 3))],
+                          (x, w, b), needs)
     tol = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else dtype
     assert_near(got_o[0], want_o[0], tol, "n")
     for i, (a, c, m) in enumerate(zip(got_g, want_g, mags)):
