@@ -1,5 +1,5 @@
-"""The CPU benchmarks' plumbing: bench_cpu_chunks.py, bench_cpu_allocator.py, and bench_cpu.py's floor and
-updates (timings are never asserted)."""
+"""The CPU benchmarks' plumbing: bench_cpu_chunks.py, bench_cpu_allocator.py, bench_cpu_hook_check.py, and
+bench_cpu.py's floor and updates (timings are never asserted)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_cpu  # noqa: E402
 import bench_cpu_allocator  # noqa: E402
 import bench_cpu_chunks  # noqa: E402
+import bench_cpu_hook_check  # noqa: E402
 import cpu_models  # noqa: E402
+
+
+def test_hook_check_benchmark_times_the_check_and_the_forward(tmp_path, capsys):
+    out = tmp_path / "hooks.json"
+    assert bench_cpu_hook_check.main(["--models", "poolformer_s12", "--batches", "1", "2", "--size", "64",
+                                      "--rounds", "1", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"poolformer_s12@1", "poolformer_s12@2"}
+    row = data["results"]["poolformer_s12@2"]
+    assert row["blocks"] == 12 and row["forward_s"] > 0 and row["check_s"] > 0
+    assert row["share"] == pytest.approx(row["check_s"] / row["forward_s"])
+    assert "poolformer_s12" in capsys.readouterr().out
 
 
 def test_chunks_benchmark_writes_both_variants_and_restores_the_threshold(tmp_path, capsys):

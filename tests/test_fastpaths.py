@@ -376,3 +376,242 @@ def test_blocks_in_chunks_match_reference(family, batch, rows, capfd):
     assert len(convs) >= 2 * 2 * batch // rows and all(re.search(rf"[,\d]mb{rows}_", line) for line in convs), convs[:2]
     _close(fast, expected, what="default")
     _close(folded, expected, what="optimized")
+
+
+# ------------------------------------------------------------------------------------------------ hooks
+# The fused paths read a block's parts' weights without calling the parts. A hook on a part (a FLOP
+# counter, a feature probe, the pre-hook of torch.nn.utils.prune that recomputes `weight`) must still run,
+# and see what it sees in the plain composition: such a block runs its plain composition.
+def _blocks(model):
+    from metaformer import MetaFormerBlock
+
+    return [m for m in model.modules() if type(m) is MetaFormerBlock]
+
+
+def _probe_parts(model):
+    """Forward hooks on every part of every block; returns the list they append (name, output) to and
+    their handles."""
+    seen, handles = [], []
+    for i, block in enumerate(_blocks(model)):
+        for name, part in block.named_modules():
+            if name:
+                handles.append(part.register_forward_hook(
+                    lambda m, args, out, key=f"{i}.{name}": seen.append((key, out.detach().clone()))))
+    return seen, handles
+
+
+def _with_backend(backend, fn):
+    previous = metaformer.get_backend()
+    metaformer.set_backend(backend)
+    try:
+        return fn()
+    finally:
+        metaformer.set_backend(previous)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_hooks_on_block_parts_run_as_in_the_plain_composition(family, train):
+    model = copy.deepcopy(tiny(family)).train(train)
+    seen, handles = _probe_parts(model)
+    x = torch.randn(2, 3, *SIZE)
+
+    def forward():
+        seen.clear()
+        with torch.set_grad_enabled(train):
+            y = model(x)
+        return y.detach(), list(seen)
+
+    fast, fast_seen = _with_backend("auto", forward)
+    ref, ref_seen = _with_backend("reference", forward)
+    for h in handles:
+        h.remove()
+    assert [k for k, _ in fast_seen] == [k for k, _ in ref_seen]
+    assert len(ref_seen) >= 6 * len(_blocks(model))
+    for (key, a), (_, b) in zip(fast_seen, ref_seen):
+        torch.testing.assert_close(a, b, msg=lambda m, key=key: f"{key}: {m}")
+    torch.testing.assert_close(fast, ref)
+
+
+@pytest.mark.parametrize("family", ["poolformer", "convformer"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_pruned_mlp_weights_are_the_ones_used(family, train):
+    from torch.nn.utils import prune
+
+    model = copy.deepcopy(tiny(family)).train(train)
+    fc1 = _blocks(model)[0].mlp.fc1
+    prune.l1_unstructured(fc1, "weight", amount=0.5)
+    with torch.no_grad():  # the pruning pre-hook recomputes `weight` from these at the next call
+        fc1.weight_orig.mul_(2.0)
+    x = torch.randn(2, 3, *SIZE)
+    # The fused path first: had it read the stale `weight`, the reference run would not refresh it for it.
+    fast, fast_g = _run(model, x, "auto", grad=train)
+    ref, ref_g = _run(model, x, "reference", grad=train)
+    torch.testing.assert_close(fast, ref)
+    if train:
+        key = next(k for k in ref_g if k.endswith("mlp.fc1.weight_orig"))
+        torch.testing.assert_close(fast_g[key], ref_g[key])
+        assert (fast_g[key] != 0).any()
+
+
+def test_global_module_hooks_see_every_part():
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = copy.deepcopy(tiny("caformer")).eval()
+    x = torch.randn(2, 3, *SIZE)
+    calls = []
+    handle = register_module_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    try:
+        with torch.no_grad():
+            fast = _with_backend("auto", lambda: (calls.clear(), model(x), list(calls)))
+            ref = _with_backend("reference", lambda: (calls.clear(), model(x), list(calls)))
+    finally:
+        handle.remove()
+    assert fast[2] == ref[2] and "Linear" in ref[2] and "Conv2d" in ref[2]
+    torch.testing.assert_close(fast[1], ref[1])
+
+
+def test_a_forward_replaced_on_a_part_is_called():
+    model = copy.deepcopy(tiny("convformer")).eval()
+    fc2 = _blocks(model)[1].mlp.fc2
+    inner = fc2.forward
+    fc2.forward = lambda t: 2.0 * inner(t)  # an instance-level wrapper, as accelerate's hooks install
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        fast = _with_backend("auto", lambda: model(x))
+        ref = _with_backend("reference", lambda: model(x))
+        del fc2.forward
+        plain = _with_backend("reference", lambda: model(x))
+    torch.testing.assert_close(fast, ref)
+    assert not torch.allclose(ref, plain)
+
+
+@pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
+def test_a_hook_on_the_block_itself_keeps_the_fused_path(capfd):
+    model = copy.deepcopy(tiny("convformer")).eval()
+    block = _blocks(model)[0]
+    outputs = []
+    handle = block.register_forward_hook(lambda m, args, out: outputs.append(out.shape))
+    x = torch.randn(3, 3, *SIZE)
+    with torch.inference_mode():
+        capfd.readouterr()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            fast = model(x)
+        primitives = capfd.readouterr().out
+        ref = _with_backend("reference", lambda: model(x))
+    handle.remove()
+    assert ",convolution," in primitives  # the oneDNN evaluation path ran
+    assert outputs == [torch.Size([3, 16, 11, 15])] * 2
+    _close(fast, ref, what="output")
+
+
+def test_optimize_for_inference_keeps_hooked_blocks():
+    from metaformer import MetaFormerBlock
+    from metaformer.inference import InferenceBlock
+
+    model = copy.deepcopy(tiny("caformer")).eval()
+    hooked = _blocks(model)[2]
+    seen = []
+    hooked.mlp.fc1.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    folded = metaformer.optimize_for_inference(model)
+    kinds = [type(b).__name__ for b in folded.modules() if isinstance(b, (MetaFormerBlock, InferenceBlock))]
+    assert kinds == ["InferenceBlock"] * 2 + ["MetaFormerBlock"] + ["InferenceBlock"] * 2
+    assert any("hooks" in p for p in folded.inference_skipped), folded.inference_skipped
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        y = folded(x)
+        ref = _with_backend("reference", lambda: model(x))
+    assert len(seen) == 2  # the copy's hook ran (and the model's, in the reference run)
+    _close(y, ref, what="output")
+    with pytest.raises(ValueError, match="hooks"):
+        metaformer.optimize_for_inference(model, strict=True)
+
+
+def test_hooks_on_a_folded_blocks_parts_run():
+    model = copy.deepcopy(tiny("convformer")).eval()
+    folded = metaformer.optimize_for_inference(model)
+    block = next(m for m in folded.modules() if type(m).__name__ == "InferenceBlock")
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        plain = folded(x)
+        seen = []
+        handle = block.fc1.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+        hooked = folded(x)
+        handle.remove()
+    assert seen == [torch.Size([2, 64, 11, 15])]
+    _close(hooked, plain, what="output")
+
+
+@pytest.mark.parametrize("name", ["poolformer_s12", "convformer_s18"])
+def test_a_hook_based_mac_counter_sees_every_layer(name):
+    """What thop and ptflops do: forward hooks on every Conv2d and Linear, MACs from the output shapes.
+    The fast paths had hidden every block's layers from them (poolformer_s12: 0.23 G of the release's 1.8 G)."""
+    model = metaformer.create(name).eval()
+    macs = []
+
+    def count(m, args, out):
+        per_output = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] if isinstance(
+            m, nn.Conv2d) else m.in_features
+        macs.append(out.numel() * per_output)
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert sum(macs) / 1e9 == pytest.approx(get_variant(name).macs, rel=0.02)  # the release's table
+
+
+# ---------------------------------------------------------------------------- function transforms, forward AD
+# The fused paths' autograd.Functions have no vmap or jvp rules and the oneDNN primitives carry no tangents:
+# under torch.func transforms and forward-mode AD the blocks run their plain composition.
+def _fc1_key(names):
+    return next(k for k in names if k.endswith("mlp.fc1.weight"))
+
+
+@pytest.mark.parametrize("family", ["poolformer", "convformer", "caformer"])
+def test_per_sample_gradients_with_torch_func(family):
+    from torch.func import functional_call, grad, vmap
+
+    model = copy.deepcopy(tiny(family)).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(3, 3, *SIZE)
+
+    def loss(p, xb):
+        return functional_call(model, p, (xb[None],)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))
+    fast = _with_backend("auto", lambda: per_sample(params, x))
+    ref = _with_backend("reference", lambda: per_sample(params, x))
+    assert set(fast) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(fast[k], ref[k], msg=lambda m, k=k: f"{k}: {m}")
+    key = _fc1_key(ref)
+    assert fast[key].shape[0] == 3 and (fast[key][0] != fast[key][1]).any()
+
+
+@pytest.mark.parametrize("family", ["poolformer", "convformer"])  # CAFormer: PyTorch's CPU SDPA has no forward AD
+@pytest.mark.parametrize("how", ["jvp", "dual_no_grad"])
+def test_forward_mode_ad_keeps_the_tangent(family, how):
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+
+    model = copy.deepcopy(tiny(family)).eval()
+    x = torch.randn(2, 3, *SIZE)
+    t = torch.randn(2, 3, *SIZE)
+
+    def tangent():
+        if how == "jvp":
+            return jvp(model, (x,), (t,))[1]
+        with torch.no_grad(), fwAD.dual_level():  # forward AD does not depend on the grad mode
+            return fwAD.unpack_dual(model(fwAD.make_dual(x, t))).tangent
+
+    fast = _with_backend("auto", tangent)
+    ref = _with_backend("reference", tangent)
+    assert fast is not None
+    torch.testing.assert_close(fast, ref)
+    # and the tangent is the derivative: a central difference in float64 agrees
+    model64, x64, t64, eps = copy.deepcopy(model).double(), x.double(), t.double(), 1e-6
+    with torch.no_grad():
+        diff = (model64(x64 + eps * t64) - model64(x64 - eps * t64)) / (2 * eps)
+    torch.testing.assert_close(fast.double(), diff, rtol=1e-4, atol=1e-5 * diff.abs().max().item())

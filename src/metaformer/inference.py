@@ -37,6 +37,7 @@ from torch import nn
 
 from .blocks import MetaFormerBlock
 from .inference_block import InferenceBlock
+from .kernels.dispatch import module_hooked
 
 __all__ = ["optimize_for_inference", "InferenceBlock", "is_inference_optimized"]
 
@@ -68,6 +69,8 @@ def optimize_for_inference(model: nn.Module, *, strict: bool = False) -> nn.Modu
 
     Parts that cannot be folded exactly, such as a block whose norm is a user-written class, a custom
     token mixer or scale module, are kept as they are (the result stays exact), unless ``strict=True``.
+    So is a block with hooks on it or on one of its parts (a probe, a pruning mask): folding would replace
+    the modules those hooks belong to.
 
     Calling ``.train()`` on the result raises ``RuntimeError``; ``.eval()`` is allowed.
 
@@ -107,6 +110,10 @@ def optimize_for_inference(model: nn.Module, *, strict: bool = False) -> nn.Modu
                 continue
             if type(child) is not MetaFormerBlock:
                 problems.append(f"{_join(parent_name, child_name)}: block subclass {type(child).__name__}")
+                continue
+            if any(module_hooked(m) for m in child.modules()):
+                # Folding replaces the block and its parts, and their hooks (a probe, a pruning mask) with them.
+                problems.append(f"{_join(parent_name, child_name)}: hooks on the block or its parts (kept, so they run)")
                 continue
             new, skipped = InferenceBlock.from_block(child)
             problems.extend(f"{_join(parent_name, child_name)}: {why}" for why in skipped)

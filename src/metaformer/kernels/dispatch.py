@@ -29,7 +29,11 @@ when one computes exactly the same function, or the block's own half otherwise:
 
 Nothing here runs under TorchScript (the block skips it), FX symbolic tracing, ``torch.jit.trace`` or
 ONNX export, with the ``"reference"`` backend, or on CPU under autocast (whose bf16 convolutions the fp32
-paths do not reproduce): those see the plain composition. Under
+paths do not reproduce): those see the plain composition. Nor does it run for a block with a hook on one of
+its parts (a forward or backward hook, a pruning or quantisation pre-hook, a ``forward`` replaced on the
+instance) or while global module hooks are registered (:func:`parts_hooked`): the fused paths read the
+parts' weights without calling them, so those hooks would not run, or would run on a slice of the batch.
+Nor under a ``torch.func`` transform or forward-mode AD (:func:`transformed`). Under
 ``torch.compile`` only the standard-op paths run (pooling identity, identity and random mixing).
 """
 
@@ -44,19 +48,71 @@ from torch import nn
 # The package defines these before it imports this module (at its end).
 from . import autograd_halves, cpu_eval, cuda_halves, get_backend, onednn, pool_mixer_residual, torch_halves
 
-__all__ = ["block_forward", "fast_paths_active", "pool_mixer_fusable"]
+__all__ = ["block_forward", "fast_paths_active", "module_hooked", "parts_hooked", "pool_mixer_fusable",
+           "transformed"]
 
 
 def fast_paths_active(x) -> bool:
-    """Whether fused paths may run for ``x``: a real tensor, eager or torch.compile, not the reference backend."""
+    """Whether fused paths may run for ``x``: a real tensor, eager or torch.compile, not the reference backend,
+    and no function transform or forward-mode AD (:func:`transformed`) in progress."""
     if not isinstance(x, torch.Tensor) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
-    return get_backend() != "reference"
+    return get_backend() != "reference" and (torch.compiler.is_compiling() or not transformed())
+
+
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``...) or a forward-mode AD
+    level (``torch.autograd.forward_ad.dual_level``) is active.
+
+    The fused paths' ``autograd.Function`` s define no vmap or jvp rules (the transforms refuse them) and the
+    oneDNN primitives carry no tangents (forward-mode AD would lose them silently), so the blocks then run
+    their plain composition, which every transform supports.
+    """
+    try:
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return True
+    except AttributeError:  # pragma: no cover - a build without functorch
+        pass
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, f"_global{name}", None) for name in _MODULE_HOOKS)
+
+
+def module_hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has a hook of its own (forward, forward pre-, backward) or an instance-level
+    ``forward`` (a wrapper such as accelerate's)."""
+    d = module.__dict__
+    return "forward" in d or any(d.get(name) for name in _MODULE_HOOKS)
+
+
+def parts_hooked(module: nn.Module) -> bool:
+    """Whether a module below ``module`` (not ``module`` itself) is :func:`module_hooked`, or global module
+    hooks are registered (``torch.nn.modules.module.register_module_forward_hook`` and the like).
+
+    The fused paths compute a block's function from its parts' weights without calling the parts, so such
+    a hook would not run (a counter of FLOPs, a feature probe) or its effect would be lost (the pre-hook
+    of ``torch.nn.utils.prune`` that recomputes ``weight`` from ``weight_orig`` and the mask): a block
+    with one runs its plain composition. ``module``'s own hooks run either way (its ``__call__`` runs
+    them around the fused forward).
+    """
+    if any(_GLOBAL_HOOKS):
+        return True
+    stack = list(module._modules.values())
+    while stack:
+        m = stack.pop()
+        if m is None:
+            continue
+        if module_hooked(m):
+            return True
+        stack.extend(m._modules.values())
+    return False
 
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The output of a :class:`~metaformer.MetaFormerBlock`, through fused paths where they apply."""
-    if not fast_paths_active(x) or (x.device.type == "cpu" and _cpu_autocast()):
+    if not fast_paths_active(x) or (x.device.type == "cpu" and _cpu_autocast()) or parts_hooked(block):
         return block.mlp_half(block.mixer_half(x))
     if not pool_mixer_fusable(block) and cuda_halves.halves_apply(x):
         y = cuda_halves.ln_block(block, x)  # the baselines' whole block through the Triton kernels
