@@ -125,6 +125,15 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _cpu_capability() -> str:
+    """The widest vector instruction set PyTorch's CPU kernels use here ("AVX512", "AVX2", ...): machines of
+    one model name differ in it, and the figures with them."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except AttributeError:  # torch < 2.1
+        return "unknown"
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -205,7 +214,8 @@ def main(argv=None) -> dict:
             _print(new)
     peak = 2 * GEMM_N ** 3 / min(gemm_times)
     results = {
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu": _cpu_name(), "cpu_capability": _cpu_capability(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "timm": timm.__version__, "metaformer": metaformer.__version__,
                     "python": platform.python_version(), "loadavg_1_5_15": loads},
         "settings": {"batch": args.batch, "size": args.size, "dtype": "float32", "reps": args.reps,
