@@ -18,6 +18,7 @@ import re
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import metaformer
 from metaformer import MetaFormer
@@ -600,7 +601,15 @@ def test_a_hook_based_mac_counter_sees_every_layer(name):
             m.register_forward_hook(count)
     with torch.no_grad():
         model(torch.randn(1, 3, 224, 224))
-    assert sum(macs) / 1e9 == pytest.approx(get_variant(name).macs, rel=0.02)  # the release's table
+    hooked = sum(macs)
+    assert hooked / 1e9 == pytest.approx(get_variant(name).macs, rel=0.02)  # the release's table
+    # and PyTorch's own counter, a dispatch mode, on the same model and input
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.randn(1, 3, 224, 224))
+    assert counter.get_total_flops() / 2 == pytest.approx(hooked, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------- function transforms, forward AD
@@ -656,3 +665,63 @@ def test_forward_mode_ad_keeps_the_tangent(family, how):
     with torch.no_grad():
         diff = (model64(x64 + eps * t64) - model64(x64 - eps * t64)) / (2 * eps)
     torch.testing.assert_close(fast.double(), diff, rtol=1e-4, atol=1e-5 * diff.abs().max().item())
+
+
+# ------------------------------------------------------------------------- dispatch modes, tensor subclasses
+@pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
+@pytest.mark.parametrize("family", ["convformer", "caformer"])
+def test_a_fake_tensor_pass_leaves_the_fast_paths_on(family, capfd):
+    """A FakeTensorMode pass (shape and memory estimators) once switched the oneDNN paths off for good."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    model = copy.deepcopy(tiny(family)).eval()
+    cache.clear_cache()
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        y = model(torch.empty(2, 3, *SIZE))
+    assert isinstance(y, FakeTensor) and tuple(y.shape) == (2, 7)
+    assert cache.cache_size() == 0  # nothing folded from fake tensors
+    x = torch.randn(2, 3, *SIZE)
+    with torch.inference_mode():
+        capfd.readouterr()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            fast = model(x)
+        primitives = capfd.readouterr().out
+        ref = _with_backend("reference", lambda: model(x))
+    assert ",convolution," in primitives and cache.cache_size() > 0  # the oneDNN evaluation path still runs
+    _close(fast, ref, what="output")
+
+
+def test_a_tensor_subclass_sees_the_standard_ops():
+    class Logged(torch.Tensor):
+        calls: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.calls.append(getattr(func, "__name__", str(func)))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    model = copy.deepcopy(tiny("convformer")).eval()
+    x = torch.randn(2, 3, *SIZE)
+
+    def logged():
+        Logged.calls = []
+        with torch.no_grad():
+            y = model(x.as_subclass(Logged))
+        return y.as_subclass(torch.Tensor), Logged.calls
+
+    fast, fast_calls = _with_backend("auto", logged)
+    ref, ref_calls = _with_backend("reference", logged)
+    assert fast_calls == ref_calls and ref_calls.count("conv2d") >= 10
+    torch.testing.assert_close(fast, ref)
+
+
+@pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
+def test_one_refused_primitive_call_leaves_the_primitives_on():
+    """A call oneDNN refuses (here a weight for 5 channels on a 3-channel input; out of memory alike) falls
+    back once; only a build that refuses every call (other private signatures) switches them off."""
+    x = torch.randn(1, 3, 4, 4)
+    assert onednn.conv(x, torch.randn(8, 5, 1, 1), None, "relu") is None
+    assert onednn.conv_add(x, torch.randn(1, 8, 4, 4), torch.randn(8, 5, 1, 1), None) is None
+    assert onednn.onednn_ok(x)
+    w = torch.randn(8, 3, 1, 1)
+    torch.testing.assert_close(onednn.conv(x, w, None, "relu"), torch.relu(F.conv2d(x, w)))

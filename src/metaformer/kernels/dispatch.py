@@ -33,7 +33,8 @@ paths do not reproduce): those see the plain composition. Nor does it run for a 
 its parts (a forward or backward hook, a pruning or quantisation pre-hook, a ``forward`` replaced on the
 instance) or while global module hooks are registered (:func:`parts_hooked`): the fused paths read the
 parts' weights without calling them, so those hooks would not run, or would run on a slice of the batch.
-Nor under a ``torch.func`` transform or forward-mode AD (:func:`transformed`). Under
+Nor under a ``torch.func`` transform or forward-mode AD (:func:`transformed`), a dispatch mode such as
+``FakeTensorMode`` or for a tensor subclass (:func:`intercepted`). Under
 ``torch.compile`` only the standard-op paths run (pooling identity, identity and random mixing).
 """
 
@@ -48,16 +49,33 @@ from torch import nn
 # The package defines these before it imports this module (at its end).
 from . import autograd_halves, cpu_eval, cuda_halves, get_backend, onednn, pool_mixer_residual, torch_halves
 
-__all__ = ["block_forward", "fast_paths_active", "module_hooked", "parts_hooked", "pool_mixer_fusable",
-           "transformed"]
+__all__ = ["block_forward", "fast_paths_active", "intercepted", "module_hooked", "parts_hooked",
+           "pool_mixer_fusable", "transformed"]
 
 
 def fast_paths_active(x) -> bool:
-    """Whether fused paths may run for ``x``: a real tensor, eager or torch.compile, not the reference backend,
-    and no function transform or forward-mode AD (:func:`transformed`) in progress."""
+    """Whether fused paths may run for ``x``: a real tensor, eager or torch.compile, not the reference backend;
+    in eager mode also no function transform or forward-mode AD (:func:`transformed`), and no dispatch mode or
+    tensor subclass (:func:`intercepted`)."""
     if not isinstance(x, torch.Tensor) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
-    return get_backend() != "reference" and (torch.compiler.is_compiling() or not transformed())
+    return get_backend() != "reference" and (torch.compiler.is_compiling() or not (transformed() or intercepted(x)))
+
+
+def intercepted(x: torch.Tensor) -> bool:
+    """Whether a ``TorchDispatchMode`` is active (``FakeTensorMode``, ``FlopCounterMode``, a user's op logger) or
+    ``x`` is a tensor subclass (a ``FakeTensor``, a ``__torch_function__`` wrapper).
+
+    These see or replace every op, and expect the standard ones: under ``FakeTensorMode`` the oneDNN
+    primitives' first refusal switched them off for the rest of the process (ConvFormer then ran at the
+    plain composition's speed, silently) and the folded-weights cache would have kept fake tensors. The
+    blocks then run their plain composition. ``torch.compile`` and ``torch.export`` (which trace with fake
+    tensors themselves) are not affected: :func:`fast_paths_active` asks this only in eager mode.
+    """
+    if type(x) is not torch.Tensor and type(x) is not nn.Parameter:
+        return True
+    stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return bool(stack_depth is not None and stack_depth())
 
 
 def transformed() -> bool:

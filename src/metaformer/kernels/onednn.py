@@ -8,8 +8,9 @@ pre-packed once into oneDNN's blocked layout (:func:`prepack`) instead of being 
 These primitives have no autograd formula: :func:`onednn_usable` admits them where nothing needs a
 gradient, and the training paths (:mod:`metaformer.kernels.autograd_halves`) call them only inside the
 forward of an ``autograd.Function`` whose backward is written out. A build without them, or whose
-private signature differs, makes every function here return None (once, then never tries again), and the
-callers run standard PyTorch ops.
+private signature differs, makes every function here return None (for good, once a tiny probe call is
+refused too), and the callers run standard PyTorch ops; a single refused call (out of memory, a shape the
+primitive does not take) returns None for that call only.
 """
 
 from __future__ import annotations
@@ -56,8 +57,24 @@ def onednn_usable(x: torch.Tensor, params: Iterable[torch.Tensor] = ()) -> bool:
 
 
 def _broken(err: Exception) -> None:
+    """A primitive refused a call: switch the primitives off for good only if they refuse a tiny call of the
+    same kinds too (a build whose private signatures differ). A refusal of this call alone (out of memory,
+    a shape it does not take) leaves them on; the caller runs the plain composition this once."""
     global _BROKEN
-    _BROKEN = True
+    if not _BROKEN and not _probe_ok():
+        _BROKEN = True
+
+
+def _probe_ok() -> bool:
+    x, w, b = torch.ones(1, 2, 3, 3), torch.ones(4, 2, 1, 1), torch.zeros(4)
+    try:
+        for attr, algorithm in (("none", ""), ("relu", ""), ("gelu", "none")):
+            torch.ops.mkldnn._convolution_pointwise(x, w, b, [0, 0], _ONE, _ONE, 1, attr, [], algorithm)
+        torch.ops.mkldnn._convolution_pointwise.binary(torch.ones(1, 4, 3, 3), x, torch.ones(2, 4, 1, 1), None,
+                                                      [0, 0], _ONE, _ONE, 1, "add", None, None, [], None)
+        return True
+    except Exception:  # noqa: BLE001 - any refusal means the build's primitives are not the ones we call
+        return False
 
 
 def prepack(w: torch.Tensor, padding: int, groups: int, input_shape: Sequence[int]) -> torch.Tensor:
