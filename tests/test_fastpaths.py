@@ -528,6 +528,17 @@ def test_a_forward_replaced_on_a_part_is_called():
     assert not torch.allclose(ref, plain)
 
 
+def _evaluated_with_primitives(model, x, capfd):
+    """The model's output in inference mode with the fast paths and with the reference backend, and the
+    oneDNN primitives the fast run executed (mkldnn's verbose lines)."""
+    with torch.inference_mode():
+        capfd.readouterr()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            fast = model(x)
+        primitives = capfd.readouterr().out
+        return fast, _with_backend("reference", lambda: model(x)), primitives
+
+
 @pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
 def test_a_hook_on_the_block_itself_keeps_the_fused_path(capfd):
     model = copy.deepcopy(tiny("convformer")).eval()
@@ -535,12 +546,7 @@ def test_a_hook_on_the_block_itself_keeps_the_fused_path(capfd):
     outputs = []
     handle = block.register_forward_hook(lambda m, args, out: outputs.append(out.shape))
     x = torch.randn(3, 3, *SIZE)
-    with torch.inference_mode():
-        capfd.readouterr()
-        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-            fast = model(x)
-        primitives = capfd.readouterr().out
-        ref = _with_backend("reference", lambda: model(x))
+    fast, ref, primitives = _evaluated_with_primitives(model, x, capfd)
     handle.remove()
     assert ",convolution," in primitives  # the oneDNN evaluation path ran
     assert outputs == [torch.Size([3, 16, 11, 15])] * 2
@@ -681,12 +687,7 @@ def test_a_fake_tensor_pass_leaves_the_fast_paths_on(family, capfd):
     assert isinstance(y, FakeTensor) and tuple(y.shape) == (2, 7)
     assert cache.cache_size() == 0  # nothing folded from fake tensors
     x = torch.randn(2, 3, *SIZE)
-    with torch.inference_mode():
-        capfd.readouterr()
-        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-            fast = model(x)
-        primitives = capfd.readouterr().out
-        ref = _with_backend("reference", lambda: model(x))
+    fast, ref, primitives = _evaluated_with_primitives(model, x, capfd)
     assert ",convolution," in primitives and cache.cache_size() > 0  # the oneDNN evaluation path still runs
     _close(fast, ref, what="output")
 
