@@ -16,16 +16,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import metaformer
-from metaformer.files import write_text
 from metaformer.kernels import cpu_eval
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_models import write_results  # noqa: E402
 
 MODELS = ("poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
 VARIANTS = {"default": True, "no_chunks": False}  # name -> chunks on
@@ -77,11 +79,7 @@ def main(argv=None) -> int:
                          for k, v in med.items()}
         print(f"{name:20s} " + "  ".join(f"{k} {args.batch / v:6.2f} ({med['default'] / v:.2f}x)"
                                          for k, v in med.items()), flush=True)
-    if args.output is not None:
-        setup = {"batch": args.batch, "size": args.size, "rounds": args.rounds, "threads": torch.get_num_threads(),
-                 "torch": torch.__version__}
-        write_text(args.output, json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
-        print(f"wrote {args.output}")
+    write_results(args.output, {"batch": args.batch, "size": args.size, "rounds": args.rounds}, results)
     return 0
 
 

@@ -14,8 +14,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,8 +23,10 @@ import torch
 
 import metaformer
 from metaformer import MetaFormerBlock
-from metaformer.files import write_text
 from metaformer.kernels.dispatch import parts_hooked
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_models import write_results  # noqa: E402
 
 MODELS = ("poolformer_s12", "caformer_s18")
 
@@ -75,11 +77,7 @@ def main(argv=None) -> int:
             print(f"{name:20s} batch {batch:3d}: forward {r['forward_s'] * 1e3:8.2f} ms, check {r['check_s'] * 1e6:6.1f} us "
                   f"({r['check_per_block_s'] * 1e6:.1f} us x {r['blocks']} blocks) = {100 * r['share']:.2f}%",
                   flush=True)
-    if args.output is not None:
-        setup = {"batches": args.batches, "size": args.size, "rounds": args.rounds,
-                 "threads": torch.get_num_threads(), "torch": torch.__version__}
-        write_text(args.output, json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
-        print(f"wrote {args.output}")
+    write_results(args.output, {"batches": args.batches, "size": args.size, "rounds": args.rounds}, results)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Models and measurements shared by ``bench_cpu.py``: timm's side, FLOP counts, peak memory.
+"""Models and measurements shared by the CPU benchmarks: timm's side, FLOP counts, peak memory, the
+results file of the small ones.
 
 timm has no IdentityFormer or RandFormer; their timm side is timm's own ``MetaFormer`` class built with
 the released configuration (``GroupNorm1NoBias``, StarReLU, res scales in stages 3-4, no MLP head, as
@@ -23,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import metaformer
 from metaformer.cli.benchmark import peak_rss_bytes
+from metaformer.files import write_text
 
 MODELS = ("poolformer_s12", "poolformerv2_s12", "identityformer_s12", "randformer_s12", "convformer_s18",
           "caformer_s18")
@@ -239,3 +241,13 @@ def _memory_child(name, variant, batch, size, steps, threads):
         step()
     peak = peak_rss_bytes() / 2 ** 20  # VmHWM: ru_maxrss would be this benchmark's own peak (fork)
     return json.dumps({"peak_rss_mib": peak, "base_rss_mib": base, "train_peak_mib": peak - base})
+
+
+def write_results(output, setup: dict, results: dict) -> None:
+    """Writes a small CPU benchmark's figures to ``output`` as JSON, ``{"setup": ..., "results": ...}``, with
+    the thread count and torch version added to ``setup`` (all-or-nothing); nothing where ``output`` is None."""
+    if output is None:
+        return
+    setup = {**setup, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    write_text(output, json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
+    print(f"wrote {output}")

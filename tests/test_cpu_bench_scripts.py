@@ -1,5 +1,5 @@
-"""The CPU benchmarks' plumbing: bench_cpu_chunks.py, bench_cpu_allocator.py, bench_cpu_hook_check.py, and
-bench_cpu.py's floor and updates (timings are never asserted)."""
+"""The CPU benchmarks' plumbing: bench_cpu_chunks.py, bench_cpu_allocator.py, bench_cpu_hook_check.py,
+bench_cpu_shapes.py, and bench_cpu.py's floor and updates (timings are never asserted)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import bench_cpu  # noqa: E402
 import bench_cpu_allocator  # noqa: E402
 import bench_cpu_chunks  # noqa: E402
 import bench_cpu_hook_check  # noqa: E402
+import bench_cpu_shapes  # noqa: E402
 import cpu_models  # noqa: E402
 
 
@@ -36,6 +37,19 @@ def test_hook_check_benchmark_times_the_check_and_the_forward(tmp_path, capsys):
     assert row["blocks"] == 12 and row["forward_s"] > 0 and row["check_s"] > 0
     assert row["share"] == pytest.approx(row["check_s"] / row["forward_s"])
     assert "poolformer_s12" in capsys.readouterr().out
+
+
+def test_shapes_benchmark_times_both_sides_steady_and_in_turn(tmp_path, capsys):
+    out = tmp_path / "shapes.json"
+    assert bench_cpu_shapes.main(["--models", "poolformer_s12", "--batches", "1", "2", "--size", "64",
+                                  "--rounds", "1", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]["poolformer_s12"]
+    assert set(rows) == {"ours@1", "ours@2", "timm_cl@1", "timm_cl@2"}
+    for r in rows.values():
+        assert r["steady_s"] > 0 and r["in_turn_vs_steady"] == pytest.approx(r["in_turn_s"] / r["steady_s"])
+    assert "timm_cl@2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_cpu_shapes.main(["--batches", "4"])
 
 
 def test_chunks_benchmark_writes_both_variants_and_restores_the_threshold(tmp_path, capsys):

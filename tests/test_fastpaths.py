@@ -726,3 +726,46 @@ def test_one_refused_primitive_call_leaves_the_primitives_on():
     assert onednn.onednn_ok(x)
     w = torch.randn(8, 3, 1, 1)
     torch.testing.assert_close(onednn.conv(x, w, None, "relu"), torch.relu(F.conv2d(x, w)))
+
+
+# ------------------------------------------------------------------------------- the cache across shapes
+def test_the_cache_keeps_values_for_the_last_shapes():
+    """A model evaluated at a few input shapes in turn reuses each shape's packed weights (it refolded
+    and repacked every weight at each change of shape); a changed source drops every shape's value."""
+    owner = nn.Linear(3, 3)
+    builds = []
+
+    def value(shape):
+        return cache.derived(owner, "t", [owner.weight, owner.bias], lambda: builds.append(shape) or [shape],
+                             shape=shape)
+
+    first = [value((b, 3)) for b in range(1, cache.SHAPES_KEPT + 1)]
+    again = [value((b, 3)) for b in range(1, cache.SHAPES_KEPT + 1)]
+    assert all(a is b for a, b in zip(first, again)) and len(builds) == cache.SHAPES_KEPT
+    value((99, 3))  # one more shape: the least recently used one, (1, 3), goes
+    assert value((2, 3)) is first[1] and len(builds) == cache.SHAPES_KEPT + 1
+    value((1, 3))
+    assert len(builds) == cache.SHAPES_KEPT + 2
+    with torch.no_grad():
+        owner.weight.add_(1.0)  # a source changes: every shape's value is stale and goes
+    fresh = value((2, 3))
+    assert fresh is not first[1] and sum(len(s) for s in cache._ENTRIES[owner].values()) == 1
+
+
+@pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
+def test_batch_sizes_in_turn_reuse_their_packed_weights():
+    model = copy.deepcopy(tiny("convformer")).eval()
+    block = _blocks(model)[0]
+    xs = [torch.randn(b, 3, *SIZE) for b in (1, 2, 3)]
+
+    def packed():
+        return {shape: id(entry[2]) for shape, entry in cache._ENTRIES[block]["mlp_half"].items()}
+
+    with torch.inference_mode():
+        for x in xs:
+            model(x)
+        before = packed()
+        outputs = [model(x) for x in xs]
+        assert packed() == before and len(before) == 3  # the same packed values, none rebuilt
+        for x, y in zip(xs, outputs):
+            _close(y, _with_backend("reference", lambda x=x: model(x)), what=f"batch {x.shape[0]}")

@@ -109,8 +109,8 @@ def test_every_cached_weight_is_prepacked():
         cache.clear_cache()
         with torch.inference_mode():
             net(x)
-        values = [value for owner, slots in cache._ENTRIES.items() if any(owner is m for m in net.modules())
-                  for _, _, value in slots.values()]
+        values = [value for owner, tags in cache._ENTRIES.items() if any(owner is m for m in net.modules())
+                  for shapes in tags.values() for _, _, value in shapes.values()]
         folded = [v for v in values if isinstance(v, Folded)]
         assert len(folded) == 2 * sum(model.depths)  # the SepConv and the MLP half of every block
         weights = [w for v in folded for w in (v.w1, v.w2, *v.extra[:1])]  # extra[0]: the depthwise weight
