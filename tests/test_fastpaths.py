@@ -63,23 +63,31 @@ def tiny(family: str, drop_path_rate: float = 0.0) -> MetaFormer:
     return model
 
 
-def _run(model, x, backend, seed=0, grad=True, input_grad=True):
+def _with_backend(backend, fn):
+    """``fn()`` with the kernel backend set to ``backend``, then the previous backend back."""
     previous = metaformer.get_backend()
     metaformer.set_backend(backend)
     try:
+        return fn()
+    finally:
+        metaformer.set_backend(previous)
+
+
+def _run(model, x, backend, seed=0, grad=True, input_grad=True):
+    def run():
         model.zero_grad(set_to_none=True)
         torch.manual_seed(seed)
-        x = x.detach().requires_grad_(grad and input_grad)
-        y = model(x)
+        xi = x.detach().requires_grad_(grad and input_grad)
+        y = model(xi)
         if not grad:
             return y.detach(), {}
         (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
         grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
         if input_grad:
-            grads["input"] = x.grad.detach().clone()
+            grads["input"] = xi.grad.detach().clone()
         return y.detach(), grads
-    finally:
-        metaformer.set_backend(previous)
+
+    return _with_backend(backend, run)
 
 
 def _close(actual, expected, oracle=None, rtol=1e-5, what="", floor=0.0):
@@ -177,12 +185,7 @@ def test_eval_inference_matches_reference(family, layout):
         x = x.contiguous(memory_format=torch.channels_last)
     model = tiny(family).eval()
     with torch.inference_mode():
-        fast = model(x)
-        metaformer.set_backend("reference")
-        try:
-            ref = model(x)
-        finally:
-            metaformer.set_backend("auto")
+        fast, ref = _fast_and_reference(model, x)
     _close(fast, ref, what=family)
 
 
@@ -218,11 +221,7 @@ def test_eval_mode_finetuning_of_a_subset_gets_every_gradient(family, subset):
 def _fast_and_reference(model, x):
     """The model's output with the fast paths (the ``auto`` backend) and with the ``reference`` backend."""
     fast = model(x)
-    metaformer.set_backend("reference")
-    try:
-        return fast, model(x)
-    finally:
-        metaformer.set_backend("auto")
+    return fast, _with_backend("reference", lambda: model(x))
 
 
 @pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
@@ -232,13 +231,9 @@ def test_folded_weights_go_with_the_model():
     x = torch.randn(1, 3, *SIZE)
     cache.clear_cache()
     model = copy.deepcopy(tiny("convformer")).eval()
-    try:
-        metaformer.set_backend("reference")
-        with torch.no_grad():
-            model(x)
-        assert cache.cache_size() == 0
-    finally:
-        metaformer.set_backend("auto")
+    with torch.no_grad():
+        _with_backend("reference", P(model, x))
+    assert cache.cache_size() == 0
     with torch.no_grad():
         model(x)
     assert cache.cache_size() > 0
@@ -312,19 +307,18 @@ def test_second_derivatives_match_reference(family):
     model = copy.deepcopy(tiny(family, 0.3)).double().train()
     x = torch.randn(2, 3, 33, 29, dtype=torch.float64)
     out = {}
+    def penalty():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        xi = x.clone().requires_grad_(True)
+        y = model(xi)
+        (gx,) = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(),
+                                    xi, create_graph=True)
+        (gx ** 2).sum().backward()
+        return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
     for backend in ("auto", "reference"):
-        metaformer.set_backend(backend)
-        try:
-            model.zero_grad(set_to_none=True)
-            torch.manual_seed(0)
-            xi = x.clone().requires_grad_(True)
-            y = model(xi)
-            (gx,) = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(),
-                                        xi, create_graph=True)
-            (gx ** 2).sum().backward()
-            out[backend] = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
-        finally:
-            metaformer.set_backend("auto")
+        out[backend] = _with_backend(backend, penalty)
     fast, ref = out["auto"], out["reference"]
     assert set(fast) == set(ref) and ref
     for k in ref:
@@ -410,11 +404,7 @@ def test_blocks_in_chunks_match_reference(family, batch, rows, capfd):
             fast = block(x)
             folded = optimized(x)
         convs = [line for line in capfd.readouterr().out.splitlines() if ",convolution," in line]
-        metaformer.set_backend("reference")
-        try:
-            expected = block(x)
-        finally:
-            metaformer.set_backend("auto")
+        expected = _with_backend("reference", lambda: block(x))
     assert len(convs) >= 2 * 2 * batch // rows and all(re.search(rf"[,\d]mb{rows}_", line) for line in convs), convs[:2]
     _close(fast, expected, what="default")
     _close(folded, expected, what="optimized")
@@ -440,15 +430,6 @@ def _probe_parts(model):
                 handles.append(part.register_forward_hook(
                     lambda m, args, out, key=f"{i}.{name}": seen.append((key, out.detach().clone()))))
     return seen, handles
-
-
-def _with_backend(backend, fn):
-    previous = metaformer.get_backend()
-    metaformer.set_backend(backend)
-    try:
-        return fn()
-    finally:
-        metaformer.set_backend(previous)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
