@@ -17,7 +17,6 @@ from torch import nn
 from . import kernels
 from .kernels import cpu_eval, onednn, torch_halves
 from .kernels.cache import derived
-from .kernels.dispatch import parts_hooked
 from .kernels.folding import Folded, act_kind, fold_in, fold_out, norm_kind, normalise
 from .kernels.torch_impl import avg_pool_same
 from .layers import DropPath, Mlp, Scale, SquaredReLU
@@ -235,8 +234,8 @@ class InferenceBlock(nn.Module):
         return res + self.fc2(self.act(self.fc1(normalise(self.norm2_kind, x, self.eps2))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = (kernels.fast_paths_active(x) and x.device.type == "cpu" and not torch.compiler.is_compiling()
-                and not parts_hooked(self))  # a hooked part is called, so its hooks run
+        # (a hooked part makes fast_paths_active false: the part is then called, so its hooks run)
+        fast = kernels.fast_paths_active(x, self) and x.device.type == "cpu" and not torch.compiler.is_compiling()
         if fast and x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous():
             x = x.contiguous(memory_format=torch.channels_last)
         if fast and self.mlp_mode == "folded" and self.mixer_mode != "original" and onednn.onednn_usable(x):

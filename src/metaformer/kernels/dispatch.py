@@ -53,13 +53,18 @@ __all__ = ["block_forward", "fast_paths_active", "intercepted", "module_hooked",
            "pool_mixer_fusable", "transformed"]
 
 
-def fast_paths_active(x) -> bool:
+def fast_paths_active(x, module: Optional[nn.Module] = None) -> bool:
     """Whether fused paths may run for ``x``: a real tensor, eager or torch.compile, not the reference backend;
     in eager mode also no function transform or forward-mode AD (:func:`transformed`), and no dispatch mode or
-    tensor subclass (:func:`intercepted`)."""
+    tensor subclass (:func:`intercepted`); and, given the ``module`` whose forward asks, no hooked part in it
+    (:func:`parts_hooked`)."""
     if not isinstance(x, torch.Tensor) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
-    return get_backend() != "reference" and (torch.compiler.is_compiling() or not (transformed() or intercepted(x)))
+    if get_backend() == "reference":
+        return False
+    if not torch.compiler.is_compiling() and (transformed() or intercepted(x)):
+        return False
+    return module is None or not parts_hooked(module)
 
 
 def intercepted(x: torch.Tensor) -> bool:
@@ -130,7 +135,7 @@ def parts_hooked(module: nn.Module) -> bool:
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The output of a :class:`~metaformer.MetaFormerBlock`, through fused paths where they apply."""
-    if not fast_paths_active(x) or (x.device.type == "cpu" and _cpu_autocast()) or parts_hooked(block):
+    if not fast_paths_active(x, block) or (x.device.type == "cpu" and _cpu_autocast()):
         return block.mlp_half(block.mixer_half(x))
     if not pool_mixer_fusable(block) and cuda_halves.halves_apply(x):
         y = cuda_halves.ln_block(block, x)  # the baselines' whole block through the Triton kernels
