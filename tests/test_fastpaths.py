@@ -396,6 +396,7 @@ def test_blocks_in_chunks_match_reference(family, batch, rows, capfd):
             p.add_(0.3 * torch.randn(p.shape))
     block.eval()
     x = torch.randn(batch, 64, size, size)
+    given = x.clone()
     assert cpu_eval.chunk_rows(x, 256) == rows
     optimized = metaformer.optimize_for_inference(nn.Sequential(block).eval())
     with torch.inference_mode():
@@ -408,6 +409,7 @@ def test_blocks_in_chunks_match_reference(family, batch, rows, capfd):
     assert len(convs) >= 2 * 2 * batch // rows and all(re.search(rf"[,\d]mb{rows}_", line) for line in convs), convs[:2]
     _close(fast, expected, what="default")
     _close(folded, expected, what="optimized")
+    assert torch.equal(x, given)  # the halves write into temporaries of their own, never into the input
 
 
 # ------------------------------------------------------------------------------------------------ hooks
@@ -750,3 +752,30 @@ def test_batch_sizes_in_turn_reuse_their_packed_weights():
         assert packed() == before and len(before) == 3  # the same packed values, none rebuilt
         for x, y in zip(xs, outputs):
             _close(y, _with_backend("reference", lambda x=x: model(x)), what=f"batch {x.shape[0]}")
+
+
+# ------------------------------------------------------------------------------ results written in place
+# In evaluation the halves write their result into a temporary of their own where they have one (the mixer
+# half's output for the MLP half, the pooled map, the norm's output, ``res_scale * x``): never into a tensor
+# the caller gave, or one that a subclass's half returned.
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "optimized"])
+def test_evaluation_leaves_every_block_input_as_it_was(family, mode):
+    model = tiny(family).eval()
+    if mode == "optimized":
+        model = metaformer.optimize_for_inference(model)
+    inputs = []
+    for stage in model.stages:  # every block's input, kept by a hook on the block itself (which keeps the fast path)
+        for block in stage.blocks:
+            block.register_forward_pre_hook(lambda m, args: inputs.append((args[0], args[0].clone())))
+    x = torch.randn(3, 3, *SIZE)
+    with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+        fast = model(x)
+        for block in (b for stage in model.stages for b in stage.blocks):
+            block._forward_pre_hooks.clear()
+        expected = _with_backend("reference", lambda: model(x))
+    _close(fast, expected, what=family)
+    assert len(inputs) == sum(len(stage.blocks) for stage in model.stages)
+    for i, (given, before) in enumerate(inputs):
+        assert torch.equal(given, before), f"block {i}'s input was written over"
+

@@ -222,12 +222,12 @@ class InferenceBlock(nn.Module):
             mix = m(normalise(self.norm1_kind, x, self.eps1))
         return x + mix if self.res_scale1 is None else torch.addcmul(mix, x, self.res_scale1.view(1, -1, 1, 1))
 
-    def _mlp_half(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
+    def _mlp_half(self, x: torch.Tensor, fast: bool, consume: bool = False) -> torch.Tensor:
         if self.mlp_mode == "original":
             return self.original_mlp_half(x)
         if fast and self.act_kind in _ONEDNN_ACTS and onednn.onednn_usable(x):
             p = self._prepacked("mlp", self.fc1, self.fc2, tuple(x.shape))
-            y = cpu_eval.run_mlp(x, self.norm2_kind, self.eps2, p, self.act_kind, self.res_scale2)
+            y = cpu_eval.run_mlp(x, self.norm2_kind, self.eps2, p, self.act_kind, self.res_scale2, consume)
             if y is not None:
                 return y
         res = x if self.res_scale2 is None else x * self.res_scale2.view(1, -1, 1, 1)
@@ -241,8 +241,9 @@ class InferenceBlock(nn.Module):
         if fast and self.mlp_mode == "folded" and self.mixer_mode != "original" and onednn.onednn_usable(x):
             # every part is a built-in one that treats each sample on its own: run cache-sized chunks
             rows = cpu_eval.chunk_rows(x, self.fc1.weight.shape[0])
-            return cpu_eval.in_chunks(lambda part: self._mlp_half(self._mixer_half(part, True), True), x, rows)
-        return self._mlp_half(self._mixer_half(x, fast), fast)
+            # (every mixer half returns a new tensor of its own, which the MLP half may then write into)
+            return cpu_eval.in_chunks(lambda part: self._mlp_half(self._mixer_half(part, True), True, True), x, rows)
+        return self._mlp_half(self._mixer_half(x, fast), fast, fast)
 
     def extra_repr(self) -> str:
         return f"mixer_mode={self.mixer_mode!r}, mlp_mode={self.mlp_mode!r}"

@@ -166,8 +166,12 @@ def _fold_mlp(block: nn.Module, act: str, shape) -> Folded:
     return packed_pair(cast(w1, like), cast(b1, like), cast(w2, like), cast(b2, like), shape)
 
 
-def mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The MLP half ``rs2 * x + ls2 * Mlp(norm2(x))`` in evaluation, or None if not fusable."""
+def mlp_half(block: nn.Module, x: torch.Tensor, consume: bool = False) -> Optional[torch.Tensor]:
+    """The MLP half ``rs2 * x + ls2 * Mlp(norm2(x))`` in evaluation, or None if not fusable.
+
+    With ``consume`` the caller hands ``x`` over (a temporary of its own that nothing else holds): the
+    result is then written into ``x``'s memory (see :func:`run_mlp`).
+    """
     parts = _mlp_parts(block)
     if parts is None:
         return None
@@ -177,17 +181,31 @@ def mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
                *(_star(mlp.act, act) or ()), scale_of(block.layer_scale2)]
     shape = tuple(x.shape)
     p = derived(block, "mlp_half", sources, lambda: _fold_mlp(block, act, shape), shape=shape)
-    return run_mlp(x, kind, block.norm2.eps, p, "square" if act == "star" else act, scale_of(block.res_scale2))
+    return run_mlp(x, kind, block.norm2.eps, p, "square" if act == "star" else act, scale_of(block.res_scale2),
+                   consume)
 
 
 def run_mlp(x: torch.Tensor, kind: str, eps: float, p: Folded, act: str,
-            res_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``res_scale * x + fc2(act(fc1(norm(x))))`` with the folded weights ``p`` (``act`` not StarReLU)."""
+            res_scale: Optional[torch.Tensor], consume: bool = False) -> Optional[torch.Tensor]:
+    """``res_scale * x + fc2(act(fc1(norm(x))))`` with the folded weights ``p`` (``act`` not StarReLU).
+
+    fc2 adds its product into the residual in place where the residual is a temporary: ``res_scale * x``,
+    or with ``consume`` (``x`` is the caller's temporary) ``x`` itself, which then holds the result. That
+    saves allocating the output (one block-sized tensor per half; for a large one, faulting its pages in).
+    """
     n = normalise(kind, x, eps)
     fused = "relu_square" if act == "square" else _RELU_FIRST[act]
-    res = x if res_scale is None else x * res_scale.view(1, -1, 1, 1)
+    res = _residual(x, res_scale, consume)
     return onednn.mlp_residual_onednn(n, res, p.w1, p.b1, p.w2, p.b2, fused,
-                                      "tanh" if act == "gelu_tanh" else "none")
+                                      "tanh" if act == "gelu_tanh" else "none", inplace=consume or res is not x)
+
+
+def _residual(x: torch.Tensor, res_scale: Optional[torch.Tensor], consume: bool = False) -> torch.Tensor:
+    """``res_scale * x``: ``x`` itself without a res scale, in ``x``'s memory where the caller hands ``x`` over
+    (``consume``), a new tensor otherwise."""
+    if res_scale is None:
+        return x
+    return x.mul_(res_scale.view(1, -1, 1, 1)) if consume else x * res_scale.view(1, -1, 1, 1)
 
 
 # --------------------------------------------------------------------------------------- SepConv half
@@ -250,8 +268,8 @@ def run_sepconv(x: torch.Tensor, kind: str, eps: float, p: Folded, act: str, ker
     d = onednn.conv(h, dw, dw_bias, "none", padding=kernel_size // 2, groups=groups)
     if d is None:
         return None
-    res = x if res_scale is None else x * res_scale.view(1, -1, 1, 1)
-    return onednn.conv_add(d, res, p.w2, p.b2)
+    res = _residual(x, res_scale)
+    return onednn.conv_add(d, res, p.w2, p.b2) if res is x else onednn.conv_add_(res, d, p.w2, p.b2)
 
 
 # ------------------------------------------------------------------------------------- attention half
@@ -305,6 +323,7 @@ def run_attention(x: torch.Tensor, kind: str, eps: float, p: Folded, mixer: nn.M
     q, k, v = rearrange(qkv, "b (three nh d) h w -> three b nh (h w) d", three=3, nh=mixer.num_heads)
     out = rearrange(F.scaled_dot_product_attention(q, k, v, scale=mixer.scale), "b nh (h w) d -> b h w (nh d)",
                     h=h)
-    res = x if res_scale is None else x * res_scale.view(1, -1, 1, 1)
+    res = _residual(x, res_scale)
     # (b, h, w, c) contiguous is a channels_last (b, c, h, w) map
-    return onednn.conv_add(out.contiguous().permute(0, 3, 1, 2), res, p.w2, p.b2)
+    out = out.contiguous().permute(0, 3, 1, 2)
+    return onednn.conv_add(out, res, p.w2, p.b2) if res is x else onednn.conv_add_(res, out, p.w2, p.b2)

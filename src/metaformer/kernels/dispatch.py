@@ -151,9 +151,19 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _halves(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     y = _mixer_half(block, x)
+    # The mixer half's output is a new tensor that only this function holds (the fused paths' and the plain
+    # composition's: ``res_scale1(x) + ...``), unless a subclass replaced ``mixer_half``; the MLP half may
+    # then write its result into it.
+    ours = y is not None or type(block).mixer_half is _plain_mixer_half()
     x = block.mixer_half(x) if y is None else y
-    y = _mlp_half(block, x)
+    y = _mlp_half(block, x, ours)
     return block.mlp_half(x) if y is None else y
+
+
+def _plain_mixer_half():
+    from ..blocks import MetaFormerBlock
+
+    return MetaFormerBlock.mixer_half
 
 
 def _cpu_eval_chunk_rows(block: nn.Module, x: torch.Tensor) -> Optional[int]:
@@ -214,7 +224,7 @@ def _mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     return None  # training: the plain composition (a written-out SepConv backward measured no faster)
 
 
-def _mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+def _mlp_half(block: nn.Module, x: torch.Tensor, consume: bool = False) -> Optional[torch.Tensor]:
     if cuda_halves.halves_apply(x):
         return cuda_halves.starrelu_mlp_half(block, x)
     if x.device.type != "cpu" or torch.compiler.is_compiling():
@@ -222,7 +232,7 @@ def _mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     if _no_grad_needed(x, block.norm2, block.mlp, block.layer_scale2, block.res_scale2):
         if block.training or not onednn.onednn_ok(x):
             return None
-        return cpu_eval.mlp_half(block, x)
+        return cpu_eval.mlp_half(block, x, consume)
     return autograd_halves.mlp_half(block, x, lambda: _drop_path_scale(block.drop_path2, block.training, x))
 
 

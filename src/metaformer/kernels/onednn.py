@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["ONEDNN_AVAILABLE", "onednn_usable", "onednn_ok", "prepack", "conv", "conv_add",
+__all__ = ["ONEDNN_AVAILABLE", "onednn_usable", "onednn_ok", "prepack", "conv", "conv_add", "conv_add_",
            "mlp_residual_onednn"]
 
 
@@ -123,6 +123,35 @@ def conv_add(x: torch.Tensor, other: torch.Tensor, w: torch.Tensor,
         return None
 
 
+def conv_add_(other: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+              b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``other += conv2d(x, w, b)`` (1x1, stride 1) in place, as one primitive (oneDNN's sum post-op), or
+    :func:`conv_add` where ``other`` is not laid out like ``x``'s output; None if the build refuses both.
+
+    Writing into ``other`` saves the allocation of a fresh output (and, for a large one, faulting its pages
+    in): only for an ``other`` that the caller owns (a temporary of its own), never a tensor it was given.
+    """
+    if _BROKEN:
+        return None
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    if other.is_contiguous(memory_format=fmt) and other.dtype == x.dtype and _INPLACE is not None:
+        try:
+            return _INPLACE(other, x, w, b, [0, 0], _ONE, _ONE, 1, "add", None, None, [], None)
+        except (RuntimeError, TypeError):
+            pass  # a build whose in-place variant differs: the out-of-place primitive below
+    return conv_add(x, other, w, b)
+
+
+def _inplace_op():
+    try:
+        return torch.ops.mkldnn._convolution_pointwise_.binary
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without the in-place variant
+        return None
+
+
+_INPLACE = _inplace_op() if ONEDNN_AVAILABLE else None
+
+
 def mlp_residual_onednn(
     h: torch.Tensor,
     residual: torch.Tensor,
@@ -132,6 +161,7 @@ def mlp_residual_onednn(
     b2: Optional[torch.Tensor],
     act: str = "gelu",
     approximate: str = "none",
+    inplace: bool = False,
 ) -> Optional[torch.Tensor]:
     """``residual + conv1x1(act(conv1x1(h, w1, b1)), w2, b2)`` as two primitives, or None.
 
@@ -148,6 +178,7 @@ def mlp_residual_onednn(
         act: ``"gelu"``, ``"relu"`` or ``"relu_square"`` (``relu(t) ** 2``: the ReLU fused, the square
             one in-place pass; StarReLU's scale and bias belong folded into ``w2`` and ``b2``).
         approximate: GELU form, ``"none"`` (erf) or ``"tanh"``.
+        inplace: Add into ``residual`` itself (:func:`conv_add_`): only for a temporary of the caller's.
     """
     attr = "gelu" if act == "gelu" else "relu"
     hidden = conv(h, w1, b1, attr, algorithm=approximate if act == "gelu" else "")
@@ -155,4 +186,4 @@ def mlp_residual_onednn(
         return None
     if act == "relu_square":
         hidden.square_()
-    return conv_add(hidden, residual, w2, b2)
+    return conv_add_(residual, hidden, w2, b2) if inplace else conv_add(hidden, residual, w2, b2)

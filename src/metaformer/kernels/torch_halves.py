@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .folding import norm_kind, normalise, scale_of, scales_known
+from .torch_impl import writable_temporary
 
 __all__ = ["identity_half", "random_mixing_half", "identity_mix", "random_mix"]
 
@@ -59,7 +60,10 @@ def identity_mix(x, kind, eps, weight, bias, res_scale, draw_sample=lambda: None
     sample = draw_sample()
     if sample is not None:
         mixed = mixed * sample
+    if writable_temporary(x, weight, bias, res_scale):  # add into the norm's output: no new tensor
+        return mixed.add_(x) if res_scale is None else mixed.addcmul_(x, res_scale.view(1, -1, 1, 1))
     return x + mixed if res_scale is None else torch.addcmul(mixed, x, res_scale.view(1, -1, 1, 1))
+
 
 
 def random_mixing_half(block: nn.Module, x: torch.Tensor,

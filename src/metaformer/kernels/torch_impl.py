@@ -12,11 +12,13 @@ avg_pool2d, lerp, mul/add), so the function works under autograd, ``torch.compil
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 __all__ = ["pool_mixer_residual_torch", "pool_mixer_residual_reference", "sample_rstd", "avg_pool_same",
-           "cuda_channels_last_pool_backward_ok"]
+           "cuda_channels_last_pool_backward_ok", "writable_temporary"]
 
 _DIMS = (1, 2, 3)
 
@@ -117,6 +119,15 @@ def cuda_channels_last_pool_backward_ok(device) -> bool:
     return ok
 
 
+def writable_temporary(*inputs: Optional[torch.Tensor]) -> bool:
+    """Whether a new tensor that a fast path made (a norm's or pooling's output) may be written in place to
+    save allocating another: in eager mode (traced graphs expect the ops out of place) and where no gradient
+    is wanted of any of ``inputs`` (an in-place op could overwrite what the backward reads)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+
+
 def pool_mixer_residual_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -149,11 +160,16 @@ def pool_mixer_residual_torch(
     # lerp(s, p, c) = s + c * (p - s) in a single pass; it evaluates c * (p - s) directly for c < 0.5
     # (always the case with layer-scale-sized weights), so it is exact to rounding, and its weight
     # gradient is sum(g * (p - s)), free of the cancellation of sum(g * p) - sum(g * s).
-    y = torch.lerp(src, avg_pool_same(src, pool_size), coef)
+    pooled = avg_pool_same(src, pool_size)
+    # The result is written over the pooled tensor (a temporary of ours) where that may be: it saves
+    # allocating a block-sized output.
+    inplace = not grad and writable_temporary() and pooled.dtype == src.dtype
+    y = torch.lerp(src, pooled, coef, out=pooled) if inplace else torch.lerp(src, pooled, coef)
     if mean is not None:
         y = y.add_(mean)  # in place is safe: lerp does not save its output for backward
     if res_scale is not None:
-        y = torch.addcmul(y, x, (res_scale.to(acc) - 1).to(y.dtype)[:, None, None])
+        rs1 = (res_scale.to(acc) - 1).to(y.dtype)[:, None, None]
+        y = y.addcmul_(x, rs1) if inplace else torch.addcmul(y, x, rs1)
     return y.to(x.dtype)
 
 
