@@ -779,3 +779,41 @@ def test_evaluation_leaves_every_block_input_as_it_was(family, mode):
     for i, (given, before) in enumerate(inputs):
         assert torch.equal(given, before), f"block {i}'s input was written over"
 
+
+class _NoMixerBlock(metaformer.MetaFormerBlock):
+    """An ablation that drops the token-mixer half: its ``mixer_half`` returns its input itself."""
+
+    def mixer_half(self, x):
+        return x
+
+
+class _HalfMlpBlock(metaformer.MetaFormerBlock):
+    """An ablation with its own MLP half: half the MLP's output is added."""
+
+    def mlp_half(self, x):
+        return x + 0.5 * self.mlp(self.norm2(x))
+
+
+@pytest.mark.parametrize("family", ["poolformer", "convformer"])
+@pytest.mark.parametrize("cls", [_NoMixerBlock, _HalfMlpBlock], ids=["own-mixer-half", "own-mlp-half"])
+def test_a_subclass_with_its_own_half_runs_it(family, cls):
+    """A subclass's ``mixer_half`` or ``mlp_half`` is its own maths: the fused paths (built from the parts)
+    must not replace it, and the MLP half must not write into what a subclass's mixer half returned (here
+    the block input itself)."""
+    from metaformer.layers import LayerNorm2d, StarReLU
+
+    kwargs = {} if family == "poolformer" else dict(token_mixer=SepConv, norm_layer=P(LayerNorm2d, eps=1e-6, bias=False),
+                                                    act_layer=StarReLU, res_scale_init_value=1.0)
+    torch.manual_seed(0)
+    block = cls(16, **kwargs).eval()
+    with torch.no_grad():  # trained-looking scales: a half replaced by the fused one would show
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn(p.shape))
+    x = torch.randn(2, 16, 9, 7).contiguous(memory_format=torch.channels_last)
+    given = x.clone()
+    for grad in (False, True):
+        with torch.inference_mode(not grad):
+            y = block(x)
+            expected = _with_backend("reference", lambda: block(given))
+        assert torch.equal(x, given)
+        _close(y, expected, what=f"output, {'with' if grad else 'without'} gradients")

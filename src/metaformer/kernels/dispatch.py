@@ -34,7 +34,8 @@ its parts (a forward or backward hook, a pruning or quantisation pre-hook, a ``f
 instance) or while global module hooks are registered (:func:`parts_hooked`): the fused paths read the
 parts' weights without calling them, so those hooks would not run, or would run on a slice of the batch.
 Nor under a ``torch.func`` transform or forward-mode AD (:func:`transformed`), a dispatch mode such as
-``FakeTensorMode`` or for a tensor subclass (:func:`intercepted`). Under
+``FakeTensorMode`` or for a tensor subclass (:func:`intercepted`). Nor for a half that a subclass of the
+block writes itself (its own ``mixer_half`` or ``mlp_half``): that half runs as written. Under
 ``torch.compile`` only the standard-op paths run (pooling identity, identity and random mixing).
 """
 
@@ -135,35 +136,40 @@ def parts_hooked(module: nn.Module) -> bool:
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The output of a :class:`~metaformer.MetaFormerBlock`, through fused paths where they apply."""
-    if not fast_paths_active(x, block) or (x.device.type == "cpu" and _cpu_autocast()):
+    own_mixer, own_mlp = _own_halves(block)
+    if not fast_paths_active(x, block) or (x.device.type == "cpu" and _cpu_autocast()) or (own_mixer and own_mlp):
         return block.mlp_half(block.mixer_half(x))
-    if not pool_mixer_fusable(block) and cuda_halves.halves_apply(x):
+    if not (own_mixer or own_mlp or pool_mixer_fusable(block)) and cuda_halves.halves_apply(x):
         y = cuda_halves.ln_block(block, x)  # the baselines' whole block through the Triton kernels
         if y is not None:
             return y
     if x.device.type == "cpu" and _nchw_contiguous(x) and _cpu_fused(block, x):
         x = x.contiguous(memory_format=torch.channels_last)
-    rows = _cpu_eval_chunk_rows(block, x)
+    rows = None if own_mixer or own_mlp else _cpu_eval_chunk_rows(block, x)
     if rows is not None:
         return cpu_eval.in_chunks(functools.partial(_halves, block), x, rows)
-    return _halves(block, x)
+    return _halves(block, x, own_mixer, own_mlp)
 
 
-def _halves(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    y = _mixer_half(block, x)
-    # The mixer half's output is a new tensor that only this function holds (the fused paths' and the plain
-    # composition's: ``res_scale1(x) + ...``), unless a subclass replaced ``mixer_half``; the MLP half may
-    # then write its result into it.
-    ours = y is not None or type(block).mixer_half is _plain_mixer_half()
-    x = block.mixer_half(x) if y is None else y
-    y = _mlp_half(block, x, ours)
-    return block.mlp_half(x) if y is None else y
-
-
-def _plain_mixer_half():
+def _own_halves(block: nn.Module) -> tuple:
+    """Whether ``block``'s class replaces ``mixer_half``, and ``mlp_half``: a subclass's half (an ablation)
+    is its own maths, which the fused paths (built from the parts) do not know; it runs as written."""
     from ..blocks import MetaFormerBlock
 
-    return MetaFormerBlock.mixer_half
+    cls = type(block)
+    return cls.mixer_half is not MetaFormerBlock.mixer_half, cls.mlp_half is not MetaFormerBlock.mlp_half
+
+
+def _halves(block: nn.Module, x: torch.Tensor, own_mixer: bool = False, own_mlp: bool = False) -> torch.Tensor:
+    y = None if own_mixer else _mixer_half(block, x)
+    x = block.mixer_half(x) if y is None else y
+    if own_mlp:
+        return block.mlp_half(x)
+    # The mixer half's output is a new tensor that only this function holds (the fused paths' and the plain
+    # ``mixer_half``'s, ``res_scale1(x) + ...``), not one of a subclass's half (which may return its input):
+    # the MLP half may then write its result into it.
+    y = _mlp_half(block, x, not own_mixer)
+    return block.mlp_half(x) if y is None else y
 
 
 def _cpu_eval_chunk_rows(block: nn.Module, x: torch.Tensor) -> Optional[int]:
