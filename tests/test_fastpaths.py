@@ -44,7 +44,7 @@ SIZE = (45, 61)  # stages: 11x15, 6x8, 3x4, 2x2
 
 
 @functools.cache
-def tiny(family: str, drop_path_rate: float = 0.0) -> MetaFormer:
+def tiny(family: str, drop_path_rate: float = 0.0, features_only: bool = False) -> MetaFormer:
     name, mixers = FAMILIES[family]
     kwargs = get_variant(name).model_kwargs()
     kwargs.pop("pos_embed_sizes", None)
@@ -52,7 +52,8 @@ def tiny(family: str, drop_path_rate: float = 0.0) -> MetaFormer:
         mixers = (Identity, Identity, P(RandomMixing, spatial_size=(3, 4)), P(RandomMixing, spatial_size=(2, 2)))
     if mixers is not None:
         kwargs["token_mixers"] = list(mixers)
-    kwargs.update(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), num_classes=7, drop_path_rate=drop_path_rate)
+    kwargs.update(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), num_classes=7, drop_path_rate=drop_path_rate,
+                  features_only=features_only)
     torch.manual_seed(0)
     model = MetaFormer(**kwargs)
     g = torch.Generator().manual_seed(1)
@@ -817,3 +818,30 @@ def test_a_subclass_with_its_own_half_runs_it(family, cls):
             expected = _with_backend("reference", lambda: block(given))
         assert torch.equal(x, given)
         _close(y, expected, what=f"output, {'with' if grad else 'without'} gradients")
+
+
+# ---------------------------------------------------------------------------------------- output layout
+@pytest.mark.parametrize("family", ["poolformer", "convformer", "caformer"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_returned_maps_keep_the_input_layout(family, layout):
+    """The CPU fast paths work in channels_last; the maps a model returns come back in the input's memory
+    format, as the plain composition returns them: ``forward_features(x).view(B, -1)``, a classic, works."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 3, *SIZE).contiguous(memory_format=fmt)
+    model = tiny(family).eval()
+    backbone = tiny(family, features_only=True).eval()
+    with torch.no_grad():
+        outputs = {"forward_features": [model.forward_features(x)], "backbone": backbone(x)}
+        final, maps = model.forward_intermediates(x)
+        outputs["forward_intermediates"] = [final, *maps]
+        references = {"forward_features": [_with_backend("reference", lambda: model.forward_features(x))],
+                      "backbone": _with_backend("reference", lambda: backbone(x))}
+        final, maps = _with_backend("reference", lambda: model.forward_intermediates(x))
+        references["forward_intermediates"] = [final, *maps]
+    for what, maps in outputs.items():
+        for i, (y, ref) in enumerate(zip(maps, references[what])):
+            assert y.is_contiguous(memory_format=fmt), f"{what}[{i}] is not in the input's layout"
+            _close(y, ref, what=f"{what}[{i}]")
+    if layout == "nchw":
+        flat = outputs["forward_features"][0].view(len(x), -1)
+        _close(flat, references["forward_features"][0].view(len(x), -1), what="flattened")

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 from torch import nn
 
+from . import kernels
 from .tracing import is_eager
 
 __all__ = ["TimmContractMixin", "take_indices"]
@@ -89,11 +90,15 @@ class TimmContractMixin:
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         last = len(self.stages) - 1
         intermediates = []
+        image = x
         x = self.stem(x)
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in taken:
                 intermediates.append(self._intermediate_norm(i, x, last) if norm else x)
+        if is_eager(image):  # the maps in the input's memory format (the CPU fast paths work in channels_last)
+            intermediates = [kernels.in_input_layout(t, image) for t in intermediates]
+            x = kernels.in_input_layout(x, image)
         if intermediates_only:
             return intermediates
         return x, intermediates

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from . import kernels
 from .blocks import MetaFormerStage
 from .components import describe_arguments, resolve_arguments
 from .contract import TimmContractMixin
@@ -232,8 +233,12 @@ class MetaFormer(TimmContractMixin, nn.Module, SavedModelMixin, library_name="me
         return self.forward_head(self.forward_features(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and stages: returns the last stage's (B, C, H/32, W/32) map."""
-        return self.stages(self.stem(x))
+        """Stem and stages: returns the last stage's (B, C, H/32, W/32) map (in the input's memory format)."""
+        y = self.stages(self.stem(x))
+        if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
+            if is_eager(x):
+                y = kernels.in_input_layout(y, x)
+        return y
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Head on a feature map: norm and pooling (in the model's order), then the classifier.
@@ -250,6 +255,7 @@ class MetaFormer(TimmContractMixin, nn.Module, SavedModelMixin, library_name="me
             raise RuntimeError("forward_backbone needs a model built with features_only=True; use "
                                "forward_intermediates(x) for the stage maps of a classifier")
         last = self.out_indices[-1]
+        image = x
         x = self.stem(x)
         feats: List[torch.Tensor] = []
         for i, (stage, norm) in enumerate(zip(self.stages, self.feature_norms)):
@@ -257,6 +263,9 @@ class MetaFormer(TimmContractMixin, nn.Module, SavedModelMixin, library_name="me
                 x = stage(x)
                 if i in self.out_indices:
                     feats.append(norm(x))
+        if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
+            if is_eager(image):  # in the input's memory format
+                feats = [kernels.in_input_layout(f, image) for f in feats]
         return feats
 
     def clone_config(self) -> Dict[str, Any]:

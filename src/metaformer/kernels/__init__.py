@@ -39,6 +39,7 @@ __all__ = [
     "block_forward",
     "fast_paths_active",
     "get_backend",
+    "in_input_layout",
     "layernorm_channels",
     "pool_mixer_residual",
     "residual_layernorm",
@@ -235,4 +236,4 @@ def _validate(x, weight, pool_size, res_scale, sample_scale) -> None:
 
 
 from .baseline_ops import layernorm_channels, residual_layernorm, star_relu  # noqa: E402  (reads the names above)
-from .dispatch import block_forward, fast_paths_active  # noqa: E402  (it reads the names defined above)
+from .dispatch import block_forward, fast_paths_active, in_input_layout  # noqa: E402  (it reads the names defined above)

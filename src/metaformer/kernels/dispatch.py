@@ -50,7 +50,7 @@ from torch import nn
 # The package defines these before it imports this module (at its end).
 from . import autograd_halves, cpu_eval, cuda_halves, get_backend, onednn, pool_mixer_residual, torch_halves
 
-__all__ = ["block_forward", "fast_paths_active", "intercepted", "module_hooked", "parts_hooked",
+__all__ = ["block_forward", "fast_paths_active", "in_input_layout", "intercepted", "module_hooked", "parts_hooked",
            "pool_mixer_fusable", "transformed"]
 
 
@@ -149,6 +149,20 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if rows is not None:
         return cpu_eval.in_chunks(functools.partial(_halves, block), x, rows)
     return _halves(block, x, own_mixer, own_mlp)
+
+
+def in_input_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y``, a map the model returns, in the memory format of the model's input ``x``.
+
+    On CPU the blocks' fast paths work in channels_last, and the layout carries through the stages; a map
+    returned to the caller (``forward_features``, ``forward_intermediates``, a backbone's features) goes
+    back to contiguous NCHW where the input was, as the plain composition returns it. Values are unchanged;
+    what works on the plain composition's output works on it (``y.view(len(y), -1)`` raises on a
+    channels_last map). A channels_last input keeps channels_last maps.
+    """
+    if y.dim() == 4 and x.dim() == 4 and x.is_contiguous() and not y.is_contiguous():
+        return y.contiguous()
+    return y
 
 
 def _own_halves(block: nn.Module) -> tuple:
