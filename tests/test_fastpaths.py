@@ -845,3 +845,19 @@ def test_returned_maps_keep_the_input_layout(family, layout):
     if layout == "nchw":
         flat = outputs["forward_features"][0].view(len(x), -1)
         _close(flat, references["forward_features"][0].view(len(x), -1), what="flattened")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("mode", ["eval", "train", "optimized", "backbone"])
+def test_an_empty_batch_gives_an_empty_result(family, mode):
+    """A batch of none (a data shard with no images left) runs as in the plain composition, where the fast paths'
+    chunk arithmetic raised IndexError."""
+    model = copy.deepcopy(tiny(family, features_only=mode == "backbone")).train(mode == "train")
+    if mode == "optimized":
+        model = metaformer.optimize_for_inference(model)
+    x = torch.randn(0, 3, *SIZE)
+    with torch.no_grad():
+        out = model(x)
+        expected = _with_backend("reference", lambda: model(x))
+    outs, refs = (out, expected) if mode == "backbone" else ([out], [expected])
+    assert [tuple(t.shape) for t in outs] == [tuple(t.shape) for t in refs] and all(t.numel() == 0 for t in outs)

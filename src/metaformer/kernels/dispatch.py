@@ -56,14 +56,15 @@ __all__ = ["block_forward", "fast_paths_active", "in_input_layout", "intercepted
 
 def fast_paths_active(x, module: Optional[nn.Module] = None) -> bool:
     """Whether fused paths may run for ``x``: a real tensor, eager or torch.compile, not the reference backend;
-    in eager mode also no function transform or forward-mode AD (:func:`transformed`), and no dispatch mode or
-    tensor subclass (:func:`intercepted`); and, given the ``module`` whose forward asks, no hooked part in it
+    in eager mode also a non-empty batch (nothing to gain on none, and the paths' shape arithmetic assumes a
+    sample), no function transform or forward-mode AD (:func:`transformed`), and no dispatch mode or tensor
+    subclass (:func:`intercepted`); and, given the ``module`` whose forward asks, no hooked part in it
     (:func:`parts_hooked`)."""
     if not isinstance(x, torch.Tensor) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
     if get_backend() == "reference":
         return False
-    if not torch.compiler.is_compiling() and (transformed() or intercepted(x)):
+    if not torch.compiler.is_compiling() and (transformed() or intercepted(x) or x.numel() == 0):
         return False
     return module is None or not parts_hooked(module)
 
