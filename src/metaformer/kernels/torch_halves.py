@@ -65,7 +65,6 @@ def identity_mix(x, kind, eps, weight, bias, res_scale, draw_sample=lambda: None
     return x + mixed if res_scale is None else torch.addcmul(mixed, x, res_scale.view(1, -1, 1, 1))
 
 
-
 def random_mixing_half(block: nn.Module, x: torch.Tensor,
                        draw_sample: Callable[[], Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
     """``rs1 * x + ls1 * DropPath(RandomMixing(norm1(x)))`` on the channels_last rows, or None.
