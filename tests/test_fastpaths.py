@@ -762,18 +762,19 @@ def test_batch_sizes_in_turn_reuse_their_packed_weights():
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "optimized"])
 def test_evaluation_leaves_every_block_input_as_it_was(family, mode):
-    model = tiny(family).eval()
+    model = copy.deepcopy(tiny(family)).eval()  # a copy: the hooks stay off the shared model
     if mode == "optimized":
         model = metaformer.optimize_for_inference(model)
-    inputs = []
+    inputs, handles = [], []
     for stage in model.stages:  # every block's input, kept by a hook on the block itself (which keeps the fast path)
         for block in stage.blocks:
-            block.register_forward_pre_hook(lambda m, args: inputs.append((args[0], args[0].clone())))
+            handles.append(block.register_forward_pre_hook(
+                lambda m, args: inputs.append((args[0], args[0].clone()))))
     x = torch.randn(3, 3, *SIZE)
     with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
         fast = model(x)
-        for block in (b for stage in model.stages for b in stage.blocks):
-            block._forward_pre_hooks.clear()
+        for handle in handles:
+            handle.remove()
         expected = _with_backend("reference", lambda: model(x))
     _close(fast, expected, what=family)
     assert len(inputs) == sum(len(stage.blocks) for stage in model.stages)
