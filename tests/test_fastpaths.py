@@ -848,6 +848,19 @@ def test_returned_maps_keep_the_input_layout(family, layout):
         _close(flat, references["forward_features"][0].view(len(x), -1), what="flattened")
 
 
+@pytest.mark.parametrize("family", ["poolformer", "identityformer"])
+def test_compiled_models_return_maps_in_the_input_layout(family):
+    """Under torch.compile the pooling and identity families' blocks work in channels_last too (standard ops):
+    the compiled model's maps come back in the input's layout, as the eager model's do."""
+    model = tiny(family).eval()
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        features = torch.compile(model.forward_features, fullgraph=True, backend="aot_eager")(x)
+        expected = _with_backend("reference", lambda: model.forward_features(x))
+    assert features.is_contiguous()
+    _close(features, expected, what="compiled forward_features")
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("mode", ["eval", "train", "optimized", "backbone"])
 def test_an_empty_batch_gives_an_empty_result(family, mode):

@@ -96,9 +96,9 @@ class TimmContractMixin:
             x = stage(x)
             if i in taken:
                 intermediates.append(self._intermediate_norm(i, x, last) if norm else x)
-        if is_eager(image):  # the maps in the input's memory format (the CPU fast paths work in channels_last)
-            intermediates = [kernels.in_input_layout(t, image) for t in intermediates]
-            x = kernels.in_input_layout(x, image)
+        # the maps in the input's memory format (the CPU fast paths work in channels_last)
+        intermediates = [kernels.in_input_layout(t, image) for t in intermediates]
+        x = kernels.in_input_layout(x, image)
         if intermediates_only:
             return intermediates
         return x, intermediates

@@ -236,8 +236,7 @@ class MetaFormer(TimmContractMixin, nn.Module, SavedModelMixin, library_name="me
         """Stem and stages: returns the last stage's (B, C, H/32, W/32) map (in the input's memory format)."""
         y = self.stages(self.stem(x))
         if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
-            if is_eager(x):
-                y = kernels.in_input_layout(y, x)
+            y = kernels.in_input_layout(y, x)
         return y
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -264,8 +263,7 @@ class MetaFormer(TimmContractMixin, nn.Module, SavedModelMixin, library_name="me
                 if i in self.out_indices:
                     feats.append(norm(x))
         if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
-            if is_eager(image):  # in the input's memory format
-                feats = [kernels.in_input_layout(f, image) for f in feats]
+            feats = [kernels.in_input_layout(f, image) for f in feats]  # in the input's memory format
         return feats
 
     def clone_config(self) -> Dict[str, Any]:

@@ -159,11 +159,20 @@ def in_input_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     returned to the caller (``forward_features``, ``forward_intermediates``, a backbone's features) goes
     back to contiguous NCHW where the input was, as the plain composition returns it. Values are unchanged;
     what works on the plain composition's output works on it (``y.view(len(y), -1)`` raises on a
-    channels_last map). A channels_last input keeps channels_last maps.
+    channels_last map). A channels_last input keeps channels_last maps. In eager mode and under
+    ``torch.compile`` (whose blocks also convert the pooling and identity families); under FX symbolic tracing,
+    ``torch.jit.trace`` and ONNX export the blocks keep the input's layout themselves, and ``y`` is returned.
     """
-    if y.dim() == 4 and x.dim() == 4 and x.is_contiguous() and not y.is_contiguous():
-        return y.contiguous()
-    return y
+    if isinstance(x, torch.fx.Proxy) or isinstance(y, torch.fx.Proxy) or torch.jit.is_tracing() \
+            or torch.onnx.is_in_onnx_export():
+        return y
+    if y.dim() != 4 or x.dim() != 4 or not x.is_contiguous():
+        return y
+    if torch.compiler.is_compiling():
+        # A traced map's strides can differ from those the compiled kernels give it (a norm's output), and
+        # `contiguous()` on a map traced as contiguous is dropped: copy, which the compiled graph keeps.
+        return torch.clone(y, memory_format=torch.contiguous_format)
+    return y if y.is_contiguous() else y.contiguous()
 
 
 def _own_halves(block: nn.Module) -> tuple:
