@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["pool_mixer_residual_torch", "pool_mixer_residual_reference", "sample_rstd", "avg_pool_same",
-           "cuda_channels_last_pool_backward_ok", "writable_temporary"]
+           "cuda_channels_last_pool_backward_ok", "wants_grad", "writable_temporary"]
 
 _DIMS = (1, 2, 3)
 
@@ -119,13 +119,19 @@ def cuda_channels_last_pool_backward_ok(device) -> bool:
     return ok
 
 
+def wants_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd needs a graph through any of ``tensors`` (None entries allowed): gradients are on
+    and one of them requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def writable_temporary(*inputs: Optional[torch.Tensor]) -> bool:
     """Whether a new tensor that a fast path made (a norm's or pooling's output) may be written in place to
     save allocating another: in eager mode (traced graphs expect the ops out of place) and where no gradient
     is wanted of any of ``inputs`` (an in-place op could overwrite what the backward reads)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+    return not wants_grad(*inputs)
 
 
 def pool_mixer_residual_torch(
@@ -143,8 +149,7 @@ def pool_mixer_residual_torch(
     Inputs are assumed validated by the caller.
     """
     acc = _acc_dtype(x.dtype)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x, weight, res_scale, sample_scale))
+    grad = wants_grad(x, weight, res_scale, sample_scale)
     if grad:
         # Pool the centred input: pool(x) - x == pool(x - m) - (x - m) for any per-sample m, and
         # without the centring the weight gradient sum(g * (pool(x) - x)) cancels: both terms carry

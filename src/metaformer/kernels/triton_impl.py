@@ -22,6 +22,7 @@ import triton.language as tl
 
 from . import triton_kernels as tk
 from .tile_config import ConfigSlot, validate
+from .torch_impl import wants_grad
 
 __all__ = ["TritonConfig", "configured", "get_config", "launch_sizes", "pool_mixer_residual_triton", "set_config",
            "unsupported_reason"]
@@ -270,8 +271,7 @@ def pool_mixer_residual_triton(
     sample_scale = sample_scale.contiguous() if sample_scale is not None else None
     if x.numel() == 0:
         return _Empty.apply(x, weight, res_scale, sample_scale)
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, res_scale, sample_scale))
+    grad = wants_grad(x, weight, res_scale, sample_scale)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if not grad:
             return _forward(x, weight, res_scale, sample_scale, float(eps), int(pool_size))[1]

@@ -27,6 +27,7 @@ import triton
 
 from . import triton_ln_kernels as tk
 from .tile_config import ConfigSlot, validate
+from .torch_impl import wants_grad
 from .triton_impl import _acc, _dense, _eps_parts, _strides
 
 __all__ = ["LNConfig", "configured", "get_config", "launch_sizes", "layernorm_triton", "set_config",
@@ -212,10 +213,6 @@ class _ResidualLayerNorm(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _wants_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def layernorm_triton(x, y=None, weight=None, bias=None, *, eps, res_scale=None, layer_scale=None, sample_scale=None,
                      z_dtype=None, out_dtype):
     """Triton implementation of ``layernorm_channels`` (``y`` None) and ``residual_layernorm`` (inputs
@@ -234,10 +231,10 @@ def layernorm_triton(x, y=None, weight=None, bias=None, *, eps, res_scale=None, 
                                                                              sample_scale))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if y is None:
-            if not _wants_grad(x, weight, bias):
+            if not wants_grad(x, weight, bias):
                 return _ln_forward(x, None, weight, bias, None, None, None, float(eps), None, out_dtype)[3]
             return _LayerNorm.apply(x, weight, bias, float(eps), out_dtype)
-        if not _wants_grad(x, y, weight, bias, r, ls, s):
+        if not wants_grad(x, y, weight, bias, r, ls, s):
             return tuple(_ln_forward(x, y, weight, bias, r, ls, s, float(eps), z_dtype, out_dtype)[2:])
         return _ResidualLayerNorm.apply(x, y, weight, bias, r, ls, s, float(eps), z_dtype, out_dtype)
 
@@ -300,6 +297,6 @@ def star_relu_triton(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *
         raise RuntimeError("the input is too large for the Triton StarReLU kernel's launch grid; use "
                            "set_backend('auto') or set_backend('torch')")
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        if not _wants_grad(x, scale, bias):
+        if not wants_grad(x, scale, bias):
             return _star_forward(x, scale, bias, out_dtype)[1]
         return _StarReLU.apply(x, scale, bias, out_dtype)
