@@ -109,14 +109,18 @@ def conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], attr: str 
         return None
 
 
+def _format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format a primitive's output takes from its input ``x`` (and an added tensor must have)."""
+    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
+
+
 def conv_add(x: torch.Tensor, other: torch.Tensor, w: torch.Tensor,
              b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``conv2d(x, w, b) + other`` (1x1, stride 1) as one primitive; None if the build refuses."""
     if _BROKEN:
         return None
-    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     try:
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, other.contiguous(memory_format=fmt), w, b, [0, 0],
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, other.contiguous(memory_format=_format(x)), w, b, [0, 0],
                                                               _ONE, _ONE, 1, "add", None, None, [], None)
     except (RuntimeError, TypeError) as err:
         _broken(err)
@@ -133,8 +137,7 @@ def conv_add_(other: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     """
     if _BROKEN:
         return None
-    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-    if other.is_contiguous(memory_format=fmt) and other.dtype == x.dtype and _INPLACE is not None:
+    if other.is_contiguous(memory_format=_format(x)) and other.dtype == x.dtype and _INPLACE is not None:
         try:
             return _INPLACE(other, x, w, b, [0, 0], _ONE, _ONE, 1, "add", None, None, [], None)
         except (RuntimeError, TypeError):
