@@ -22,6 +22,7 @@ Usage::
     python benchmarks/bench_gpu_families.py                 # writes benchmarks/results/gpu_families.json
     python benchmarks/bench_gpu_families.py --models convformer_s18 --no-kernels
     python benchmarks/bench_gpu_families.py --smoke --models poolformer_s12 --size 64   # CPU plumbing check (no compile)
+    python benchmarks/bench_gpu_families.py --table results/h100/gpu_families*.json  # markdown tables of saved runs
 
 Exit status: 0 done, 1 missing requirement (no GPU), 2 wrong results, 3 a variant failed (the others ran).
 """
@@ -29,6 +30,7 @@ Exit status: 0 done, 1 missing requirement (no GPU), 2 wrong results, 3 a varian
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -68,7 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gpu_families.json")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device (CPU: no triton variants)")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
+    p.add_argument("--table", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="print markdown tables of saved runs (merged per model, a later file's variant wins) and exit")
     args = p.parse_args(argv)
+    if args.table:
+        return args
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         p.error(f"unknown models {unknown}; choose from {MODELS}")
@@ -246,8 +252,51 @@ def print_table(results: dict) -> None:
               f" | {f('ours_peak_mem_vs_timm_best_eager'):>7}")
 
 
+TABLE_VARIANTS = ["timm_nchw", "timm_cl", "timm_compiled", "ours", "ours_compiled"]
+
+
+def markdown_tables(files: list) -> str:
+    """Inference and training tables (img/s, ratios to timm's best eager layout and to timm compiled, peak
+    memory) of saved runs; a model's variants are merged over the files, each ratio from the medians."""
+    merged, machines = {}, []
+    for path in files:
+        data = json.loads(Path(path).read_text())
+        if data.get("kind") != "gpu_families":
+            raise SystemExit(f"{path}: not a bench_gpu_families.py result (kind {data.get('kind')!r})")
+        machines.append(data.get("machine", {}).get("device", "?"))
+        for name, m in data.get("models", {}).items():
+            merged.setdefault(name, {}).update(m.get("variants", {}))
+    lines = [f"Devices: {', '.join(sorted(set(machines)))}; img/s (batch / median time); ratios are ours' speed over "
+             "timm's (above 1: ours faster).", ""]
+    for part, title in (("inference", "Inference"), ("train_step", "Training step")):
+        head = [v for v in TABLE_VARIANTS if any(v in rows for rows in merged.values())]
+        cols = head + ["ours / timm best eager", "ours / timm compiled", "ours compiled / timm compiled"]
+        if part == "train_step":
+            cols.append("peak memory ours / timm best eager")
+        lines += [f"**{title}**", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, rows in merged.items():
+            ms = {v: rows[v][part]["median_ms"] for v in head if v in rows}
+            cells = [f"{rows[v][part]['img_per_s']:.0f}" if v in rows else "-" for v in head]
+            eager = [v for v in ("timm_nchw", "timm_cl") if v in ms]
+            best = min(eager, key=ms.get) if eager else None
+
+            def ratio(a, b, ms=ms):
+                return f"{ms[b] / ms[a]:.2f}x" if a in ms and b in ms else "-"
+            cells += [ratio("ours", best) if best else "-", ratio("ours", "timm_compiled"),
+                      ratio("ours_compiled", "timm_compiled")]
+            if part == "train_step":
+                mem = {v: rows[v][part].get("peak_mem_mib") for v in ("ours", best) if v in rows}
+                cells.append(f"{mem['ours'] / mem[best]:.2f}x" if best and all(mem.values()) and len(mem) == 2 else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.table:
+        print(markdown_tables(args.table))
+        return 0
     t_end = time.perf_counter() + (args.budget_s if args.budget_s else float("inf"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
         print("bench_gpu_families: no CUDA device: this benchmark needs a GPU (or --smoke for a CPU run of its "

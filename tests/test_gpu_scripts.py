@@ -113,3 +113,29 @@ def test_session_keeps_time_only_for_the_steps_that_run():
     assert gpu_session.reserve_after(args, "tests") == 60 + 240 + 100
     assert gpu_session.reserve_after(args, "bench") == 100
     assert gpu_session.reserve_after(gpu_session.parse_args(["--skip", "families"]), "bench") == 0
+
+
+def test_families_table_merges_runs_and_computes_ratios_from_medians(tmp_path):
+    """``--table`` renders saved runs: a model's variants merged over files, ratios from the medians."""
+    import bench_gpu_families
+
+    def row(ms, mem=None):
+        part = {"median_ms": ms, "img_per_s": 128 / (ms * 1e-3)}
+        return {"inference": dict(part), "train_step": {**part, **({"peak_mem_mib": mem} if mem else {})}}
+
+    first = {"kind": "gpu_families", "machine": {"device": "GPU A"}, "models": {"m": {"variants": {
+        "timm_nchw": row(10.0, 400.0), "timm_cl": row(8.0, 500.0), "ours": row(4.0, 250.0),
+        "timm_compiled": row(6.0)}}}}
+    second = {"kind": "gpu_families", "machine": {"device": "GPU A"}, "models": {"m": {"variants": {
+        "ours_compiled": row(5.0)}}}}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, data in zip(paths, (first, second)):
+        path.write_text(json.dumps(data))
+    text = bench_gpu_families.markdown_tables(paths)
+    inference, train = [line for line in text.splitlines() if line.startswith("| m |")]
+    # best eager is timm_cl (8 ms): ours 4 ms -> 2.00x; timm compiled 6 ms: ours 1.50x, ours compiled 1.20x
+    assert inference.split(" | ")[-3:] == ["2.00x", "1.50x", "1.20x |"]
+    assert train.endswith("| 2.00x | 1.50x | 1.20x | 0.50x |")  # peak memory 250 / timm_cl's 500
+    (tmp_path / "c.json").write_text(json.dumps({"kind": "pool_mixer_gpu"}))
+    with pytest.raises(SystemExit, match="not a bench_gpu_families.py result"):
+        bench_gpu_families.markdown_tables([tmp_path / "c.json"])
