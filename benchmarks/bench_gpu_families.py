@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gpu_families.json")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device (CPU: no triton variants)")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timings, profile each model's eager variants (inference and a training step): "
+                        "the top operators by device time and the device's busy share of the wall time")
     p.add_argument("--table", nargs="+", type=Path, default=None, metavar="JSON",
                    help="print markdown tables of saved runs (merged per model, a later file's variant wins) and exit")
     args = p.parse_args(argv)
@@ -240,6 +243,80 @@ def bench_models(args, results: dict, save, t_end) -> None:
         save()
 
 
+def profile_variant(args, name: str, variant: str, x, steps: int = 3, top: int = 15) -> dict:
+    """Where one eager variant's time goes: per pass, the wall time of ``steps`` calls (unprofiled), the device
+    time of their kernels (profiled) (its share of the wall time says whether the GPU waited for Python), and the ``top``
+    kernels by device time and operators by their own CPU time (Python and dispatch overhead shows there)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _build(name)
+    if variant.startswith("ours"):
+        model = _build(name, model.state_dict())
+    fmt = torch.contiguous_format if variant.endswith("nchw") else torch.channels_last
+    model = model.to(args.device).to(memory_format=fmt)
+    xin = x.contiguous(memory_format=fmt)
+    cuda = args.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = {}
+    for train in (False, True):
+        model.train(train)
+        fn = _step(model, xin, train, args.device)
+        for _ in range(2):  # warm: self-checks, autotuning, allocator
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()  # the wall time without the profiler's own overhead
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        # kernels are events of their own (device_type CUDA) under Kineto; the operators' rows repeat their time
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+
+        def device_us(e):
+            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
+
+        def row(e, us):
+            return {"name": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": us / 1e3 / steps}
+        busy_ms = sum(device_us(e) for e in kernels) / 1e3 / steps if cuda else None
+        cpu_ops = [e for e in events if e.device_type == DeviceType.CPU]
+        out["train_step" if train else "inference"] = {
+            "wall_ms_per_step": wall_ms, "device_ms_per_step": busy_ms,
+            "device_busy_share": busy_ms / wall_ms if cuda and wall_ms else None,
+            "top_kernels": [row(e, device_us(e)) for e in sorted(kernels, key=device_us, reverse=True)[:top]],
+            "top_cpu_ops": [row(e, float(e.self_cpu_time_total))
+                            for e in sorted(cpu_ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]]}
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def profile_models(args, results: dict, save) -> None:
+    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+    for name in args.models:
+        for variant in [v for v in args.variants if not v.endswith("compiled")]:
+            try:
+                prof = profile_variant(args, name, variant, x)
+            except Exception as e:  # recorded; the timings already saved stand
+                results["models"][name].setdefault("errors", {})[f"profile {variant}"] = f"{type(e).__name__}: {e}"
+                continue
+            results["models"][name].setdefault("profiles", {})[variant] = prof
+            share = prof["inference"]["device_busy_share"]
+            print(f"  profile {name:18} {variant:10} inference wall {prof['inference']['wall_ms_per_step']:.2f} ms"
+                  + (f", device busy {share:.0%}" if share is not None else "")
+                  + f"; top CPU op: {prof['inference']['top_cpu_ops'][0]['name']}", flush=True)
+            save()
+
+
 def print_table(results: dict) -> None:
     print("\nmodel               ours vs timm's best eager (inference / train) | vs timm compiled | peak mem vs best")
     for name, m in results.get("models", {}).items():
@@ -324,6 +401,9 @@ def main(argv=None) -> int:
             print(f"\nmodels, batch {args.batch}, {args.size}x{args.size}, bf16 autocast", flush=True)
             bench_models(args, results, save, t_end)
             print_table(results)
+            if args.profile:
+                print("\nprofiles (eager variants)", flush=True)
+                profile_models(args, results, save)
     except BenchmarkError as e:
         print(f"\nCORRECTNESS FAILURE, nothing timed is trustworthy: {e}", file=sys.stderr)
         return 2

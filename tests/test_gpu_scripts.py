@@ -139,3 +139,21 @@ def test_families_table_merges_runs_and_computes_ratios_from_medians(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"kind": "pool_mixer_gpu"}))
     with pytest.raises(SystemExit, match="not a bench_gpu_families.py result"):
         bench_gpu_families.markdown_tables([tmp_path / "c.json"])
+
+
+def test_families_profile_records_where_the_time_goes(tmp_path):
+    """``--profile`` records, per eager variant and pass, the wall time and the operators by their own time
+    (on a CPU run no kernels and no device share)."""
+    path = tmp_path / "families.json"
+    out = _run("bench_gpu_families.py", "--smoke", "--no-kernels", "--models", "poolformer_s12", "--size", "32",
+               "--variants", "timm_cl", "ours", "--profile", "--output", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    profiles = json.loads(path.read_text())["models"]["poolformer_s12"]["profiles"]
+    assert set(profiles) == {"timm_cl", "ours"}
+    for prof in profiles.values():
+        for part in ("inference", "train_step"):
+            p = prof[part]
+            assert p["wall_ms_per_step"] > 0 and p["device_busy_share"] is None and p["top_kernels"] == []
+            names = [r["name"] for r in p["top_cpu_ops"]]
+            assert any("convolution" in n for n in names), names  # 1x1 convs run in every model
+            assert all(r["self_ms_per_step"] >= 0 and r["calls_per_step"] > 0 for r in p["top_cpu_ops"])
