@@ -141,8 +141,25 @@ def conv_add_(other: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
         try:
             return _INPLACE(other, x, w, b, [0, 0], _ONE, _ONE, 1, "add", None, None, [], None)
         except (RuntimeError, TypeError):
-            pass  # a build whose in-place variant differs: the out-of-place primitive below
+            _inplace_refused()  # the out-of-place primitive below, this time (and for good if the probe fails)
     return conv_add(x, other, w, b)
+
+
+def _inplace_refused() -> None:
+    """The in-place primitive refused a call: stop trying it for good only if it refuses a tiny call too (a
+    build whose in-place variant differs), as :func:`_broken` does for the others; a refusal of this call
+    alone leaves it on."""
+    global _INPLACE
+    if _INPLACE is None:
+        return
+    x, w, other = torch.ones(1, 2, 3, 3), torch.ones(4, 2, 1, 1), torch.zeros(1, 4, 3, 3)
+    try:
+        ok = _INPLACE(other, x, w, None, [0, 0], _ONE, _ONE, 1, "add", None, None, [], None) is not None \
+            and bool((other == 2).all())
+    except Exception:  # noqa: BLE001 - any refusal means the build's in-place variant is not the one we call
+        ok = False
+    if not ok:
+        _INPLACE = None
 
 
 def _inplace_op():
