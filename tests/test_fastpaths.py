@@ -870,6 +870,64 @@ def test_returned_maps_keep_the_input_layout(family, layout):
         _close(flat, references["forward_features"][0].view(len(x), -1), what="flattened")
 
 
+@pytest.mark.parametrize("family", ["poolformer", "randformer", "convformer", "caformer"])
+@pytest.mark.parametrize("mode", ["eval", "train", "optimized"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_a_block_or_stage_called_on_its_own_returns_the_input_layout(family, mode, layout):
+    """Blocks and stages used as building blocks of one's own model: the CPU fast paths work in channels_last,
+    but a block returns its input's layout, as the plain composition does (``y.view(B, C, -1)`` works), and a
+    stage the layout its downsampling gives, with the same values (and gradients in training)."""
+    model = copy.deepcopy(tiny(family)).train(mode == "train")
+    if mode == "optimized":
+        model = metaformer.optimize_for_inference(model)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    stage = model.stages[2]  # the third stage: attention in CAFormer, random mixing in RandFormer
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 32, 6, 8, generator=g).contiguous(memory_format=fmt)  # the third stage's input
+    inner = torch.randn(2, 48, 3, 4, generator=g).contiguous(memory_format=fmt)  # its blocks' input
+    for what, module, given in (("stage", stage, x), ("block", stage.blocks[0], inner)):
+        if mode == "train":
+            got, grads = _run(module, given, "auto")
+            want, want_grads = _run(module, given, "reference")
+            for name, grad in grads.items():
+                _close(grad, want_grads[name], what=f"{what}: gradient of {name}", floor=_floor(want_grads, name))
+        else:
+            with torch.no_grad():
+                got = module(given)
+                want = _with_backend("reference", lambda m=module, t=given: m(t))
+        _close(got, want, what=what)
+        if what == "block":  # the input's layout
+            assert got.is_contiguous(memory_format=fmt), f"block: strides {got.stride()} for an input in {layout}"
+            if layout == "nchw":
+                got.view(len(got), got.shape[1], -1)  # raised on a channels_last result
+        else:  # the layout the downsampling gives (the baselines' channel LayerNorm returns channels_last strides)
+            with torch.no_grad():
+                entry = module.downsample(given)
+            assert got.stride() == entry.stride(), f"stage: strides {got.stride()}, its blocks' input's {entry.stride()}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("mode", ["eval", "train", "optimized"])
+def test_in_a_model_the_layout_converts_once_before_the_blocks(family, mode):
+    """A block returns its input's layout, so in a model (or stage) its input must be channels_last already:
+    every block of the model gets and returns channels_last for an NCHW batch (no copy between blocks)."""
+    model = copy.deepcopy(tiny(family)).train(mode == "train")
+    if mode == "optimized":
+        model = metaformer.optimize_for_inference(model)
+    seen = []
+    blocks = [b for stage in model.stages for b in stage.blocks]
+    hooks = [b.register_forward_hook(lambda m, args, y: seen.append(
+        (args[0].is_contiguous(memory_format=torch.channels_last), y.is_contiguous(memory_format=torch.channels_last))))
+        for b in blocks]
+    try:
+        with torch.set_grad_enabled(mode == "train"):
+            model(torch.randn(2, 3, *SIZE))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [(True, True)] * len(blocks)
+
+
 @pytest.mark.parametrize("family", ["poolformer", "identityformer"])
 def test_compiled_models_return_maps_in_the_input_layout(family):
     """Under torch.compile the pooling and identity families' blocks work in channels_last too (standard ops):

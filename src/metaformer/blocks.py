@@ -131,8 +131,16 @@ class MetaFormerStage(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         if not torch.jit.is_scripting():
+            # The CPU fast paths work in channels_last: the blocks get it once, and the stage returns the
+            # input's layout (in a model the input is channels_last already, and nothing converts).
+            given = x
+            converted = kernels.converts_to_channels_last(self.blocks, x)
+            if converted:
+                x = x.contiguous(memory_format=torch.channels_last)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 for block in self.blocks:
                     x = checkpoint(block, x, use_reentrant=False)
-                return x
+            else:
+                x = self.blocks(x)
+            return kernels.in_input_layout(x, given) if converted else x
         return self.blocks(x)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .kernels import cpu_eval, onednn, torch_halves
+from .kernels import cpu_eval, dispatch, onednn, torch_halves
 from .kernels.cache import derived
 from .kernels.folding import Folded, act_kind, fold_in, fold_out, norm_kind, normalise
 from .kernels.torch_impl import avg_pool_same
@@ -236,14 +236,19 @@ class InferenceBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (a hooked part makes fast_paths_active false: the part is then called, so its hooks run)
         fast = kernels.fast_paths_active(x, self) and x.device.type == "cpu" and not torch.compiler.is_compiling()
-        if fast and x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous():
+        given = x
+        converted = fast and dispatch.inference_block_converts(self, x)
+        if converted:
             x = x.contiguous(memory_format=torch.channels_last)
         if fast and self.mlp_mode == "folded" and self.mixer_mode != "original" and onednn.onednn_usable(x):
             # every part is a built-in one that treats each sample on its own: run cache-sized chunks
             rows = cpu_eval.chunk_rows(x, self.fc1.weight.shape[0])
             # (every mixer half returns a new tensor of its own, which the MLP half may then write into)
-            return cpu_eval.in_chunks(lambda part: self._mlp_half(self._mixer_half(part, True), True, True), x, rows)
-        return self._mlp_half(self._mixer_half(x, fast), fast, fast)
+            y = cpu_eval.in_chunks(lambda part: self._mlp_half(self._mixer_half(part, True), True, True), x, rows)
+        else:
+            y = self._mlp_half(self._mixer_half(x, fast), fast, fast)
+        # on its own it returns the input's layout; in a model or stage its input is channels_last already
+        return kernels.in_input_layout(y, given) if converted else y
 
     def extra_repr(self) -> str:
         return f"mixer_mode={self.mixer_mode!r}, mlp_mode={self.mlp_mode!r}"

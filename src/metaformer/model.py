@@ -234,7 +234,10 @@ class MetaFormer(TimmContractMixin, nn.Module, SavedModelMixin, library_name="me
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages: returns the last stage's (B, C, H/32, W/32) map (in the input's memory format)."""
-        y = self.stages(self.stem(x))
+        y = self.stem(x)
+        if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
+            y = kernels.working_layout(y, self.stages)  # the blocks' layout, once (channels_last on CPU)
+        y = self.stages(y)
         if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
             y = kernels.in_input_layout(y, x)
         return y
@@ -256,6 +259,8 @@ class MetaFormer(TimmContractMixin, nn.Module, SavedModelMixin, library_name="me
         last = self.out_indices[-1]
         image = x
         x = self.stem(x)
+        if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
+            x = kernels.working_layout(x, self.stages)  # the blocks' layout, once (channels_last on CPU)
         feats: List[torch.Tensor] = []
         for i, (stage, norm) in enumerate(zip(self.stages, self.feature_norms)):
             if i <= last:  # stages after the last returned map do not run

@@ -37,6 +37,7 @@ __all__ = [
     "BACKENDS",
     "TRITON_AVAILABLE",
     "block_forward",
+    "converts_to_channels_last",
     "fast_paths_active",
     "get_backend",
     "in_input_layout",
@@ -46,6 +47,7 @@ __all__ = [
     "resolve_backend",
     "set_backend",
     "star_relu",
+    "working_layout",
 ]
 
 BACKENDS = ("auto", "torch", "triton", "reference")
@@ -236,4 +238,10 @@ def _validate(x, weight, pool_size, res_scale, sample_scale) -> None:
 
 
 from .baseline_ops import layernorm_channels, residual_layernorm, star_relu  # noqa: E402  (reads the names above)
-from .dispatch import block_forward, fast_paths_active, in_input_layout  # noqa: E402  (it reads the names defined above)
+from .dispatch import (  # noqa: E402  (it reads the names defined above)
+    block_forward,
+    converts_to_channels_last,
+    fast_paths_active,
+    in_input_layout,
+    working_layout,
+)

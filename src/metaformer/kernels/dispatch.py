@@ -144,12 +144,69 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = cuda_halves.ln_block(block, x)  # the baselines' whole block through the Triton kernels
         if y is not None:
             return y
-    if x.device.type == "cpu" and _nchw_contiguous(x) and _cpu_fused(block, x):
+    given = x
+    converted = x.device.type == "cpu" and _nchw_contiguous(x) and _cpu_fused(block, x)
+    if converted:
         x = x.contiguous(memory_format=torch.channels_last)
     rows = None if own_mixer or own_mlp else _cpu_eval_chunk_rows(block, x)
     if rows is not None:
-        return cpu_eval.in_chunks(functools.partial(_halves, block), x, rows)
-    return _halves(block, x, own_mixer, own_mlp)
+        y = cpu_eval.in_chunks(functools.partial(_halves, block), x, rows)
+    else:
+        y = _halves(block, x, own_mixer, own_mlp)
+    # a block called on its own returns the input's layout; in a model or stage its input is already
+    # channels_last (working_layout), so nothing converts between blocks
+    return in_input_layout(y, given) if converted else y
+
+
+def _block_converts(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`block_forward` runs ``x`` in channels_last (an NCHW-contiguous CPU input)."""
+    if x.device.type != "cpu" or not _nchw_contiguous(x):
+        return False
+    own_mixer, own_mlp = _own_halves(block)
+    if not fast_paths_active(x, block) or _cpu_autocast() or (own_mixer and own_mlp):
+        return False
+    return _cpu_fused(block, x)
+
+
+def inference_block_converts(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether an :class:`~metaformer.inference_block.InferenceBlock` runs ``x`` in channels_last: on CPU in
+    eager mode, an NCHW-contiguous input of more than one channel."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and _nchw_contiguous(x)
+            and fast_paths_active(x, block))
+
+
+def converts_to_channels_last(module: nn.Module, x) -> bool:
+    """Whether the first block of ``module`` (a block, a stage, or a sequence of blocks or stages) runs an
+    NCHW input ``x`` in channels_last, the layout of the CPU fast paths.
+
+    A model or stage then converts its input once, before its blocks, so that no block converts (a block
+    or stage called on its own returns the input's layout, which would cost a copy at every block).
+    """
+    from ..blocks import MetaFormerBlock
+    from ..inference_block import InferenceBlock
+
+    if not isinstance(x, torch.Tensor) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False  # (a traced size compared with an int would warn; the blocks keep the layout there)
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, MetaFormerBlock):
+            return _block_converts(m, x)
+        if isinstance(m, InferenceBlock):
+            return inference_block_converts(m, x)
+        if isinstance(m, nn.Sequential):
+            stack.extend(reversed(list(m)))
+        elif isinstance(getattr(m, "blocks", None), nn.Module):
+            stack.append(m.blocks)
+        else:
+            return False  # another kind of module first: leave the layout to it
+    return False
+
+
+def working_layout(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``x`` in the memory format ``module``'s first block computes in (channels_last where it converts
+    an NCHW input on CPU, see :func:`converts_to_channels_last`), else ``x`` itself. Values are unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if converts_to_channels_last(module, x) else x
 
 
 def in_input_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
