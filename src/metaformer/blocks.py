@@ -41,7 +41,8 @@ class MetaFormerBlock(nn.Module):
     ``forward`` is ``mlp_half(mixer_half(x))``. In eager mode the block hands itself to
     :func:`metaformer.kernels.block_forward`, which runs fused paths of the same function where they
     apply (pooling after a one-group GroupNorm, oneDNN MLPs in CPU inference); ``set_backend("reference")``
-    turns them off.
+    turns them off. The result has the input's memory format (the CPU paths compute in channels_last and
+    convert an NCHW input there and back; in a model or stage the input is channels_last already).
     """
 
     def __init__(self, dim: int, token_mixer: Callable[..., nn.Module] = Pooling,
@@ -94,6 +95,9 @@ class MetaFormerStage(nn.Module):
             downsampling, or None.
         drop_path_rates: One stochastic-depth rate per block (default all zero).
         **block_kwargs: Passed to every :class:`MetaFormerBlock` (token_mixer, norm_layer, ...).
+
+    The result has the memory format the downsampling gives its blocks: an NCHW input that the blocks would
+    compute in channels_last (on CPU) is converted once before them, and the result converted back.
     """
 
     __jit_unused_properties__ = ["spatial_size"]  # Python-side information, not part of a scripted forward
