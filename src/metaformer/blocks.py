@@ -135,8 +135,8 @@ class MetaFormerStage(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         if not torch.jit.is_scripting():
-            # The CPU fast paths work in channels_last: the blocks get it once, and the stage returns the
-            # input's layout (in a model the input is channels_last already, and nothing converts).
+            # The CPU fast paths work in channels_last: the blocks get it once, and the stage returns the layout
+            # the downsampling gave (in a model that is channels_last already, and nothing converts).
             given = x
             converted = kernels.converts_to_channels_last(self.blocks, x)
             if converted:

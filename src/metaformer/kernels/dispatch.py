@@ -159,7 +159,8 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _block_converts(block: nn.Module, x: torch.Tensor) -> bool:
-    """Whether :func:`block_forward` runs ``x`` in channels_last (an NCHW-contiguous CPU input)."""
+    """Whether :func:`block_forward` runs ``x`` in channels_last (an NCHW-contiguous CPU input): its
+    conditions, in the order that answers a channels_last input (a model's, a stage's) first."""
     if x.device.type != "cpu" or not _nchw_contiguous(x):
         return False
     own_mixer, own_mlp = _own_halves(block)
