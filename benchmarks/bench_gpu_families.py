@@ -162,14 +162,18 @@ def check_family(args, name: str, x) -> dict:
     return {"rel_diff_vs_timm_" + k: v for k, v in out.items()}
 
 
-def time_variant(args, name: str, variant: str, x) -> dict:
-    """Inference and training-step timings of one variant (after a torch._dynamo.reset() when compiled)."""
+def _variant_model(args, name: str, variant: str, x) -> tuple:
+    """One variant's model (timm's, or ours with timm's weights) and input, on the device in its layout."""
     model = _build(name)
     if variant.startswith("ours"):
         model = _build(name, model.state_dict())
     fmt = torch.contiguous_format if variant.endswith("nchw") else torch.channels_last
-    model = model.to(args.device).to(memory_format=fmt)
-    xin = x.contiguous(memory_format=fmt)
+    return model.to(args.device).to(memory_format=fmt), x.contiguous(memory_format=fmt)
+
+
+def time_variant(args, name: str, variant: str, x) -> dict:
+    """Inference and training-step timings of one variant (after a torch._dynamo.reset() when compiled)."""
+    model, xin = _variant_model(args, name, variant, x)
     t0 = time.perf_counter()
     if variant.endswith("compiled"):
         torch._dynamo.reset()
@@ -244,18 +248,13 @@ def bench_models(args, results: dict, save, t_end) -> None:
 
 
 def profile_variant(args, name: str, variant: str, x, steps: int = 3, top: int = 15) -> dict:
-    """Where one eager variant's time goes: per pass, the wall time of ``steps`` calls (unprofiled), the device
-    time of their kernels (profiled) (its share of the wall time says whether the GPU waited for Python), and the ``top``
-    kernels by device time and operators by their own CPU time (Python and dispatch overhead shows there)."""
+    """Where one eager variant's time goes, per pass: the wall time of ``steps`` calls (unprofiled); the device
+    time of their kernels (profiled), whose share of the wall time says whether the GPU waited for Python;
+    the ``top`` kernels by device time and operators by their own CPU time (Python and dispatch overhead)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    model = _build(name)
-    if variant.startswith("ours"):
-        model = _build(name, model.state_dict())
-    fmt = torch.contiguous_format if variant.endswith("nchw") else torch.channels_last
-    model = model.to(args.device).to(memory_format=fmt)
-    xin = x.contiguous(memory_format=fmt)
+    model, xin = _variant_model(args, name, variant, x)
     cuda = args.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     out = {}
