@@ -714,24 +714,25 @@ def test_one_refused_primitive_call_leaves_the_primitives_on():
 
 @pytest.mark.skipif(onednn._INPLACE is None, reason="no in-place oneDNN primitive in this build")
 def test_in_place_primitive_refused_by_a_build_falls_back_and_is_switched_off(monkeypatch):
-    """``conv_add_`` on a build whose in-place variant takes other arguments (here the out-of-place op of the
-    same arity, which reads them in another order and refuses): right results from the out-of-place
-    primitive, and the in-place one is not tried again; a refusal of one call alone leaves it on."""
+    """``conv_add(..., inplace=True)`` on a build whose in-place variant takes other arguments (here the
+    out-of-place op of the same arity, which reads them in another order and refuses): right results from the
+    out-of-place primitive, and the in-place one is not tried again; a refusal of one call alone leaves it on."""
     x, w, b = torch.randn(2, 3, 5, 5), torch.randn(8, 3, 1, 1), torch.randn(8)
     want = lambda other: other + F.conv2d(x, w, b)  # noqa: E731
     other = torch.randn(2, 8, 5, 5)
     expected = want(other)
     # one refused call (a weight for 5 channels on a 3-channel input): None, the in-place primitive stays on
-    assert onednn.conv_add_(torch.randn(1, 8, 4, 4), torch.randn(1, 3, 4, 4), torch.randn(8, 5, 1, 1), None) is None
+    assert onednn.conv_add(torch.randn(1, 3, 4, 4), torch.randn(1, 8, 4, 4), torch.randn(8, 5, 1, 1), None,
+                           inplace=True) is None
     assert onednn._INPLACE is not None
-    torch.testing.assert_close(onednn.conv_add_(other, x, w, b), expected)
+    torch.testing.assert_close(onednn.conv_add(x, other, w, b, inplace=True), expected)
     monkeypatch.setattr(onednn, "_INPLACE", torch.ops.mkldnn._convolution_pointwise.binary)
     other = torch.randn(2, 8, 5, 5)
     expected = want(other)
-    torch.testing.assert_close(onednn.conv_add_(other, x, w, b), expected)
+    torch.testing.assert_close(onednn.conv_add(x, other, w, b, inplace=True), expected)
     assert onednn._INPLACE is None and onednn.onednn_ok(x)
     other = torch.randn(2, 8, 5, 5)
-    torch.testing.assert_close(onednn.conv_add_(other, x, w, b), want(other))
+    torch.testing.assert_close(onednn.conv_add(x, other, w, b, inplace=True), want(other))
 
 
 # ------------------------------------------------------------------------------- the cache across shapes

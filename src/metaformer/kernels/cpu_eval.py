@@ -269,7 +269,7 @@ def run_sepconv(x: torch.Tensor, kind: str, eps: float, p: Folded, act: str, ker
     if d is None:
         return None
     res = _residual(x, res_scale)
-    return onednn.conv_add(d, res, p.w2, p.b2) if res is x else onednn.conv_add_(res, d, p.w2, p.b2)
+    return onednn.conv_add(d, res, p.w2, p.b2, inplace=res is not x)  # into res where it is a new tensor
 
 
 # ------------------------------------------------------------------------------------- attention half
@@ -326,4 +326,4 @@ def run_attention(x: torch.Tensor, kind: str, eps: float, p: Folded, mixer: nn.M
     res = _residual(x, res_scale)
     # (b, h, w, c) contiguous is a channels_last (b, c, h, w) map
     out = out.contiguous().permute(0, 3, 1, 2)
-    return onednn.conv_add(out, res, p.w2, p.b2) if res is x else onednn.conv_add_(res, out, p.w2, p.b2)
+    return onednn.conv_add(out, res, p.w2, p.b2, inplace=res is not x)  # into res where it is a new tensor

@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["ONEDNN_AVAILABLE", "onednn_usable", "onednn_ok", "prepack", "conv", "conv_add", "conv_add_",
+__all__ = ["ONEDNN_AVAILABLE", "onednn_usable", "onednn_ok", "prepack", "conv", "conv_add",
            "mlp_residual_onednn"]
 
 
@@ -114,11 +114,21 @@ def _format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format if x.is_contiguous() else torch.channels_last
 
 
-def conv_add(x: torch.Tensor, other: torch.Tensor, w: torch.Tensor,
-             b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``conv2d(x, w, b) + other`` (1x1, stride 1) as one primitive; None if the build refuses."""
+def conv_add(x: torch.Tensor, other: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+             inplace: bool = False) -> Optional[torch.Tensor]:
+    """``conv2d(x, w, b) + other`` (1x1, stride 1) as one primitive; None if the build refuses.
+
+    With ``inplace`` the sum is written into ``other`` (oneDNN's sum post-op) where ``other`` is laid out like
+    ``x``'s output, which saves allocating a fresh output (and, for a large one, faulting its pages in): only
+    for an ``other`` that the caller owns (a temporary of its own), never a tensor it was given.
+    """
     if _BROKEN:
         return None
+    if inplace and _INPLACE is not None and other.is_contiguous(memory_format=_format(x)) and other.dtype == x.dtype:
+        try:
+            return _add_in_place(other, x, w, b)
+        except (RuntimeError, TypeError):
+            _inplace_refused()  # the out-of-place primitive below, this time (and for good if the probe fails)
     try:
         return torch.ops.mkldnn._convolution_pointwise.binary(x, other.contiguous(memory_format=_format(x)), w, b, [0, 0],
                                                               _ONE, _ONE, 1, "add", None, None, [], None)
@@ -127,22 +137,8 @@ def conv_add(x: torch.Tensor, other: torch.Tensor, w: torch.Tensor,
         return None
 
 
-def conv_add_(other: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-              b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``other += conv2d(x, w, b)`` (1x1, stride 1) in place, as one primitive (oneDNN's sum post-op), or
-    :func:`conv_add` where ``other`` is not laid out like ``x``'s output; None if the build refuses both.
-
-    Writing into ``other`` saves the allocation of a fresh output (and, for a large one, faulting its pages
-    in): only for an ``other`` that the caller owns (a temporary of its own), never a tensor it was given.
-    """
-    if _BROKEN:
-        return None
-    if other.is_contiguous(memory_format=_format(x)) and other.dtype == x.dtype and _INPLACE is not None:
-        try:
-            return _INPLACE(other, x, w, b, [0, 0], _ONE, _ONE, 1, "add", None, None, [], None)
-        except (RuntimeError, TypeError):
-            _inplace_refused()  # the out-of-place primitive below, this time (and for good if the probe fails)
-    return conv_add(x, other, w, b)
+def _add_in_place(other: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    return _INPLACE(other, x, w, b, [0, 0], _ONE, _ONE, 1, "add", None, None, [], None)
 
 
 def _inplace_refused() -> None:
@@ -154,8 +150,8 @@ def _inplace_refused() -> None:
         return
     x, w, other = torch.ones(1, 2, 3, 3), torch.ones(4, 2, 1, 1), torch.zeros(1, 4, 3, 3)
     try:
-        ok = _INPLACE(other, x, w, None, [0, 0], _ONE, _ONE, 1, "add", None, None, [], None) is not None \
-            and bool((other == 2).all())
+        _add_in_place(other, x, w, None)
+        ok = bool((other == 2).all())
     except Exception:  # noqa: BLE001 - any refusal means the build's in-place variant is not the one we call
         ok = False
     if not ok:
@@ -198,7 +194,7 @@ def mlp_residual_onednn(
         act: ``"gelu"``, ``"relu"`` or ``"relu_square"`` (``relu(t) ** 2``: the ReLU fused, the square
             one in-place pass; StarReLU's scale and bias belong folded into ``w2`` and ``b2``).
         approximate: GELU form, ``"none"`` (erf) or ``"tanh"``.
-        inplace: Add into ``residual`` itself (:func:`conv_add_`): only for a temporary of the caller's.
+        inplace: Add into ``residual`` itself (:func:`conv_add`'s ``inplace``): only for a temporary of the caller's.
     """
     attr = "gelu" if act == "gelu" else "relu"
     hidden = conv(h, w1, b1, attr, algorithm=approximate if act == "gelu" else "")
@@ -206,4 +202,4 @@ def mlp_residual_onednn(
         return None
     if act == "relu_square":
         hidden.square_()
-    return conv_add_(residual, hidden, w2, b2) if inplace else conv_add(hidden, residual, w2, b2)
+    return conv_add(hidden, residual, w2, b2, inplace)
