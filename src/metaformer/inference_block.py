@@ -235,9 +235,9 @@ class InferenceBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (a hooked part makes fast_paths_active false: the part is then called, so its hooks run)
-        fast = kernels.fast_paths_active(x, self) and x.device.type == "cpu" and not torch.compiler.is_compiling()
+        fast = dispatch.inference_block_fast(self, x)
         given = x
-        converted = fast and dispatch.inference_block_converts(self, x)
+        converted = fast and dispatch.nchw_contiguous(x)
         if converted:
             x = x.contiguous(memory_format=torch.channels_last)
         if fast and self.mlp_mode == "folded" and self.mixer_mode != "original" and onednn.onednn_usable(x):

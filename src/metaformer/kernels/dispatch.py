@@ -138,14 +138,14 @@ def parts_hooked(module: nn.Module) -> bool:
 def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The output of a :class:`~metaformer.MetaFormerBlock`, through fused paths where they apply."""
     own_mixer, own_mlp = _own_halves(block)
-    if not fast_paths_active(x, block) or (x.device.type == "cpu" and _cpu_autocast()) or (own_mixer and own_mlp):
+    if _plain(block, x, own_mixer, own_mlp):
         return block.mlp_half(block.mixer_half(x))
     if not (own_mixer or own_mlp or pool_mixer_fusable(block)) and cuda_halves.halves_apply(x):
         y = cuda_halves.ln_block(block, x)  # the baselines' whole block through the Triton kernels
         if y is not None:
             return y
     given = x
-    converted = x.device.type == "cpu" and _nchw_contiguous(x) and _cpu_fused(block, x)
+    converted = _cpu_converts(block, x)
     if converted:
         x = x.contiguous(memory_format=torch.channels_last)
     rows = None if own_mixer or own_mlp else _cpu_eval_chunk_rows(block, x)
@@ -158,22 +158,33 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return in_input_layout(y, given) if converted else y
 
 
+def _plain(block: nn.Module, x: torch.Tensor, own_mixer: bool, own_mlp: bool) -> bool:
+    """Whether :func:`block_forward` runs the block's plain composition: no fast path may run, CPU autocast
+    (whose convolutions run in bf16/fp16), or both halves the subclass's own."""
+    return not fast_paths_active(x, block) or (x.device.type == "cpu" and _cpu_autocast()) or (own_mixer and own_mlp)
+
+
+def _cpu_converts(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a block whose fast paths run computes ``x`` in channels_last: an NCHW-contiguous CPU input that
+    a fused CPU half takes (the cheap tests first: a model's or stage's channels_last input answers at once)."""
+    return x.device.type == "cpu" and nchw_contiguous(x) and _cpu_fused(block, x)
+
+
 def _block_converts(block: nn.Module, x: torch.Tensor) -> bool:
-    """Whether :func:`block_forward` runs ``x`` in channels_last (an NCHW-contiguous CPU input): its
-    conditions, in the order that answers a channels_last input (a model's, a stage's) first."""
-    if x.device.type != "cpu" or not _nchw_contiguous(x):
-        return False
-    own_mixer, own_mlp = _own_halves(block)
-    if not fast_paths_active(x, block) or _cpu_autocast() or (own_mixer and own_mlp):
-        return False
-    return _cpu_fused(block, x)
+    """Whether :func:`block_forward` runs ``x`` in channels_last."""
+    return _cpu_converts(block, x) and not _plain(block, x, *_own_halves(block))
+
+
+def inference_block_fast(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether an :class:`~metaformer.inference_block.InferenceBlock`'s fast paths may run for ``x``: on CPU in
+    eager mode (:func:`fast_paths_active`)."""
+    return fast_paths_active(x, block) and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def inference_block_converts(block: nn.Module, x: torch.Tensor) -> bool:
-    """Whether an :class:`~metaformer.inference_block.InferenceBlock` runs ``x`` in channels_last: on CPU in
-    eager mode, an NCHW-contiguous input of more than one channel."""
-    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and _nchw_contiguous(x)
-            and fast_paths_active(x, block))
+    """Whether an :class:`~metaformer.inference_block.InferenceBlock` runs ``x`` in channels_last: an
+    NCHW-contiguous input of more than one channel where its fast paths run."""
+    return nchw_contiguous(x) and inference_block_fast(block, x)
 
 
 def converts_to_channels_last(module: nn.Module, x) -> bool:
@@ -262,7 +273,8 @@ def _cpu_eval_chunk_rows(block: nn.Module, x: torch.Tensor) -> Optional[int]:
     return cpu_eval.block_chunk_rows(block, x)
 
 
-def _nchw_contiguous(x: torch.Tensor) -> bool:
+def nchw_contiguous(x: torch.Tensor) -> bool:
+    """A 4-D NCHW-contiguous tensor of more than one channel (one that channels_last would lay out otherwise)."""
     return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous()
 
 
