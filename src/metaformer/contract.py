@@ -91,7 +91,7 @@ class TimmContractMixin:
         last = len(self.stages) - 1
         intermediates = []
         image = x
-        x = kernels.working_layout(self.stem(x), self.stages)  # the blocks' layout, once (channels_last on CPU)
+        x = self._stem_map(x)  # the stem, and the blocks' layout once (channels_last on CPU)
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in taken:

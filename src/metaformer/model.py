@@ -234,12 +234,16 @@ class MetaFormer(TimmContractMixin, nn.Module, SavedModelMixin, library_name="me
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages: returns the last stage's (B, C, H/32, W/32) map (in the input's memory format)."""
-        y = self.stem(x)
-        if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
-            y = kernels.working_layout(y, self.stages)  # the blocks' layout, once (channels_last on CPU)
-        y = self.stages(y)
+        y = self.stages(self._stem_map(x))
         if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
             y = kernels.in_input_layout(y, x)
+        return y
+
+    def _stem_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem's map, in the layout the blocks compute in (converted once: channels_last on CPU)."""
+        y = self.stem(x)
+        if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
+            y = kernels.working_layout(y, self.stages)
         return y
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -258,9 +262,7 @@ class MetaFormer(TimmContractMixin, nn.Module, SavedModelMixin, library_name="me
                                "forward_intermediates(x) for the stage maps of a classifier")
         last = self.out_indices[-1]
         image = x
-        x = self.stem(x)
-        if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then compiles nothing below it
-            x = kernels.working_layout(x, self.stages)  # the blocks' layout, once (channels_last on CPU)
+        x = self._stem_map(x)
         feats: List[torch.Tensor] = []
         for i, (stage, norm) in enumerate(zip(self.stages, self.feature_norms)):
             if i <= last:  # stages after the last returned map do not run
