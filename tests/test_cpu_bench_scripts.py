@@ -1,5 +1,5 @@
 """The CPU benchmarks' plumbing: bench_cpu_chunks.py, bench_cpu_allocator.py, bench_cpu_hook_check.py,
-bench_cpu_shapes.py, and bench_cpu.py's floor and updates (timings are never asserted)."""
+bench_cpu_layernorm.py, bench_cpu_shapes.py, and bench_cpu.py's floor and updates (timings are never asserted)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import bench_cpu  # noqa: E402
 import bench_cpu_allocator  # noqa: E402
 import bench_cpu_chunks  # noqa: E402
 import bench_cpu_hook_check  # noqa: E402
+import bench_cpu_layernorm  # noqa: E402
 import bench_cpu_shapes  # noqa: E402
 import cpu_models  # noqa: E402
 
@@ -37,6 +38,20 @@ def test_hook_check_benchmark_times_the_check_and_the_forward(tmp_path, capsys):
     assert row["blocks"] == 12 and row["forward_s"] > 0 and row["check_s"] > 0
     assert row["share"] == pytest.approx(row["check_s"] / row["forward_s"])
     assert "poolformer_s12" in capsys.readouterr().out
+
+
+def test_layernorm_benchmark_times_every_variant_at_every_stage(tmp_path, capsys):
+    out = tmp_path / "ln.json"
+    assert bench_cpu_layernorm.main(["--batch", "1", "--size", "64", "--rounds", "1", "--calls", "1",
+                                     "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert list(data["results"]) == ["1x16x16x64", "1x8x8x128", "1x4x4x320", "1x2x2x512"]
+    for row in data["results"].values():
+        assert set(row) == set(bench_cpu_layernorm.VARIANTS) and row["none"]["forward_vs_none"] == 1.0
+        assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in row.values())
+    assert "1x4x4x320" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_cpu_layernorm.main(["--rounds", "0"])
 
 
 def test_shapes_benchmark_times_both_sides_steady_and_in_turn(tmp_path, capsys):

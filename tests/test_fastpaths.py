@@ -602,6 +602,29 @@ def test_a_hook_based_mac_counter_sees_every_layer(name):
     assert counter.get_total_flops() / 2 == pytest.approx(hooked, rel=1e-6)
 
 
+@pytest.mark.parametrize("family", ["convformer", "caformer", "attention_v1_ln"])
+@pytest.mark.parametrize("mode", ["eval", "optimize_for_inference", "train"])
+def test_the_channel_layernorm_runs_with_a_weight(family, mode):
+    """PyTorch's CPU LayerNorm forward without a weight is a scalar loop, twice as slow as with one
+    (``benchmarks/bench_cpu_layernorm.py``); the fast paths, which fold the norm's affine into the next
+    convolution, pass a weight of ones. Every LayerNorm a model runs on CPU gets a weight."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = copy.deepcopy(tiny(family)).train(mode == "train")
+    if mode == "optimize_for_inference":
+        model = metaformer.optimize_for_inference(model)
+    x = torch.randn(2, 3, *SIZE).contiguous(memory_format=torch.channels_last)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with torch.set_grad_enabled(mode == "train"):
+            y = model(x)
+        if mode == "train":
+            y.sum().backward()
+    calls = [e for e in prof.events() if e.name == "aten::native_layer_norm"]
+    assert calls, "no LayerNorm ran"
+    no_weight = [e.input_shapes for e in calls if not e.input_shapes[2]]
+    assert not no_weight, f"{len(no_weight)} of {len(calls)} LayerNorm calls without a weight: {no_weight[:3]}"
+
+
 # ---------------------------------------------------------------------------- function transforms, forward AD
 # The fused paths' autograd.Functions have no vmap or jvp rules and the oneDNN primitives carry no tangents:
 # under torch.func transforms and forward-mode AD the blocks run their plain composition.

@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from . import onednn
-from .folding import act_kind, norm_kind, normalise, plain_1x1, scale_of, scales_known
+from .folding import act_kind, ln_weight, norm_kind, normalise, plain_1x1, scale_of, scales_known
 from .twice import grads_through
 
 __all__ = ["mlp_half", "PointwiseHalfFunction"]
@@ -53,7 +53,7 @@ def _norm_forward(kind: str, x: torch.Tensor, eps: float):
     """``(normalised x as rows, mean, rstd)`` without affine."""
     b, c, h, w = x.shape
     if kind == "ln":
-        return torch.native_layer_norm(_rows(x), (c,), None, None, eps)
+        return torch.native_layer_norm(_rows(x), (c,), ln_weight(None, x, c), None, eps)
     n, mean, rstd = torch.native_group_norm(x, None, None, b, c, h * w, 1, eps)
     return _rows(n.contiguous(memory_format=_CL)), mean, rstd
 
