@@ -625,6 +625,20 @@ def test_the_channel_layernorm_runs_with_a_weight(family, mode):
     assert not no_weight, f"{len(no_weight)} of {len(calls)} LayerNorm calls without a weight: {no_weight[:3]}"
 
 
+@pytest.mark.parametrize("family", ["poolformerv2", "convformer"])
+def test_the_mlp_half_backward_takes_no_square_root(family):
+    """PyTorch's CPU ``sqrt`` runs 7-10x slower than a multiply: the StarReLU MLP half's node keeps ``relu(h)``
+    and squares it again, instead of keeping the square and taking its root (6% of a convformer_s18 step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = copy.deepcopy(tiny(family)).train()
+    x = torch.randn(2, 3, *SIZE)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "PointwiseHalfFunctionBackward" in names and "aten::sqrt" not in names
+
+
 # ---------------------------------------------------------------------------- function transforms, forward AD
 # The fused paths' autograd.Functions have no vmap or jvp rules and the oneDNN primitives carry no tangents:
 # under torch.func transforms and forward-mode AD the blocks run their plain composition.

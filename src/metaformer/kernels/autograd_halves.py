@@ -5,9 +5,11 @@ The MLP half is ``y = rs * x + sample * ls * fc2(act(fc1(norm(x))))``: ``rs`` th
 Autograd through the plain composition keeps the norm's output, the hidden tensor before and after the
 activation, StarReLU's intermediates and the products of the layer scale; this node keeps the normalised
 input, the norm's statistics and the hidden tensors the backward reads: for GELU the pre-activation and
-its output, for the ReLU family only ``relu(h) ** 2`` (fc2's input with StarReLU's scale and bias folded
-into fc2; ``relu(h) = sqrt(relu(h) ** 2)`` comes back exactly). Keeping only the pre-activation and
-recomputing the rest saved memory but made a training step slower than the plain composition in
+its output, for the ReLU family only ``relu(h)``. For StarReLU and SquaredReLU, fc2's input ``relu(h) ** 2``
+(StarReLU's scale and bias folded into fc2) is computed again in the backward, one multiply with the
+forward's bits. (The node kept ``relu(h) ** 2`` and took ``relu(h)`` back as its square root until
+PyTorch's CPU ``sqrt`` measured 7-10x slower than a multiply: 6% of a convformer_s18 training step.)
+Keeping only the pre-activation and recomputing the rest saved memory but made a training step slower than the plain composition in
 channels_last; as it is, a poolformer_s12 step still peaks below timm's. Its forward runs the oneDNN
 primitives of inference (fp32) or matrix products on the channels_last rows (fp64); the backward is
 matrix products on the same rows, with the small gradients (norm affine, layer and res scales,
@@ -100,17 +102,15 @@ class PointwiseHalfFunction(torch.autograd.Function):
         if hidden is None:  # matrix products on the rows (fp64)
             h = _rowmm(n, w1f, b1f)
             hidden = _rows_like(h.relu_() if relu_family else h, x)
-        if act in ("star", "square"):
-            hidden.square_()
-        saved = hidden  # GELU: the pre-activation; ReLU family: relu(h), squared where the act squares
-        pw2_in = _activation(saved, act)
+        saved = hidden  # GELU: the pre-activation; ReLU family: relu(h)
+        pw2_in = _activation(saved, act)  # relu(h) ** 2 where the act squares: a tensor of its own
         res = x if rs is None else x * rs.view(1, -1, 1, 1)
         y = onednn.conv_add(pw2_in, res, w2f[:, :, None, None], b2f) if sample is None and use_onednn else None
         if y is None:
             out = _rows_like(_rowmm(_rows(pw2_in.contiguous(memory_format=_CL)), w2f, b2f), x)
             y = torch.addcmul(res, out, sample) if sample is not None else out.add_(res)
         ctx.cfg = cfg
-        # GELU's output is a tensor of its own; the ReLU family's fc2 input is ``saved`` itself.
+        # GELU's output is kept; relu(h) ** 2 is computed again in the backward; ReLU's is ``saved`` itself.
         gelu_out = pw2_in if act.startswith("gelu") else None
         ctx.save_for_backward(x_in, mean, rstd, saved, gelu_out, n, gamma, beta, w1, w1f, b1, s, c, w2, b2, ls, rs,
                               sample)
@@ -133,7 +133,9 @@ class PointwiseHalfFunction(torch.autograd.Function):
         col = gs.sum(0)  # colsum(G)
         w2ls = w2m * ls[:, None] if ls is not None else w2m
         saved_rows = _rows(saved)
-        p = gs.t() @ _rows(saved if gelu_out is None else gelu_out)  # G^T (fc2 input), (C_out, hidden)
+        squared = act in ("star", "square")
+        a = _rows(gelu_out if gelu_out is not None else _activation(saved, act) if squared else saved)  # fc2 input
+        p = gs.t() @ a  # G^T (fc2 input), (C_out, hidden)
         if act == "star":
             p = p.mul_(s).add_(c * col[:, None])  # G^T a with the unfolded a = s * a' + c
         if need[7]:
@@ -145,16 +147,17 @@ class PointwiseHalfFunction(torch.autograd.Function):
         da = gs @ w2ls  # gradient of fc2's input, rows
         if act == "star":
             if need[5]:
-                grads[5] = torch.dot(da.reshape(-1), saved_rows.reshape(-1)).view(1)
+                grads[5] = torch.dot(da.reshape(-1), a.reshape(-1)).view(1)
             if need[6]:
                 grads[6] = torch.dot(col, w2ls.sum(1)).view(1)
+        del a
         factor = None
         if act.startswith("gelu"):
             dh = torch.ops.aten.gelu_backward(da, saved_rows, approximate=_gelu_mode(act))
         elif act == "relu":
             dh = torch.ops.aten.threshold_backward(da, saved_rows, 0)
-        else:  # d/dh relu(h)**2 = 2 relu(h), and relu(h) = sqrt(relu(h)**2) exactly
-            dh = saved_rows.sqrt().mul_(da)
+        else:  # d/dh relu(h)**2 = 2 relu(h)
+            dh = saved_rows * da
             factor = 2 * s if act == "star" else 2.0
         dw1f = dh.t() @ n  # dL/dW1', W1' = W1 * gamma
         dn = dh @ w1f  # dL/d(normalised x)
@@ -199,6 +202,8 @@ def _activation(saved: torch.Tensor, act: str) -> torch.Tensor:
     """The activation from the saved hidden tensor (StarReLU's s and b left out: they are folded into fc2)."""
     if act.startswith("gelu"):
         return F.gelu(saved, approximate=_gelu_mode(act))
+    if act in ("star", "square"):
+        return saved * saved  # the same bits in the forward and the backward
     return saved
 
 
