@@ -639,6 +639,26 @@ def test_the_mlp_half_backward_takes_no_square_root(family):
     assert "PointwiseHalfFunctionBackward" in names and "aten::sqrt" not in names
 
 
+@pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
+@pytest.mark.parametrize("family,drop_path", [("poolformer", 0.0), ("convformer", 0.3), ("caformer", 0.0)])
+def test_data_gradients_through_onednn_match_reference(family, drop_path, monkeypatch):
+    """The MLP half's backward runs its data gradients as oneDNN 1x1 convolutions on maps of 2,048 positions
+    or more; the small test maps have fewer, so the threshold is lowered to reach that path here."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from metaformer.kernels import autograd_halves
+
+    monkeypatch.setattr(autograd_halves, "_ONEDNN_GRAD_ROWS", 1)
+    x = torch.randn(3, 3, *SIZE)
+    _compare(family, x, train=True, drop_path=drop_path)
+    model = copy.deepcopy(tiny(family, drop_path)).train()
+    y = model(x).sum()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y.backward()
+    convs = [e for e in prof.events() if e.name == "mkldnn::_convolution_pointwise"]
+    assert len(convs) == 2 * sum(model.depths)  # da and dn of every MLP half
+
+
 # ---------------------------------------------------------------------------- function transforms, forward AD
 # The fused paths' autograd.Functions have no vmap or jvp rules and the oneDNN primitives carry no tangents:
 # under torch.func transforms and forward-mode AD the blocks run their plain composition.
