@@ -659,6 +659,36 @@ def test_data_gradients_through_onednn_match_reference(family, drop_path, monkey
     assert len(convs) == 2 * sum(model.depths)  # da and dn of every MLP half
 
 
+@pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
+@pytest.mark.parametrize("family", ["poolformer", "convformer"])
+def test_the_downsampling_convolution_runs_on_a_packed_weight(family):
+    """In evaluation on CPU each downsampling convolution runs as a oneDNN primitive on a weight packed once
+    (``F.conv2d`` reordered it on every call); the values are the plain composition's, a weight changed in
+    place is used at the next call, a hook on the convolution runs, and with gradients on it gets one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = copy.deepcopy(tiny(family)).eval()
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = model(x)
+        convs = [e for e in prof.events() if e.name == "aten::mkldnn_convolution"]
+        assert len(convs) == 1  # the stem's; the three downsampling convolutions take the primitive
+        torch.testing.assert_close(y, _run(model, x, "reference", grad=False)[0], rtol=1e-5, atol=1e-5)
+        conv = model.stages[2].downsample.conv
+        conv.weight.mul_(-0.5)  # in place: the packed weight must follow
+        torch.testing.assert_close(model(x), _run(model, x, "reference", grad=False)[0], rtol=1e-5, atol=1e-5)
+    seen = []
+    handle = conv.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert seen == [(2, conv.out_channels, 3, 4)]
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()  # eval mode, gradients on: the plain convolution, which has a backward
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------- function transforms, forward AD
 # The fused paths' autograd.Functions have no vmap or jvp rules and the oneDNN primitives carry no tangents:
 # under torch.func transforms and forward-mode AD the blocks run their plain composition.

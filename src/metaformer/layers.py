@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 __all__ = [
     "GroupNorm1",
     "LayerNorm2d",
@@ -263,6 +265,9 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            # The same function, on a weight packed once where it applies (see metaformer.kernels.dispatch).
+            return kernels.downsample_forward(self, x)
         return self.conv(self.norm(x))
 
 

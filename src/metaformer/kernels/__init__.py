@@ -38,6 +38,7 @@ __all__ = [
     "TRITON_AVAILABLE",
     "block_forward",
     "converts_to_channels_last",
+    "downsample_forward",
     "fast_paths_active",
     "get_backend",
     "in_input_layout",
@@ -241,6 +242,7 @@ from .baseline_ops import layernorm_channels, residual_layernorm, star_relu  # n
 from .dispatch import (  # noqa: E402  (it reads the names defined above)
     block_forward,
     converts_to_channels_last,
+    downsample_forward,
     fast_paths_active,
     in_input_layout,
     working_layout,

@@ -42,7 +42,7 @@ from .folding import (
     scales_known,
 )
 
-__all__ = ["mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention", "packed_pair",
+__all__ = ["downsample_conv", "mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention", "packed_pair",
            "attention_weights", "hidden_shape", "chunk_rows", "block_chunk_rows", "in_chunks"]
 
 _RELU_FIRST = {"relu": "relu", "star": "relu", "square": "relu", "gelu": "gelu", "gelu_tanh": "gelu"}
@@ -327,3 +327,21 @@ def run_attention(x: torch.Tensor, kind: str, eps: float, p: Folded, mixer: nn.M
     # (b, h, w, c) contiguous is a channels_last (b, c, h, w) map
     out = out.contiguous().permute(0, 3, 1, 2)
     return onednn.conv_add(out, res, p.w2, p.b2, inplace=res is not x)  # into res where it is a new tensor
+
+
+# ------------------------------------------------------------------------------------------ downsampling
+def downsample_conv(conv: nn.Module, owner: nn.Module, n: torch.Tensor) -> Optional[torch.Tensor]:
+    """``conv(n)``, the downsampling convolution on its (normalised) input, as a oneDNN primitive on a weight
+    packed once per input shape (cached with ``owner``); None where it does not apply.
+
+    ``F.conv2d`` reorders the weight on every call (for a channels_last input, first into channels_last with a
+    copy): at batch 1 that was 3% of a poolformer_s12 forward.
+    """
+    if (type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+            or conv.groups != 1 or conv.dilation != (1, 1) or conv.stride[0] != conv.stride[1]
+            or conv.padding[0] != conv.padding[1] or n.dim() != 4):
+        return None
+    stride, padding, shape = conv.stride[0], conv.padding[0], tuple(n.shape)
+    w = derived(owner, "downsample_conv", [conv.weight],
+                lambda: onednn.prepack(conv.weight.detach(), padding, 1, shape, stride=stride), shape=shape)
+    return onednn.conv(n, w, conv.bias, padding=padding, stride=stride)

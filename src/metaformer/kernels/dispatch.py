@@ -50,7 +50,7 @@ from torch import nn
 # The package defines these before it imports this module (at its end).
 from . import autograd_halves, cpu_eval, cuda_halves, get_backend, onednn, pool_mixer_residual, torch_halves
 
-__all__ = ["block_forward", "fast_paths_active", "in_input_layout", "intercepted", "module_hooked", "parts_hooked",
+__all__ = ["block_forward", "downsample_forward", "fast_paths_active", "in_input_layout", "intercepted", "module_hooked", "parts_hooked",
            "pool_mixer_fusable", "transformed"]
 
 
@@ -213,6 +213,26 @@ def converts_to_channels_last(module: nn.Module, x) -> bool:
         else:
             return False  # another kind of module first: leave the layout to it
     return False
+
+
+def downsample_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:class:`~metaformer.layers.Downsample`'s forward, ``conv(norm(x))``.
+
+    On CPU in evaluation, for a channels_last map (a model's blocks give one; fp32, eager, nothing needs a
+    gradient, no CPU autocast, no hook on the convolution) the convolution runs as a oneDNN primitive on a
+    weight packed once (:func:`metaformer.kernels.cpu_eval.downsample_conv`); the same values to float32
+    rounding, and the same channels_last result. (For an NCHW map the primitive's result would be
+    channels_last where ``F.conv2d``'s is NCHW: that runs ``F.conv2d``.)
+    """
+    n = module.norm(x)
+    conv = module.conv
+    if (fast_paths_active(n, module) and n.device.type == "cpu" and n.dim() == 4 and not n.is_contiguous()
+            and n.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
+            and onednn.onednn_usable(n, (conv.weight, conv.bias)) and not _cpu_autocast()):
+        y = cpu_eval.downsample_conv(conv, module, n)
+        if y is not None:
+            return y
+    return conv(n)
 
 
 def working_layout(x: torch.Tensor, module: nn.Module) -> torch.Tensor:

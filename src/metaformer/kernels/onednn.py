@@ -77,7 +77,7 @@ def _probe_ok() -> bool:
         return False
 
 
-def prepack(w: torch.Tensor, padding: int, groups: int, input_shape: Sequence[int]) -> torch.Tensor:
+def prepack(w: torch.Tensor, padding: int, groups: int, input_shape: Sequence[int], stride: int = 1) -> torch.Tensor:
     """``w`` reordered once into oneDNN's blocked layout for inputs like ``input_shape`` (or ``w`` itself).
 
     The packed tensor is opaque (``layout == torch._mkldnn``) and only the primitives here take it; any
@@ -86,15 +86,15 @@ def prepack(w: torch.Tensor, padding: int, groups: int, input_shape: Sequence[in
     if _BROKEN:
         return w
     try:
-        return torch.ops.mkldnn._reorder_convolution_weight(w.detach().contiguous(), [padding, padding], _ONE,
-                                                            _ONE, groups, list(input_shape))
+        return torch.ops.mkldnn._reorder_convolution_weight(w.detach().contiguous(), [padding, padding],
+                                                            [stride, stride], _ONE, groups, list(input_shape))
     except (RuntimeError, TypeError, AttributeError):
         return w  # unpacked weights work too (reordered per call)
 
 
 def conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], attr: str = "none", padding: int = 0,
-         groups: int = 1, algorithm: str = "") -> Optional[torch.Tensor]:
-    """``attr(conv2d(x, w, b, stride 1, padding, groups))`` as one primitive; None if the build refuses.
+         groups: int = 1, algorithm: str = "", stride: int = 1) -> Optional[torch.Tensor]:
+    """``attr(conv2d(x, w, b, stride, padding, groups))`` as one primitive; None if the build refuses.
 
     ``attr`` is ``"none"``, ``"relu"`` or ``"gelu"`` (``algorithm`` ``"none"`` / ``"tanh"``). The result
     has ``x``'s memory format.
@@ -102,8 +102,8 @@ def conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], attr: str 
     if _BROKEN:
         return None
     try:
-        return torch.ops.mkldnn._convolution_pointwise(x, w, b, [padding, padding], _ONE, _ONE, groups, attr, [],
-                                                       algorithm or "")
+        return torch.ops.mkldnn._convolution_pointwise(x, w, b, [padding, padding], [stride, stride], _ONE, groups,
+                                                       attr, [], algorithm or "")
     except (RuntimeError, TypeError) as err:
         _broken(err)
         return None
