@@ -1,16 +1,16 @@
 """The MLP half in training on CPU: one ``autograd.Function`` with a written-out backward.
 
 The MLP half is ``y = rs * x + sample * ls * fc2(act(fc1(norm(x))))``: ``rs`` the res scale (or 1),
-``sample`` the stochastic-depth factor of each sample (or 1), ``act`` GELU, ReLU, StarReLU or SquaredReLU.
+``sample`` the stochastic-depth factor of each sample (or 1), ``act`` ReLU, StarReLU or SquaredReLU.
 Autograd through the plain composition keeps the norm's output, the hidden tensor before and after the
 activation, StarReLU's intermediates and the products of the layer scale; this node keeps the normalised
-input, the norm's statistics and the hidden tensors the backward reads: for GELU the pre-activation and
-its output, for the ReLU family only ``relu(h)``. For StarReLU and SquaredReLU, fc2's input ``relu(h) ** 2``
+input, the norm's statistics and the one hidden tensor the backward reads, ``relu(h)``. For StarReLU and SquaredReLU, fc2's input ``relu(h) ** 2``
 (StarReLU's scale and bias folded into fc2) is computed again in the backward, one multiply with the
 forward's bits. (The node kept ``relu(h) ** 2`` and took ``relu(h)`` back as its square root until
 PyTorch's CPU ``sqrt`` measured 7-10x slower than a multiply: 6% of a convformer_s18 training step.)
-Keeping only the pre-activation and recomputing the rest saved memory but made a training step slower than the plain composition in
-channels_last; as it is, a poolformer_s12 step still peaks below timm's. Its forward runs the oneDNN
+A GELU MLP (PoolFormer v1, the v1 hybrids) trains through the plain composition: with this node (which kept
+GELU's pre-activation and output) a poolformer_s12 step was 4.5% slower in wall time (interleaved, 10 rounds,
+memory kept), for 2.7% less peak memory; for convformer_s18 the node is 1.04x faster. Its forward runs the oneDNN
 primitives of inference (fp32) or matrix products on the channels_last rows (fp64); the backward is
 matrix products on the same rows, with the small gradients (norm affine, layer and res scales,
 StarReLU's scale and bias, biases) reduced from those products where possible::
@@ -91,10 +91,6 @@ def _data_grad(g: torch.Tensor, w: torch.Tensor, like: torch.Tensor, use_onednn:
     return g @ w
 
 
-def _gelu_mode(act: str) -> str:
-    return "tanh" if act == "gelu_tanh" else "none"
-
-
 class PointwiseHalfFunction(torch.autograd.Function):
     """The MLP half as one autograd node (see the module docstring)."""
 
@@ -112,13 +108,10 @@ class PointwiseHalfFunction(torch.autograd.Function):
             w2f = w2m * s
         if ls is not None:
             w2f, b2f = w2f * ls[:, None], None if b2f is None else b2f * ls
-        relu_family = act in ("relu", "star", "square")
-        hidden = onednn.conv(_rows_like(n, x), w1f[:, :, None, None], b1f, "relu" if relu_family else "none") \
-            if use_onednn else None
+        hidden = onednn.conv(_rows_like(n, x), w1f[:, :, None, None], b1f, "relu") if use_onednn else None
         if hidden is None:  # matrix products on the rows (fp64)
-            h = _rowmm(n, w1f, b1f)
-            hidden = _rows_like(h.relu_() if relu_family else h, x)
-        saved = hidden  # GELU: the pre-activation; ReLU family: relu(h)
+            hidden = _rows_like(_rowmm(n, w1f, b1f).relu_(), x)
+        saved = hidden  # relu(h)
         pw2_in = _activation(saved, act)  # relu(h) ** 2 where the act squares: a tensor of its own
         res = x if rs is None else x * rs.view(1, -1, 1, 1)
         y = onednn.conv_add(pw2_in, res, w2f[:, :, None, None], b2f) if sample is None and use_onednn else None
@@ -126,16 +119,15 @@ class PointwiseHalfFunction(torch.autograd.Function):
             out = _rows_like(_rowmm(_rows(pw2_in.contiguous(memory_format=_CL)), w2f, b2f), x)
             y = torch.addcmul(res, out, sample) if sample is not None else out.add_(res)
         ctx.cfg = cfg
-        # GELU's output is kept; relu(h) ** 2 is computed again in the backward; ReLU's is ``saved`` itself.
-        gelu_out = pw2_in if act.startswith("gelu") else None
-        ctx.save_for_backward(x_in, mean, rstd, saved, gelu_out, n, gamma, beta, w1, w1f, b1, s, c, w2, b2, ls, rs,
+        # relu(h) ** 2 is computed again in the backward; ReLU's fc2 input is ``saved`` itself.
+        ctx.save_for_backward(x_in, mean, rstd, saved, n, gamma, beta, w1, w1f, b1, s, c, w2, b2, ls, rs,
                               sample)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         kind, eps, act, use_onednn = ctx.cfg
-        x, mean, rstd, saved, gelu_out, n, gamma, beta, w1, w1f, b1, s, c, w2, b2, ls, rs, sample = ctx.saved_tensors
+        x, mean, rstd, saved, n, gamma, beta, w1, w1f, b1, s, c, w2, b2, ls, rs, sample = ctx.saved_tensors
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (kernels/twice.py)
             inputs = (x, gamma, beta, w1, b1, s, c, w2, b2, ls, rs, sample)
@@ -150,7 +142,7 @@ class PointwiseHalfFunction(torch.autograd.Function):
         w2ls = w2m * ls[:, None] if ls is not None else w2m
         saved_rows = _rows(saved)
         squared = act in ("star", "square")
-        a = _rows(gelu_out if gelu_out is not None else _activation(saved, act) if squared else saved)  # fc2 input
+        a = _rows(_activation(saved, act) if squared else saved)  # fc2 input
         p = gs.t() @ a  # G^T (fc2 input), (C_out, hidden)
         if act == "star":
             p = p.mul_(s).add_(c * col[:, None])  # G^T a with the unfolded a = s * a' + c
@@ -168,9 +160,7 @@ class PointwiseHalfFunction(torch.autograd.Function):
                 grads[6] = torch.dot(col, w2ls.sum(1)).view(1)
         del a
         factor = None
-        if act.startswith("gelu"):
-            dh = torch.ops.aten.gelu_backward(da, saved_rows, approximate=_gelu_mode(act))
-        elif act == "relu":
+        if act == "relu":
             dh = torch.ops.aten.threshold_backward(da, saved_rows, 0)
         else:  # d/dh relu(h)**2 = 2 relu(h)
             dh = saved_rows * da
@@ -203,11 +193,8 @@ def _plain(x, gamma, beta, w1, b1, s, c, w2, b2, ls, rs, sample, cfg) -> torch.T
     """The half as the plain composition of the modules' ops (for second derivatives)."""
     kind, eps, act, _ = cfg
     h = F.conv2d(normalise(kind, x, eps, gamma, beta), w1, b1)
-    if act.startswith("gelu"):
-        a = F.gelu(h, approximate=_gelu_mode(act))
-    else:
-        a = torch.relu(h) if act == "relu" else torch.relu(h) ** 2
-        a = s * a + c if act == "star" else a
+    a = torch.relu(h) if act == "relu" else torch.relu(h) ** 2
+    a = s * a + c if act == "star" else a
     out = F.conv2d(a, w2, b2)
     out = out if ls is None else out * ls.view(1, -1, 1, 1)
     out = out if sample is None else out * sample
@@ -216,8 +203,6 @@ def _plain(x, gamma, beta, w1, b1, s, c, w2, b2, ls, rs, sample, cfg) -> torch.T
 
 def _activation(saved: torch.Tensor, act: str) -> torch.Tensor:
     """The activation from the saved hidden tensor (StarReLU's s and b left out: they are folded into fc2)."""
-    if act.startswith("gelu"):
-        return F.gelu(saved, approximate=_gelu_mode(act))
     if act in ("star", "square"):
         return saved * saved  # the same bits in the forward and the backward
     return saved
@@ -248,7 +233,8 @@ def mlp_half(block: nn.Module, x: torch.Tensor,
     """The MLP half of ``block`` as one autograd node, or None where it does not apply.
 
     It applies to CPU tensors (fp32 with oneDNN, or fp64) in eager mode, an :class:`~metaformer.layers.Mlp`
-    of plain 1x1 convolutions with a GELU / ReLU / StarReLU / SquaredReLU and no active dropout, after a
+    of plain 1x1 convolutions with a ReLU / StarReLU / SquaredReLU (not GELU: see the module docstring) and no
+    active dropout, after a
     ``GroupNorm1`` or ``LayerNorm2d``, with :class:`~metaformer.layers.Scale` or identity scales.
     ``draw_sample`` draws the stochastic-depth factor, (B, 1, 1, 1), or returns None; it is called only
     when the path applies, so that the random stream is consumed as the plain composition consumes it.
@@ -260,7 +246,7 @@ def mlp_half(block: nn.Module, x: torch.Tensor,
     if kind is None or type(mlp) is not Mlp or not (plain_1x1(mlp.fc1) and plain_1x1(mlp.fc2)):
         return None
     act = act_kind(mlp.act)
-    if act is None or (block.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)):
+    if act not in ("relu", "star", "square") or (block.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)):
         return None
     return _apply(x, block.norm2, mlp.fc1, mlp.act, act, mlp.fc2, block.layer_scale2, block.res_scale2,
                   draw_sample, kind)
