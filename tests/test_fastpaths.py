@@ -700,6 +700,9 @@ def test_the_downsampling_convolution_runs_on_a_packed_weight(family):
     model.zero_grad(set_to_none=True)
     model(x).sum().backward()  # eval mode, gradients on: the plain convolution, which has a backward
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    model.stages[1].downsample.conv = nn.Sequential(model.stages[1].downsample.conv)  # one's own module there
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _run(model, x, "reference", grad=False)[0], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- function transforms, forward AD

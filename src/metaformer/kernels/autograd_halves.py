@@ -4,14 +4,14 @@ The MLP half is ``y = rs * x + sample * ls * fc2(act(fc1(norm(x))))``: ``rs`` th
 ``sample`` the stochastic-depth factor of each sample (or 1), ``act`` ReLU, StarReLU or SquaredReLU.
 Autograd through the plain composition keeps the norm's output, the hidden tensor before and after the
 activation, StarReLU's intermediates and the products of the layer scale; this node keeps the normalised
-input, the norm's statistics and the one hidden tensor the backward reads, ``relu(h)``. For StarReLU and SquaredReLU, fc2's input ``relu(h) ** 2``
-(StarReLU's scale and bias folded into fc2) is computed again in the backward, one multiply with the
-forward's bits. (The node kept ``relu(h) ** 2`` and took ``relu(h)`` back as its square root until
-PyTorch's CPU ``sqrt`` measured 7-10x slower than a multiply: 6% of a convformer_s18 training step.)
-A GELU MLP (PoolFormer v1, the v1 hybrids) trains through the plain composition: with this node (which kept
-GELU's pre-activation and output) a poolformer_s12 step was 4.5% slower in wall time (interleaved, 10 rounds,
-memory kept), for 2.7% less peak memory; for convformer_s18 the node is 1.04x faster. Its forward runs the oneDNN
-primitives of inference (fp32) or matrix products on the channels_last rows (fp64); the backward is
+input, the norm's statistics and the one hidden tensor the backward reads, ``relu(h)``. For StarReLU and
+SquaredReLU, fc2's input ``relu(h) ** 2`` (StarReLU's scale and bias folded into fc2) is computed again in
+the backward, one multiply with the forward's bits. (The node kept ``relu(h) ** 2`` and took ``relu(h)``
+back as its square root until PyTorch's CPU ``sqrt`` measured 7-10x slower than a multiply: 6% of a
+convformer_s18 training step.) A GELU MLP (PoolFormer v1, the v1 hybrids) trains through the plain
+composition: with this node (which kept GELU's pre-activation and output) a poolformer_s12 step was 4.5%
+slower in wall time (interleaved, 10 rounds, memory kept), for 2.7% less peak memory; for convformer_s18 the
+node is 1.04x faster. Its forward runs the oneDNN primitives of inference (fp32) or matrix products on the channels_last rows (fp64); the backward is
 matrix products on the same rows, with the small gradients (norm affine, layer and res scales,
 StarReLU's scale and bias, biases) reduced from those products where possible::
 
@@ -234,8 +234,7 @@ def mlp_half(block: nn.Module, x: torch.Tensor,
 
     It applies to CPU tensors (fp32 with oneDNN, or fp64) in eager mode, an :class:`~metaformer.layers.Mlp`
     of plain 1x1 convolutions with a ReLU / StarReLU / SquaredReLU (not GELU: see the module docstring) and no
-    active dropout, after a
-    ``GroupNorm1`` or ``LayerNorm2d``, with :class:`~metaformer.layers.Scale` or identity scales.
+    active dropout, after a ``GroupNorm1`` or ``LayerNorm2d``, with :class:`~metaformer.layers.Scale` or identity scales.
     ``draw_sample`` draws the stochastic-depth factor, (B, 1, 1, 1), or returns None; it is called only
     when the path applies, so that the random stream is consumed as the plain composition consumes it.
     """

@@ -42,8 +42,8 @@ from .folding import (
     scales_known,
 )
 
-__all__ = ["downsample_conv", "mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention", "packed_pair",
-           "attention_weights", "hidden_shape", "chunk_rows", "block_chunk_rows", "in_chunks"]
+__all__ = ["downsample_conv", "mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention",
+           "packed_pair", "attention_weights", "hidden_shape", "chunk_rows", "block_chunk_rows", "in_chunks"]
 
 _RELU_FIRST = {"relu": "relu", "star": "relu", "square": "relu", "gelu": "gelu", "gelu_tanh": "gelu"}
 

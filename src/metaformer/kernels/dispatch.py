@@ -50,8 +50,8 @@ from torch import nn
 # The package defines these before it imports this module (at its end).
 from . import autograd_halves, cpu_eval, cuda_halves, get_backend, onednn, pool_mixer_residual, torch_halves
 
-__all__ = ["block_forward", "downsample_forward", "fast_paths_active", "in_input_layout", "intercepted", "module_hooked", "parts_hooked",
-           "pool_mixer_fusable", "transformed"]
+__all__ = ["block_forward", "downsample_forward", "fast_paths_active", "in_input_layout", "intercepted",
+           "module_hooked", "parts_hooked", "pool_mixer_fusable", "transformed"]
 
 
 def fast_paths_active(x, module: Optional[nn.Module] = None) -> bool:
@@ -226,7 +226,7 @@ def downsample_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     n = module.norm(x)
     conv = module.conv
-    if (fast_paths_active(n, module) and n.device.type == "cpu" and n.dim() == 4 and not n.is_contiguous()
+    if (type(conv) is nn.Conv2d and fast_paths_active(n, module) and n.device.type == "cpu" and n.dim() == 4 and not n.is_contiguous()
             and n.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
             and onednn.onednn_usable(n, (conv.weight, conv.bias)) and not _cpu_autocast()):
         y = cpu_eval.downsample_conv(conv, module, n)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["norm_kind", "act_kind", "scale_of", "normalise", "ln_weight", "fold_in", "fold_out", "Folded", "NORM_TYPES",
-           "plain_1x1", "plain_sepconv"]
+__all__ = ["norm_kind", "act_kind", "scale_of", "normalise", "ln_weight", "fold_in", "fold_out", "Folded",
+           "NORM_TYPES", "plain_1x1", "plain_sepconv"]
 
 
 def _layers():
