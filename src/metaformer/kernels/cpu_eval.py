@@ -42,7 +42,7 @@ from .folding import (
     scales_known,
 )
 
-__all__ = ["downsample_conv", "mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention",
+__all__ = ["channels_last_only", "downsample_conv", "mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention",
            "packed_pair", "attention_weights", "hidden_shape", "chunk_rows", "block_chunk_rows", "in_chunks"]
 
 _RELU_FIRST = {"relu": "relu", "star": "relu", "square": "relu", "gelu": "gelu", "gelu_tanh": "gelu"}
@@ -153,9 +153,13 @@ def in_chunks(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
+def channels_last_only(t: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels_last and not also NCHW-contiguous (as a map of one pixel or channel is)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _format_of(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
-        memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.channels_last if channels_last_only(t) else torch.contiguous_format
 
 
 def _fold_mlp(block: nn.Module, act: str, shape) -> Folded:
@@ -330,16 +334,15 @@ def run_attention(x: torch.Tensor, kind: str, eps: float, p: Folded, mixer: nn.M
 
 
 # ------------------------------------------------------------------------------------------ downsampling
-def downsample_conv(conv: nn.Module, owner: nn.Module, n: torch.Tensor) -> Optional[torch.Tensor]:
-    """``conv(n)``, the downsampling convolution on its (normalised) input, as a oneDNN primitive on a weight
-    packed once per input shape (cached with ``owner``); None where it does not apply.
+def downsample_conv(conv: nn.Conv2d, owner: nn.Module, n: torch.Tensor) -> Optional[torch.Tensor]:
+    """``conv(n)``, the downsampling ``nn.Conv2d`` on its (normalised) 4-D input, as a oneDNN primitive on a
+    weight packed once per input shape (cached with ``owner``); None where it does not apply.
 
     ``F.conv2d`` reorders the weight on every call (for a channels_last input, first into channels_last with a
     copy): at batch 1 that was 3% of a poolformer_s12 forward.
     """
-    if (type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
-            or conv.groups != 1 or conv.dilation != (1, 1) or conv.stride[0] != conv.stride[1]
-            or conv.padding[0] != conv.padding[1] or n.dim() != 4):
+    if (conv.padding_mode != "zeros" or isinstance(conv.padding, str) or conv.groups != 1
+            or conv.dilation != (1, 1) or conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]):
         return None
     stride, padding, shape = conv.stride[0], conv.padding[0], tuple(n.shape)
     w = derived(owner, "downsample_conv", [conv.weight],

@@ -226,8 +226,8 @@ def downsample_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     n = module.norm(x)
     conv = module.conv
-    if (type(conv) is nn.Conv2d and fast_paths_active(n, module) and n.device.type == "cpu" and n.dim() == 4 and not n.is_contiguous()
-            and n.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
+    # (onednn_usable: an fp32 CPU tensor, eager, nothing needing a gradient)
+    if (type(conv) is nn.Conv2d and fast_paths_active(n, module) and cpu_eval.channels_last_only(n)
             and onednn.onednn_usable(n, (conv.weight, conv.bias)) and not _cpu_autocast()):
         y = cpu_eval.downsample_conv(conv, module, n)
         if y is not None:
