@@ -141,8 +141,7 @@ class PointwiseHalfFunction(torch.autograd.Function):
         col = gs.sum(0)  # colsum(G)
         w2ls = w2m * ls[:, None] if ls is not None else w2m
         saved_rows = _rows(saved)
-        squared = act in ("star", "square")
-        a = _rows(_activation(saved, act) if squared else saved)  # fc2 input
+        a = _rows(_activation(saved, act))  # fc2 input (relu(h) ** 2 computed again where the act squares)
         p = gs.t() @ a  # G^T (fc2 input), (C_out, hidden)
         if act == "star":
             p = p.mul_(s).add_(c * col[:, None])  # G^T a with the unfolded a = s * a' + c
