@@ -602,24 +602,33 @@ def test_a_hook_based_mac_counter_sees_every_layer(name):
     assert counter.get_total_flops() / 2 == pytest.approx(hooked, rel=1e-6)
 
 
+def _profiled(fn, record_shapes=False):
+    """``(fn(), the profiler's events of that call)``: which operators a path ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=record_shapes) as prof:
+        result = fn()
+    return result, prof.events()
+
+
 @pytest.mark.parametrize("family", ["convformer", "caformer", "attention_v1_ln"])
 @pytest.mark.parametrize("mode", ["eval", "optimize_for_inference", "train"])
 def test_the_channel_layernorm_runs_with_a_weight(family, mode):
     """PyTorch's CPU LayerNorm forward without a weight is a scalar loop, twice as slow as with one
     (``benchmarks/bench_cpu_layernorm.py``); the fast paths, which fold the norm's affine into the next
     convolution, pass a weight of ones. Every LayerNorm a model runs on CPU gets a weight."""
-    from torch.profiler import ProfilerActivity, profile
-
     model = copy.deepcopy(tiny(family)).train(mode == "train")
     if mode == "optimize_for_inference":
         model = metaformer.optimize_for_inference(model)
     x = torch.randn(2, 3, *SIZE).contiguous(memory_format=torch.channels_last)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+
+    def run():
         with torch.set_grad_enabled(mode == "train"):
             y = model(x)
         if mode == "train":
             y.sum().backward()
-    calls = [e for e in prof.events() if e.name == "aten::native_layer_norm"]
+
+    calls = [e for e in _profiled(run, record_shapes=True)[1] if e.name == "aten::native_layer_norm"]
     assert calls, "no LayerNorm ran"
     no_weight = [e.input_shapes for e in calls if not e.input_shapes[2]]
     assert not no_weight, f"{len(no_weight)} of {len(calls)} LayerNorm calls without a weight: {no_weight[:3]}"
@@ -629,13 +638,9 @@ def test_the_channel_layernorm_runs_with_a_weight(family, mode):
 def test_the_mlp_half_backward_takes_no_square_root(family):
     """PyTorch's CPU ``sqrt`` runs 7-10x slower than a multiply: the StarReLU MLP half's node keeps ``relu(h)``
     and squares it again, instead of keeping the square and taking its root (6% of a convformer_s18 step)."""
-    from torch.profiler import ProfilerActivity, profile
-
     model = copy.deepcopy(tiny(family)).train()
     x = torch.randn(2, 3, *SIZE)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(x).sum().backward()
-    names = {e.name for e in prof.events()}
+    names = {e.name for e in _profiled(lambda: model(x).sum().backward())[1]}
     assert "PointwiseHalfFunctionBackward" in names and "aten::sqrt" not in names
 
 
@@ -643,12 +648,9 @@ def test_the_mlp_half_backward_takes_no_square_root(family):
 def test_a_gelu_mlp_trains_through_the_plain_composition(family):
     """The MLP half's node made a GELU MLP's training step 4.5% slower than the plain composition (poolformer_s12,
     wall time): GELU MLPs train through the plain composition, the StarReLU family through the node."""
-    from torch.profiler import ProfilerActivity, profile
-
     model = copy.deepcopy(tiny(family)).train()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(torch.randn(2, 3, *SIZE)).sum().backward()
-    names = {e.name for e in prof.events()}
+    x = torch.randn(2, 3, *SIZE)
+    names = {e.name for e in _profiled(lambda: model(x).sum().backward())[1]}
     assert "aten::gelu_backward" in names and "PointwiseHalfFunctionBackward" not in names
 
 
@@ -657,8 +659,6 @@ def test_a_gelu_mlp_trains_through_the_plain_composition(family):
 def test_data_gradients_through_onednn_match_reference(family, drop_path, monkeypatch):
     """The MLP half's backward runs its data gradients as oneDNN 1x1 convolutions on maps of 2,048 positions
     or more; the small test maps have fewer, so the threshold is lowered to reach that path here."""
-    from torch.profiler import ProfilerActivity, profile
-
     from metaformer.kernels import autograd_halves
 
     monkeypatch.setattr(autograd_halves, "_ONEDNN_GRAD_ROWS", 1)
@@ -666,9 +666,7 @@ def test_data_gradients_through_onednn_match_reference(family, drop_path, monkey
     _compare(family, x, train=True, drop_path=drop_path)
     model = copy.deepcopy(tiny(family, drop_path)).train()
     y = model(x).sum()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        y.backward()
-    convs = [e for e in prof.events() if e.name == "mkldnn::_convolution_pointwise"]
+    convs = [e for e in _profiled(y.backward)[1] if e.name == "mkldnn::_convolution_pointwise"]
     assert len(convs) == 2 * sum(model.depths)  # da and dn of every MLP half
 
 
@@ -678,14 +676,11 @@ def test_the_downsampling_convolution_runs_on_a_packed_weight(family):
     """In evaluation on CPU each downsampling convolution runs as a oneDNN primitive on a weight packed once
     (``F.conv2d`` reordered it on every call); the values are the plain composition's, a weight changed in
     place is used at the next call, a hook on the convolution runs, and with gradients on it gets one."""
-    from torch.profiler import ProfilerActivity, profile
-
     model = copy.deepcopy(tiny(family)).eval()
     x = torch.randn(2, 3, *SIZE)
     with torch.no_grad():
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            y = model(x)
-        convs = [e for e in prof.events() if e.name == "aten::mkldnn_convolution"]
+        y, events = _profiled(lambda: model(x))
+        convs = [e for e in events if e.name == "aten::mkldnn_convolution"]
         assert len(convs) == 1  # the stem's; the three downsampling convolutions take the primitive
         torch.testing.assert_close(y, _run(model, x, "reference", grad=False)[0], rtol=1e-5, atol=1e-5)
         conv = model.stages[2].downsample.conv
