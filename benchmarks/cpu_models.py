@@ -117,6 +117,10 @@ def make_variant(name: str, variant: str, train: bool, batch: int, size: int):
     """``(callable, input)`` for one benchmark variant (see bench_cpu.VARIANTS)."""
     if variant == "floor":
         return floor_variant(name, train, batch, size), None
+    if variant == "floor_passes":
+        if train:
+            raise ValueError("floor_passes is an inference variant")
+        return floor_passes_variant(name, batch, size), None
     side, _, how = variant.partition("_")
     model = timm_model(name) if side == "timm" else ours(name)
     model.train(train)
@@ -213,6 +217,115 @@ def floor_variant(name: str, train: bool, batch: int, size: int):
     model = ours(name).train(train).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     return floor_fn(record_calls(model, x), train)
+
+
+def record_passes(model: nn.Module, x: torch.Tensor) -> list:
+    """The passes over whole tensors that an implementation built from PyTorch's CPU primitives runs besides
+    the floor's products, recorded on the plain composition: ``(kind, argument, shape, channels_last?)``.
+
+    - ``"norm"``: a norm whose output a product takes (the MLP half's; a SepConv, attention or random-mixing
+      mixer's; the stem's and the downsampling's). No oneDNN primitive that PyTorch exposes takes a
+      normalised input, so the norm is written out (:func:`metaformer.kernels.folding.normalise` with a
+      weight of ones: PyTorch's vectorised kernel).
+    - ``"stats"``: a pooling or identity mixer's norm, and PoolFormer v1's final norm, whose outputs no product
+      takes: their statistics only, one reduction pass (``mean``).
+    - ``"pool"``: a pooling mixer's ``avg_pool2d``.
+    - ``"square"``: StarReLU's and squared ReLU's square of the hidden tensor, in place (the ReLU is a
+      oneDNN post-op; no post-op that PyTorch exposes squares).
+
+    Everything else is left out, as if it were free: residual additions, layer and res scales, the pooling
+    half's combination, GELU and ReLU (post-ops), and the head. The list is a lower bound.
+    """
+    from metaformer.kernels.folding import norm_kind
+
+    passes, hooks = [], []
+
+    def cl(t: torch.Tensor) -> bool:
+        return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+    def recorder(kind: str, arg):
+        def hook(_module, inputs):
+            t = inputs[0]
+            if t.dim() == 4:
+                passes.append((kind, arg, tuple(t.shape), cl(t)))
+        return hook
+
+    stats_only = set()
+    for name, m in model.named_modules():
+        if isinstance(m, metaformer.MetaFormerBlock) and type(m.token_mixer) in (metaformer.Pooling,
+                                                                                  metaformer.Identity):
+            stats_only.add(id(m.norm1))
+        elif name.startswith("head"):  # PoolFormer v1's final norm on the map: only averaged after it
+            stats_only.add(id(m))
+    for m in model.modules():
+        kind = norm_kind(m)
+        if kind is not None:
+            hook = recorder("stats" if id(m) in stats_only else "norm", (kind, float(m.eps)))
+        elif type(m) is metaformer.Pooling:
+            hook = recorder("pool", m.pool_size)
+        elif type(m) in (metaformer.StarReLU, metaformer.SquaredReLU):
+            hook = recorder("square", None)
+        else:
+            continue
+        hooks.append(m.register_forward_pre_hook(hook))
+    import metaformer.kernels as K
+
+    before = K.get_backend()
+    K.set_backend("reference")
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        K.set_backend(before)
+        for h in hooks:
+            h.remove()
+    return passes
+
+
+def _pass_call(kind: str, arg):
+    from metaformer.kernels.folding import normalise
+
+    if kind == "norm":
+        norm, eps = arg
+        return lambda t: normalise(norm, t, eps, t.new_ones(t.shape[1]))
+    if kind == "stats":
+        return lambda t: t.mean((1, 2, 3) if arg[0] == "gn" else 1)
+    if kind == "pool":
+        return lambda t: F.avg_pool2d(t, arg, 1, arg // 2, count_include_pad=False)
+    return lambda t: t.square_()  # on ones: the values stay 1 (no overflow, no subnormals)
+
+
+def passes_fn(passes: list):
+    """A callable running the recorded passes (see :func:`record_passes`). Passes of one kind, shape and layout
+    share their input, as a model's blocks of one stage reuse their memory (no cache misses are counted that
+    the model would not pay)."""
+    fns, inputs, shared = [], [], {}
+    for kind, arg, shape, cl in passes:
+        key = (kind == "square", shape, cl)
+        if key not in shared:
+            t = torch.ones(shape) if kind == "square" else torch.randn(shape)
+            shared[key] = t.contiguous(memory_format=torch.channels_last) if cl else t
+        inputs.append(shared[key])
+        fns.append(_pass_call(kind, arg))
+
+    def run():
+        with torch.inference_mode():
+            for f, t in zip(fns, inputs):
+                f(t)
+    return run
+
+
+def floor_passes_variant(name: str, batch: int, size: int):
+    """The ``floor_passes`` variant (inference): the floor's products, then the passes of
+    :func:`record_passes` (see bench_cpu)."""
+    model = ours(name).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    products, passes = floor_fn(record_calls(model, x), False), passes_fn(record_passes(model, x))
+
+    def run():
+        products()
+        passes()
+    return run
 
 
 def peak_memory_subprocess(name: str, variant: str, batch: int, size: int, steps: int = 2,

@@ -109,6 +109,47 @@ def test_the_floor_records_every_matrix_product_in_order():
     assert all(p.grad is None for m, _, _ in calls for p in m.parameters())
 
 
+@pytest.mark.parametrize("name", ["poolformer_s12", "identityformer_s12", "caformer_s18"])
+def test_the_passes_floor_records_each_separate_pass_once(name):
+    """floor_passes: a pooling or identity mixer's norm (and PoolFormer v1's final norm) as statistics only,
+    every other norm of a map written out, each pooling, and each StarReLU / squared-ReLU square of a map,
+    in model order with the shapes the plain composition gives them; the passes compute what they stand for."""
+    model = metaformer.create(name).eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, inp: seen.append((m, tuple(inp[0].shape))))
+             for m in model.modules() if type(m) in (metaformer.GroupNorm1, metaformer.LayerNorm2d,
+                                                     metaformer.Pooling, metaformer.StarReLU, metaformer.SquaredReLU)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    seen = [(m, shape) for m, shape in seen if len(shape) == 4]  # the head's MLP squares rows, not a map
+    blocks = [b for b in model.modules() if isinstance(b, metaformer.MetaFormerBlock)]
+    mixer_norms = {id(b.norm1) for b in blocks if type(b.token_mixer) in (metaformer.Pooling, metaformer.Identity)}
+    head = {id(m) for m in model.head.modules()}
+    want = [("pool" if type(m) is metaformer.Pooling else
+             "square" if type(m) in (metaformer.StarReLU, metaformer.SquaredReLU) else
+             "stats" if id(m) in mixer_norms | head else "norm", shape) for m, shape in seen]
+    passes = cpu_models.record_passes(model, x)
+    assert [(kind, shape) for kind, _, shape, _ in passes] == want
+    kinds = {kind for kind, _ in want}
+    assert kinds >= ({"norm", "stats", "pool"} if name == "poolformer_s12" else {"norm", "square"})
+    t = torch.randn(2, 8, 5, 5)
+    for kind, arg, _, _ in passes:
+        got = cpu_models._pass_call(kind, arg)(t.clone())
+        if kind == "norm":
+            torch.testing.assert_close(got, metaformer.LayerNorm2d(8, eps=arg[1]).eval()(t) if arg[0] == "ln"
+                                       else F.group_norm(t, 1, None, None, arg[1]))
+        elif kind == "stats":
+            torch.testing.assert_close(got, t.mean((1, 2, 3)) if arg[0] == "gn" else t.mean(1))
+        elif kind == "pool":
+            torch.testing.assert_close(got, nn.AvgPool2d(arg, 1, arg // 2, count_include_pad=False)(t))
+        else:
+            torch.testing.assert_close(got, t * t)
+    cpu_models.passes_fn(passes)()  # runs them all
+
+
 @pytest.mark.slow  # two child processes (interpreter and timm start-up)
 def test_allocator_benchmark_measures_in_a_child_process_with_the_settings():
     args = bench_cpu_allocator.parse_args(["--batch", "1", "--size", "32", "--calls", "1"])
