@@ -30,6 +30,8 @@ from . import onednn
 from .cache import derived
 from .folding import (
     Folded,
+    _layers,
+    _mixers,
     act_kind,
     cast,
     fold_in,
@@ -49,10 +51,8 @@ _RELU_FIRST = {"relu": "relu", "star": "relu", "square": "relu", "gelu": "gelu",
 
 
 def _half_ok(norm: nn.Module, drop_path: nn.Module, *scales: nn.Module) -> Optional[str]:
-    from ..layers import DropPath
-
     kind = norm_kind(norm)
-    if kind is None or not scales_known(*scales) or type(drop_path) not in (DropPath, nn.Identity):
+    if kind is None or not scales_known(*scales) or type(drop_path) not in (_layers().DropPath, nn.Identity):
         return None
     return kind
 
@@ -81,10 +81,8 @@ def packed_pair(w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, 
 
 # ------------------------------------------------------------------------------------------ MLP half
 def _mlp_parts(block: nn.Module):
-    from ..layers import Mlp
-
     mlp = block.mlp
-    if type(mlp) is not Mlp or not (plain_1x1(mlp.fc1) and plain_1x1(mlp.fc2)):
+    if type(mlp) is not _layers().Mlp or not (plain_1x1(mlp.fc1) and plain_1x1(mlp.fc2)):
         return None
     kind = _half_ok(block.norm2, block.drop_path2, block.layer_scale2, block.res_scale2)
     act = act_kind(mlp.act)
@@ -127,11 +125,9 @@ def block_chunk_rows(block: nn.Module, x: torch.Tensor) -> Optional[int]:
     """Samples per chunk for evaluating ``block`` on ``x`` (see :func:`chunk_rows`), or None where the
     block runs whole: a batch that fits, or a block with a part that is not a built-in one (only those
     are known to treat every sample on its own)."""
-    from ..layers import Mlp
-    from ..mixers import Attention, Identity, Pooling, RandomMixing, SepConv
-
-    if (x.dim() != 4 or type(block.mlp) is not Mlp
-            or type(block.token_mixer) not in (Pooling, Identity, RandomMixing, SepConv, Attention)
+    m = _mixers()
+    if (x.dim() != 4 or type(block.mlp) is not _layers().Mlp
+            or type(block.token_mixer) not in (m.Pooling, m.Identity, m.RandomMixing, m.SepConv, m.Attention)
             or _half_ok(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1) is None
             or _half_ok(block.norm2, block.drop_path2, block.layer_scale2, block.res_scale2) is None):
         return None
@@ -214,10 +210,8 @@ def _residual(x: torch.Tensor, res_scale: Optional[torch.Tensor], consume: bool 
 
 # --------------------------------------------------------------------------------------- SepConv half
 def _sepconv_parts(block: nn.Module):
-    from ..mixers import SepConv
-
     mixer = block.token_mixer
-    if type(mixer) is not SepConv or not plain_sepconv(mixer):
+    if type(mixer) is not _mixers().SepConv or not plain_sepconv(mixer):
         return None
     kind = _half_ok(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1)
     act = act_kind(mixer.act1)
@@ -278,10 +272,8 @@ def run_sepconv(x: torch.Tensor, kind: str, eps: float, p: Folded, act: str, ker
 
 # ------------------------------------------------------------------------------------- attention half
 def _attention_parts(block: nn.Module):
-    from ..mixers import Attention
-
     mixer = block.token_mixer
-    if type(mixer) is not Attention:
+    if type(mixer) is not _mixers().Attention:
         return None
     return _half_ok(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1)
 

@@ -49,6 +49,7 @@ from torch import nn
 
 # The package defines these before it imports this module (at its end).
 from . import autograd_halves, cpu_eval, cuda_halves, get_backend, onednn, pool_mixer_residual, torch_halves
+from .folding import _blocks, _layers, _mixers
 
 __all__ = ["block_forward", "downsample_forward", "fast_paths_active", "in_input_layout", "intercepted",
            "module_hooked", "parts_hooked", "pool_mixer_fusable", "transformed"]
@@ -109,7 +110,9 @@ def module_hooked(module: nn.Module) -> bool:
     """Whether ``module`` has a hook of its own (forward, forward pre-, backward) or an instance-level
     ``forward`` (a wrapper such as accelerate's)."""
     d = module.__dict__
-    return "forward" in d or any(d.get(name) for name in _MODULE_HOOKS)
+    # (written out rather than any() over _MODULE_HOOKS: every block's forward asks this of each of its parts)
+    return bool("forward" in d or d.get("_forward_hooks") or d.get("_forward_pre_hooks")
+                or d.get("_backward_hooks") or d.get("_backward_pre_hooks"))
 
 
 def parts_hooked(module: nn.Module) -> bool:
@@ -194,9 +197,9 @@ def converts_to_channels_last(module: nn.Module, x) -> bool:
     A model or stage then converts its input once, before its blocks, so that no block converts (a block
     or stage called on its own returns the input's layout, which would cost a copy at every block).
     """
-    from ..blocks import MetaFormerBlock
     from ..inference_block import InferenceBlock
 
+    MetaFormerBlock = _blocks().MetaFormerBlock
     if not isinstance(x, torch.Tensor) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False  # (a traced size compared with an int would warn; the blocks keep the layout there)
     stack = [module]
@@ -267,10 +270,8 @@ def in_input_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _own_halves(block: nn.Module) -> tuple:
     """Whether ``block``'s class replaces ``mixer_half``, and ``mlp_half``: a subclass's half (an ablation)
     is its own maths, which the fused paths (built from the parts) do not know; it runs as written."""
-    from ..blocks import MetaFormerBlock
-
-    cls = type(block)
-    return cls.mixer_half is not MetaFormerBlock.mixer_half, cls.mlp_half is not MetaFormerBlock.mlp_half
+    base, cls = _blocks().MetaFormerBlock, type(block)
+    return cls.mixer_half is not base.mixer_half, cls.mlp_half is not base.mlp_half
 
 
 def _halves(block: nn.Module, x: torch.Tensor, own_mixer: bool = False, own_mlp: bool = False) -> torch.Tensor:
@@ -288,8 +289,9 @@ def _halves(block: nn.Module, x: torch.Tensor, own_mixer: bool = False, own_mlp:
 def _cpu_eval_chunk_rows(block: nn.Module, x: torch.Tensor) -> Optional[int]:
     """Samples per chunk for a CPU evaluation of ``block`` on a batch too large for the cache, else None
     (:func:`metaformer.kernels.cpu_eval.block_chunk_rows`)."""
-    if x.device.type != "cpu" or block.training or not onednn.onednn_ok(x) or not _no_grad_needed(x, block):
-        return None
+    if x.dim() != 4 or x.shape[0] < 2 or x.device.type != "cpu" or block.training or not onednn.onednn_ok(x) \
+            or not _no_grad_needed(x, block):
+        return None  # (a single sample is never split: asked first, as it is the latency case)
     return cpu_eval.block_chunk_rows(block, x)
 
 
@@ -300,9 +302,8 @@ def nchw_contiguous(x: torch.Tensor) -> bool:
 
 def _cpu_fused(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether some half of ``block`` takes a fused CPU path for ``x`` (then channels_last pays)."""
-    from ..mixers import Identity, RandomMixing
-
-    if pool_mixer_fusable(block) or type(block.token_mixer) in (Identity, RandomMixing):
+    mixers = _mixers()
+    if pool_mixer_fusable(block) or type(block.token_mixer) in (mixers.Identity, mixers.RandomMixing):
         return True
     return onednn.onednn_ok(x)
 
@@ -323,14 +324,13 @@ def _no_grad_needed(x: torch.Tensor, *modules: nn.Module) -> bool:
 
 
 def _mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    from ..mixers import Identity, RandomMixing
-
     if pool_mixer_fusable(block):
         return _fused_pool_half(block, x)
     draw = lambda: _drop_path_scale(block.drop_path1, block.training, x)  # noqa: E731
-    if type(block.token_mixer) is Identity:
+    mixers, mixer_type = _mixers(), type(block.token_mixer)
+    if mixer_type is mixers.Identity:
         return torch_halves.identity_half(block, x, draw)
-    if type(block.token_mixer) is RandomMixing:
+    if mixer_type is mixers.RandomMixing:
         return torch_halves.random_mixing_half(block, x, draw)
     if cuda_halves.halves_apply(x):
         return cuda_halves.ln_mixer_half(block, x)
@@ -358,19 +358,17 @@ def _mlp_half(block: nn.Module, x: torch.Tensor, consume: bool = False) -> Optio
 
 def pool_mixer_fusable(block: nn.Module) -> bool:
     """Whether the block's token-mixer half is the pooling identity's case (Pooling after GroupNorm1)."""
-    from ..layers import DropPath, GroupNorm1, Scale
-    from ..mixers import Pooling
-
+    layers = _layers()
+    scales, drops = (layers.Scale, nn.Identity), (layers.DropPath, nn.Identity)
     # The identity pool(GN(x)) - GN(x) = w * rstd * (pool(x) - x) needs count_include_pad=False pooling
     # (exactly our Pooling) after a one-group GroupNorm; a subclass of either may change the maths.
-    return (type(block.token_mixer) is Pooling and type(block.norm1) is GroupNorm1
-            and type(block.layer_scale1) in (Scale, nn.Identity) and type(block.res_scale1) in (Scale, nn.Identity)
-            and type(block.drop_path1) in (DropPath, nn.Identity))
+    return (type(block.token_mixer) is _mixers().Pooling and type(block.norm1) is layers.GroupNorm1
+            and type(block.layer_scale1) in scales and type(block.res_scale1) in scales
+            and type(block.drop_path1) in drops)
 
 
 def _fused_pool_half(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from ..layers import Scale
-
+    Scale = _layers().Scale
     weight = block.norm1.weight
     if type(block.layer_scale1) is Scale:
         weight = weight * block.layer_scale1.scale
@@ -389,6 +387,4 @@ def _drop_path_scale(drop_path: nn.Module, training: bool, x: torch.Tensor) -> O
     """The (B, 1, 1, 1) factor of stochastic depth in training (keep mask / keep prob), or None: the
     block's own :meth:`~metaformer.layers.DropPath.sample_factor`, so that a seeded run takes the same
     samples as the plain composition."""
-    from ..layers import DropPath
-
-    return drop_path.sample_factor(x) if training and isinstance(drop_path, DropPath) else None
+    return drop_path.sample_factor(x) if training and isinstance(drop_path, _layers().DropPath) else None

@@ -15,6 +15,7 @@ Everything here is evaluation-time maths on parameters; the results are cached p
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -25,10 +26,25 @@ __all__ = ["norm_kind", "act_kind", "scale_of", "normalise", "ln_weight", "fold_
            "NORM_TYPES", "plain_1x1", "plain_sepconv"]
 
 
+@functools.cache
 def _layers():
-    from .. import layers
+    from .. import layers  # (here, not at the top: metaformer.layers imports the kernels)
 
     return layers
+
+
+@functools.cache
+def _mixers():
+    from .. import mixers
+
+    return mixers
+
+
+@functools.cache
+def _blocks():
+    from .. import blocks
+
+    return blocks
 
 
 def norm_kind(norm: nn.Module) -> Optional[str]:
