@@ -60,6 +60,9 @@ def _buffer(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Ten
     return None if t is None else t.detach().to(dtype).clone()
 
 
+_LIGHT_MIXERS = ("pool_gn", "pool_ln", "identity", "random")  # mixer halves without a hidden tensor
+
+
 class InferenceBlock(nn.Module):
     """An evaluation-only, folded :class:`~metaformer.MetaFormerBlock` (built by :func:`optimize_for_inference`).
 
@@ -244,7 +247,14 @@ class InferenceBlock(nn.Module):
             # every part is a built-in one that treats each sample on its own: run cache-sized chunks
             rows = cpu_eval.chunk_rows(x, self.fc1.weight.shape[0])
             # (every mixer half returns a new tensor of its own, which the MLP half may then write into)
-            y = cpu_eval.in_chunks(lambda part: self._mlp_half(self._mixer_half(part, True), True, True), x, rows)
+            if rows < x.shape[0] and self.mixer_mode in _LIGHT_MIXERS:
+                # a mixer half without a hidden tensor runs whole; the MLP half writes over its output a few
+                # samples at a time (no block output to allocate, no chunk to copy into it)
+                y = cpu_eval.in_place_chunks(lambda part: self._mlp_half(part, True, True), self._mixer_half(x, True),
+                                             rows)
+            else:
+                y = cpu_eval.in_chunks(lambda part: self._mlp_half(self._mixer_half(part, True), True, True), x,
+                                       rows)
         else:
             y = self._mlp_half(self._mixer_half(x, fast), fast, fast)
         # on its own it returns the input's layout; in a model or stage its input is channels_last already

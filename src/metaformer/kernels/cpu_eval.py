@@ -45,7 +45,8 @@ from .folding import (
 )
 
 __all__ = ["channels_last_only", "downsample_conv", "mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention",
-           "packed_pair", "attention_weights", "hidden_shape", "chunk_rows", "block_chunk_rows", "in_chunks"]
+           "packed_pair", "attention_weights", "hidden_shape", "chunk_rows", "block_chunk_rows", "in_chunks",
+           "in_place_chunks"]
 
 _RELU_FIRST = {"relu": "relu", "star": "relu", "square": "relu", "gelu": "gelu", "gelu_tanh": "gelu"}
 
@@ -104,6 +105,8 @@ def _mlp_parts(block: nn.Module):
 # 1.02-1.08x faster under the defaults, but 0.84-0.98x of the whole batch where freed memory is kept
 # (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ raised). A probe of the allocator (fault counts of a freed
 # and re-allocated block) answered differently with the order of its sizes, so the rule stays the defaults'.
+# Pooling, identity and random-mixing blocks now chunk their MLP half alone, writing over the mixer half's
+# output (in_place_chunks): with freed memory kept their chunks then cost nothing against the whole batch.
 _CHUNK_ABOVE = 16 << 20
 _CHUNK_BYTES = 16 << 20
 
@@ -147,6 +150,19 @@ def in_chunks(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
                               memory_format=_format_of(y))
         out[i:i + rows] = y
     return out
+
+
+def in_place_chunks(fn, y: torch.Tensor, rows: int) -> torch.Tensor:
+    """``fn`` applied to ``y`` ``rows`` samples at a time, each result written over its own slice of ``y``: for
+    a ``y`` that only the caller holds (a block's mixer-half output) and an ``fn`` that treats every sample on
+    its own and may write its result into its argument (the MLP half with ``consume``). No output is
+    allocated and nothing is copied where ``fn`` writes in place."""
+    for i in range(0, y.shape[0], rows):
+        part = y[i:i + rows]
+        out = fn(part)
+        if out.data_ptr() != part.data_ptr() or out.stride() != part.stride():
+            part.copy_(out)
+    return y
 
 
 def channels_last_only(t: torch.Tensor) -> bool:

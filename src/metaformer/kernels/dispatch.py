@@ -152,7 +152,13 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if converted:
         x = x.contiguous(memory_format=torch.channels_last)
     rows = None if own_mixer or own_mlp else _cpu_eval_chunk_rows(block, x)
-    if rows is not None:
+    if rows is not None and _light_mixer(block):
+        # a mixer half without a hidden tensor runs whole; the MLP half then writes over its output a few
+        # samples at a time (no block output to allocate, no chunk to copy into it)
+        mixed = _mixer_half(block, x)
+        mixed = block.mixer_half(x) if mixed is None else mixed
+        y = cpu_eval.in_place_chunks(functools.partial(_mlp_half_or_plain, block), mixed, rows)
+    elif rows is not None:
         y = cpu_eval.in_chunks(functools.partial(_halves, block), x, rows)
     else:
         y = _halves(block, x, own_mixer, own_mlp)
@@ -283,6 +289,18 @@ def _halves(block: nn.Module, x: torch.Tensor, own_mixer: bool = False, own_mlp:
     # ``mixer_half``'s, ``res_scale1(x) + ...``), not one of a subclass's half (which may return its input):
     # the MLP half may then write its result into it.
     y = _mlp_half(block, x, not own_mixer)
+    return block.mlp_half(x) if y is None else y
+
+
+def _light_mixer(block: nn.Module) -> bool:
+    """Whether the block's token mixer is one whose half has no hidden tensor (pooling, identity, random mixing)."""
+    mixers = _mixers()
+    return type(block.token_mixer) in (mixers.Pooling, mixers.Identity, mixers.RandomMixing)
+
+
+def _mlp_half_or_plain(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP half of ``x``, a temporary of the caller's that it may write its result into."""
+    y = _mlp_half(block, x, True)
     return block.mlp_half(x) if y is None else y
 
 
