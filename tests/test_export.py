@@ -41,6 +41,22 @@ def test_compile_fullgraph(backend, optimized):
         _close(compiled(x), expected)
 
 
+def test_compile_warns_of_nothing_in_our_code():
+    """torch.compile warns when it traces through a functools cache wrapper ("Dynamo detected a call to a
+    functools.lru_cache-wrapped function"): the fast paths look their part classes up without one."""
+    from torch._dynamo import utils as dynamo_utils
+
+    getattr(dynamo_utils, "warn_once_cache", set()).clear()  # dynamo warns once per message and process
+    torch._dynamo.reset()
+    model = _model("convformer_s18")
+    x = torch.randn(2, 3, *SIZE)
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.compile(model, fullgraph=True, backend="eager")(x)
+    ours = [str(w.message).splitlines()[0] for w in seen if "metaformer" in str(w.message) or "cache" in str(w.message)]
+    assert ours == []
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("METAFORMER_TEST_INDUCTOR") != "1",
                     reason="Inductor needs a C++ compiler and ~1 min per model on CPU; set METAFORMER_TEST_INDUCTOR=1")

@@ -15,7 +15,6 @@ Everything here is evaluation-time maths on parameters; the results are cached p
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -26,25 +25,36 @@ __all__ = ["norm_kind", "act_kind", "scale_of", "normalise", "ln_weight", "fold_
            "NORM_TYPES", "plain_1x1", "plain_sepconv"]
 
 
-@functools.cache
+# The classes the fast paths recognise, looked up once (the modules import the kernels, so not at the top). Plain
+# globals rather than functools.cache: torch.compile warns about tracing through a cache wrapper.
+_LAYERS = _MIXERS = _BLOCKS = None
+
+
 def _layers():
-    from .. import layers  # (here, not at the top: metaformer.layers imports the kernels)
+    global _LAYERS
+    if _LAYERS is None:
+        from .. import layers
 
-    return layers
+        _LAYERS = layers
+    return _LAYERS
 
 
-@functools.cache
 def _mixers():
-    from .. import mixers
+    global _MIXERS
+    if _MIXERS is None:
+        from .. import mixers
 
-    return mixers
+        _MIXERS = mixers
+    return _MIXERS
 
 
-@functools.cache
 def _blocks():
-    from .. import blocks
+    global _BLOCKS
+    if _BLOCKS is None:
+        from .. import blocks
 
-    return blocks
+        _BLOCKS = blocks
+    return _BLOCKS
 
 
 def norm_kind(norm: nn.Module) -> Optional[str]:
