@@ -17,7 +17,8 @@ Variants:
 - ``floor``: every ``nn.Conv2d`` / ``nn.Linear`` call of the model and every attention product
   (``scaled_dot_product_attention``, the kernel timm's attention and ours both use; recorded with hooks on
   the plain composition) run on its own, same shapes and layout, forward (and, in training, backward): the
-  work any implementation must do. ``timm best / floor`` is the largest speed-up over timm that removing
+  work any implementation must do. In inference the convolutions run as oneDNN primitives on weights packed
+  once (``nn.Conv2d`` reorders its weight on every call, which a packed model does not pay). ``timm best / floor`` is the largest speed-up over timm that removing
   everything else could give (norms, activations, loss and optimiser are left out of the floor, and the
   attention product runs with q = k = v: generous).
 - ``floor_passes`` (inference): the floor, then the passes over whole tensors that nothing PyTorch exposes

@@ -109,6 +109,29 @@ def test_the_floor_records_every_matrix_product_in_order():
     assert all(p.grad is None for m, _, _ in calls for p in m.parameters())
 
 
+def test_the_inference_floor_runs_convolutions_on_packed_weights():
+    """In inference the floor's convolutions run on weights packed once (nn.Conv2d reorders its weight at every
+    call, which made the floor slower than a packed model at batch 1): each equals its module's output, and
+    oneDNN reorders no weight while the floor runs."""
+    model = metaformer.create("convformer_s18").eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    calls = cpu_models.record_calls(model, x)
+    convs = [(m, shape, cl) for m, shape, cl in calls if type(m) is nn.Conv2d]
+    assert {m.kernel_size for m, _, _ in convs} == {(7, 7), (3, 3), (1, 1)}  # stem, depthwise and downsampling, 1x1
+    for m, shape, cl in convs:
+        packed = cpu_models._packed_conv(m, shape)
+        assert packed is not None
+        t = torch.randn(shape).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        with torch.no_grad():
+            torch.testing.assert_close(packed(t), m(t), rtol=1e-5, atol=1e-5)
+    run = cpu_models.floor_fn(calls, train=False)
+    run()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    names = [e.name for e in prof.events()]
+    assert "aten::mkldnn_convolution" not in names and "mkldnn::_convolution_pointwise" in names
+
+
 @pytest.mark.parametrize("name", ["poolformer_s12", "identityformer_s12", "caformer_s18"])
 def test_the_passes_floor_records_each_separate_pass_once(name):
     """floor_passes: a pooling or identity mixer's norm (and PoolFormer v1's final norm) as statistics only,
