@@ -139,9 +139,10 @@ def make_variant(name: str, variant: str, train: bool, batch: int, size: int):
 
 
 def record_calls(model: nn.Module, x: torch.Tensor) -> list:
-    """(module, input shape, channels_last?) of every Conv2d / Linear call of one forward, in order, and
-    for every :class:`~metaformer.Attention`, (mixer, shape of q, k and v, False): its attention product."""
-    from metaformer import Attention
+    """(module, input shape, channels_last?) of every Conv2d / Linear call of one forward, in order; for every
+    :class:`~metaformer.Attention`, (mixer, shape of q, k and v, False): its attention product; and for every
+    :class:`~metaformer.RandomMixing`, (mixer, shape of its tokens (B, H*W, C), False): its matrix product."""
+    from metaformer import Attention, RandomMixing
 
     calls, hooks = [], []
 
@@ -154,6 +155,10 @@ def record_calls(model: nn.Module, x: torch.Tensor) -> list:
         b, _c, h, w = inputs[0].shape
         calls.append((mixer, (b, mixer.num_heads, h * w, mixer.head_dim), False))
 
+    def random_mixing_hook(mixer, inputs):
+        b, c, h, w = inputs[0].shape
+        calls.append((mixer, (b, h * w, c), False))
+
     import metaformer.kernels as K
 
     for m in model.modules():
@@ -161,6 +166,8 @@ def record_calls(model: nn.Module, x: torch.Tensor) -> list:
             hooks.append(m.register_forward_hook(hook))
         elif isinstance(m, Attention):  # its qkv / proj hooks record after this one: the product sits between
             hooks.append(m.register_forward_pre_hook(attention_hook))
+        elif isinstance(m, RandomMixing):
+            hooks.append(m.register_forward_pre_hook(random_mixing_hook))
     before = K.get_backend()
     K.set_backend("reference")  # the plain composition calls every module (fast paths call oneDNN directly)
     try:
@@ -174,10 +181,13 @@ def record_calls(model: nn.Module, x: torch.Tensor) -> list:
 
 
 def _floor_call(module: nn.Module):
-    """What the floor runs for one recorded call: the module itself, or an attention mixer's product
-    (``scaled_dot_product_attention``, the kernel timm's attention and ours both use) on q = k = v."""
+    """What the floor runs for one recorded call: the module itself, an attention mixer's product
+    (``scaled_dot_product_attention``, the kernel timm's attention and ours both use) on q = k = v, or a
+    random-mixing mixer's matrix product over the positions (tokens (B, H*W, C))."""
     if type(module) in (nn.Conv2d, nn.Linear):
         return module
+    if isinstance(module, metaformer.RandomMixing):
+        return lambda t: torch.matmul(module.random_matrix, t)
     return lambda t: F.scaled_dot_product_attention(t, t, t, scale=module.scale)
 
 

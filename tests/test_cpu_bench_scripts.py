@@ -109,6 +109,23 @@ def test_the_floor_records_every_matrix_product_in_order():
     assert all(p.grad is None for m, _, _ in calls for p in m.parameters())
 
 
+def test_the_floor_records_random_mixing_products():
+    """randformer_s12's floor: each random-mixing mixer's matrix product over the positions, with the tokens'
+    shape, between the block's norm and its MLP; the product is the mixer's own."""
+    model = metaformer.create("randformer_s12").eval()
+    calls = cpu_models.record_calls(model, torch.randn(1, 3, 224, 224))
+    mixers = [m for m in model.modules() if isinstance(m, metaformer.RandomMixing)]
+    recorded = [(m, shape) for m, shape, _ in calls if isinstance(m, metaformer.RandomMixing)]
+    assert [m for m, _ in recorded] == mixers and len(mixers) == 8
+    assert [shape for _, shape in recorded] == [(1, 196, 320)] * 6 + [(1, 49, 512)] * 2
+    m = mixers[0]
+    t = torch.randn(1, 196, 320)
+    with torch.no_grad():
+        want = m(t.transpose(1, 2).reshape(1, 320, 14, 14)).reshape(1, 320, 196).transpose(1, 2)
+        torch.testing.assert_close(cpu_models._floor_call(m)(t), want)
+    cpu_models.floor_fn(calls, train=False)()
+
+
 def test_the_inference_floor_runs_convolutions_on_packed_weights():
     """In inference the floor's convolutions run on weights packed once (nn.Conv2d reorders its weight at every
     call, which made the floor slower than a packed model at batch 1): each equals its module's output, and
