@@ -159,8 +159,6 @@ def record_calls(model: nn.Module, x: torch.Tensor) -> list:
         b, c, h, w = inputs[0].shape
         calls.append((mixer, (b, h * w, c), False))
 
-    import metaformer.kernels as K
-
     for m in model.modules():
         if type(m) in (nn.Conv2d, nn.Linear):
             hooks.append(m.register_forward_hook(hook))
@@ -168,8 +166,17 @@ def record_calls(model: nn.Module, x: torch.Tensor) -> list:
             hooks.append(m.register_forward_pre_hook(attention_hook))
         elif isinstance(m, RandomMixing):
             hooks.append(m.register_forward_pre_hook(random_mixing_hook))
+    _run_plain(model, x, hooks)
+    return calls
+
+
+def _run_plain(model: nn.Module, x: torch.Tensor, hooks: list) -> None:
+    """One forward of ``model``'s plain composition (the ``"reference"`` backend: it calls every module, where
+    the fast paths call oneDNN directly) without gradients, for the recording ``hooks``, removed after it."""
+    import metaformer.kernels as K
+
     before = K.get_backend()
-    K.set_backend("reference")  # the plain composition calls every module (fast paths call oneDNN directly)
+    K.set_backend("reference")
     try:
         with torch.no_grad():
             model(x)
@@ -177,7 +184,6 @@ def record_calls(model: nn.Module, x: torch.Tensor) -> list:
         K.set_backend(before)
         for h in hooks:
             h.remove()
-    return calls
 
 
 def _floor_call(module: nn.Module):
@@ -295,17 +301,7 @@ def record_passes(model: nn.Module, x: torch.Tensor) -> list:
         else:
             continue
         hooks.append(m.register_forward_pre_hook(hook))
-    import metaformer.kernels as K
-
-    before = K.get_backend()
-    K.set_backend("reference")
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        K.set_backend(before)
-        for h in hooks:
-            h.remove()
+    _run_plain(model, x, hooks)
     return passes
 
 
