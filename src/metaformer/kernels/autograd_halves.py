@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import nn
 
 from . import onednn
-from .folding import act_kind, ln_weight, norm_kind, normalise, plain_1x1, scale_of, scales_known
+from .folding import _layers, act_kind, ln_weight, norm_kind, normalise, plain_1x1, scale_of, scales_known
 from .twice import grads_through
 
 __all__ = ["mlp_half", "PointwiseHalfFunction"]
@@ -208,11 +208,10 @@ def _activation(saved: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def _usable(block: nn.Module, x: torch.Tensor, norm: nn.Module, drop_path: nn.Module, *scales) -> Optional[str]:
-    from ..layers import DropPath
-
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 4:
         return None
-    if torch.compiler.is_compiling() or not scales_known(*scales) or type(drop_path) not in (DropPath, nn.Identity):
+    if torch.compiler.is_compiling() or not scales_known(*scales) \
+            or type(drop_path) not in (_layers().DropPath, nn.Identity):
         return None
     return norm_kind(norm)
 
@@ -237,11 +236,9 @@ def mlp_half(block: nn.Module, x: torch.Tensor,
     ``draw_sample`` draws the stochastic-depth factor, (B, 1, 1, 1), or returns None; it is called only
     when the path applies, so that the random stream is consumed as the plain composition consumes it.
     """
-    from ..layers import Mlp
-
     mlp = block.mlp
     kind = _usable(block, x, block.norm2, block.drop_path2, block.layer_scale2, block.res_scale2)
-    if kind is None or type(mlp) is not Mlp or not (plain_1x1(mlp.fc1) and plain_1x1(mlp.fc2)):
+    if kind is None or type(mlp) is not _layers().Mlp or not (plain_1x1(mlp.fc1) and plain_1x1(mlp.fc2)):
         return None
     act = act_kind(mlp.act)
     if act not in ("relu", "star", "square") or (block.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)):
