@@ -1,6 +1,6 @@
 """What the dispatch's hook check costs in a CPU forward (see ``docs/kernels.md``, "Where they never run").
 
-Before a block takes its fused paths, :func:`metaformer.kernels.dispatch.parts_hooked` walks the block's
+Before a block takes its fused paths, :func:`metaformer.kernels.guards.parts_hooked` walks the block's
 parts for hooks (a hooked part sends the block to its plain composition). This script times that walk
 over every block of a model against the model's forward, in interleaved rounds in one process, and
 reports the medians and the check's share of the forward. fp32, ``torch.inference_mode``, 224x224.
@@ -23,7 +23,7 @@ import torch
 
 import metaformer
 from metaformer import MetaFormerBlock
-from metaformer.kernels.dispatch import parts_hooked
+from metaformer.kernels.guards import parts_hooked
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_models import write_results  # noqa: E402

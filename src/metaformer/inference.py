@@ -37,7 +37,7 @@ from torch import nn
 
 from .blocks import MetaFormerBlock
 from .inference_block import InferenceBlock
-from .kernels.dispatch import module_hooked
+from .kernels.guards import module_hooked
 
 __all__ = ["optimize_for_inference", "InferenceBlock", "is_inference_optimized"]
 

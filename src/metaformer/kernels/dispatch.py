@@ -31,12 +31,13 @@ Nothing here runs under TorchScript (the block skips it), FX symbolic tracing, `
 ONNX export, with the ``"reference"`` backend, or on CPU under autocast (whose bf16 convolutions the fp32
 paths do not reproduce): those see the plain composition. Nor does it run for a block with a hook on one of
 its parts (a forward or backward hook, a pruning or quantisation pre-hook, a ``forward`` replaced on the
-instance) or while global module hooks are registered (:func:`parts_hooked`): the fused paths read the
-parts' weights without calling them, so those hooks would not run, or would run on a slice of the batch.
-Nor under a ``torch.func`` transform or forward-mode AD (:func:`transformed`), a dispatch mode such as
-``FakeTensorMode`` or for a tensor subclass (:func:`intercepted`). Nor for a half that a subclass of the
-block writes itself (its own ``mixer_half`` or ``mlp_half``): that half runs as written. Under
-``torch.compile`` only the standard-op paths run (pooling identity, identity and random mixing).
+instance) or while global module hooks are registered: the fused paths read the parts' weights without
+calling them, so those hooks would not run, or would run on a slice of the batch. Nor under a ``torch.func``
+transform or forward-mode AD, a dispatch mode such as ``FakeTensorMode`` or for a tensor subclass. Those
+checks are :mod:`metaformer.kernels.guards` (:func:`~metaformer.kernels.guards.fast_paths_active`). Nor for
+a half that a subclass of the block writes itself (its own ``mixer_half`` or ``mlp_half``): that half runs as
+written. Under ``torch.compile`` only the standard-op paths run (pooling identity, identity and random
+mixing).
 """
 
 from __future__ import annotations
@@ -48,94 +49,12 @@ import torch
 from torch import nn
 
 # The package defines these before it imports this module (at its end).
-from . import autograd_halves, cpu_eval, cuda_halves, get_backend, onednn, pool_mixer_residual, torch_halves
+from . import autograd_halves, cpu_eval, cuda_halves, onednn, pool_mixer_residual, torch_halves
 from .folding import _blocks, _layers, _mixers
+from .guards import fast_paths_active, intercepted, module_hooked, parts_hooked, transformed
 
 __all__ = ["block_forward", "downsample_forward", "fast_paths_active", "in_input_layout", "intercepted",
            "module_hooked", "parts_hooked", "pool_mixer_fusable", "transformed"]
-
-
-def fast_paths_active(x, module: Optional[nn.Module] = None) -> bool:
-    """Whether fused paths may run for ``x``: a real tensor, eager or torch.compile, not the reference backend;
-    in eager mode also a non-empty batch (nothing to gain on none, and the paths' shape arithmetic assumes a
-    sample), no function transform or forward-mode AD (:func:`transformed`), and no dispatch mode or tensor
-    subclass (:func:`intercepted`); and, given the ``module`` whose forward asks, no hooked part in it
-    (:func:`parts_hooked`)."""
-    if not isinstance(x, torch.Tensor) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return False
-    if get_backend() == "reference":
-        return False
-    if not torch.compiler.is_compiling() and (transformed() or intercepted(x) or x.numel() == 0):
-        return False
-    return module is None or not parts_hooked(module)
-
-
-def intercepted(x: torch.Tensor) -> bool:
-    """Whether a ``TorchDispatchMode`` is active (``FakeTensorMode``, ``FlopCounterMode``, a user's op logger) or
-    ``x`` is a tensor subclass (a ``FakeTensor``, a ``__torch_function__`` wrapper).
-
-    These see or replace every op, and expect the standard ones: under ``FakeTensorMode`` the oneDNN
-    primitives' first refusal switched them off for the rest of the process (ConvFormer then ran at the
-    plain composition's speed, silently) and the folded-weights cache would have kept fake tensors. The
-    blocks then run their plain composition. ``torch.compile`` and ``torch.export`` (which trace with fake
-    tensors themselves) are not affected: :func:`fast_paths_active` asks this only in eager mode.
-    """
-    if type(x) is not torch.Tensor and type(x) is not nn.Parameter:
-        return True
-    stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
-    return bool(stack_depth is not None and stack_depth())
-
-
-def transformed() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``...) or a forward-mode AD
-    level (``torch.autograd.forward_ad.dual_level``) is active.
-
-    The fused paths' ``autograd.Function`` s define no vmap or jvp rules (the transforms refuse them) and the
-    oneDNN primitives carry no tangents (forward-mode AD would lose them silently), so the blocks then run
-    their plain composition, which every transform supports.
-    """
-    try:
-        if torch._C._functorch.peek_interpreter_stack() is not None:
-            return True
-    except AttributeError:  # pragma: no cover - a build without functorch
-        pass
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
-
-
-_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, f"_global{name}", None) for name in _MODULE_HOOKS)
-
-
-def module_hooked(module: nn.Module) -> bool:
-    """Whether ``module`` has a hook of its own (forward, forward pre-, backward) or an instance-level
-    ``forward`` (a wrapper such as accelerate's)."""
-    d = module.__dict__
-    # (written out rather than any() over _MODULE_HOOKS: every block's forward asks this of each of its parts)
-    return bool("forward" in d or d.get("_forward_hooks") or d.get("_forward_pre_hooks")
-                or d.get("_backward_hooks") or d.get("_backward_pre_hooks"))
-
-
-def parts_hooked(module: nn.Module) -> bool:
-    """Whether a module below ``module`` (not ``module`` itself) is :func:`module_hooked`, or global module
-    hooks are registered (``torch.nn.modules.module.register_module_forward_hook`` and the like).
-
-    The fused paths compute a block's function from its parts' weights without calling the parts, so such
-    a hook would not run (a counter of FLOPs, a feature probe) or its effect would be lost (the pre-hook
-    of ``torch.nn.utils.prune`` that recomputes ``weight`` from ``weight_orig`` and the mask): a block
-    with one runs its plain composition. ``module``'s own hooks run either way (its ``__call__`` runs
-    them around the fused forward).
-    """
-    if any(_GLOBAL_HOOKS):
-        return True
-    stack = list(module._modules.values())
-    while stack:
-        m = stack.pop()
-        if m is None:
-            continue
-        if module_hooked(m):
-            return True
-        stack.extend(m._modules.values())
-    return False
 
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
