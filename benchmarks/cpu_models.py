@@ -186,15 +186,29 @@ def _run_plain(model: nn.Module, x: torch.Tensor, hooks: list) -> None:
             h.remove()
 
 
-def _floor_call(module: nn.Module):
+def _floor_call(module: nn.Module, train: bool = False):
     """What the floor runs for one recorded call: the module itself, an attention mixer's product
     (``scaled_dot_product_attention``, the kernel timm's attention and ours both use) on q = k = v, or a
-    random-mixing mixer's matrix product over the positions (tokens (B, H*W, C))."""
+    random-mixing mixer's matrix product over the positions (tokens (B, H*W, C)). In training a depthwise
+    convolution runs as our SepConv's node (:class:`metaformer.kernels.sepconv_train.DepthwiseConvFunction`):
+    ``nn.Conv2d``'s backward takes its weight gradient ~10x slower than the forward, which a floor must not
+    charge where the model does not."""
+    if train and _depthwise(module):
+        from metaformer.kernels.sepconv_train import DepthwiseConvFunction
+
+        return lambda t: DepthwiseConvFunction.apply(t, module.weight, module.bias, module.padding)
     if type(module) in (nn.Conv2d, nn.Linear):
         return module
     if isinstance(module, metaformer.RandomMixing):
         return lambda t: torch.matmul(module.random_matrix, t)
     return lambda t: F.scaled_dot_product_attention(t, t, t, scale=module.scale)
+
+
+def _depthwise(module: nn.Module) -> bool:
+    """A depthwise ``nn.Conv2d`` of stride 1, no dilation and zero padding (SepConv's)."""
+    return (type(module) is nn.Conv2d and 1 < module.groups == module.in_channels == module.out_channels
+            and module.stride == (1, 1) and module.dilation == (1, 1) and module.padding_mode == "zeros"
+            and isinstance(module.padding, tuple))
 
 
 def _packed_conv(module: nn.Module, shape: tuple):
@@ -216,8 +230,9 @@ def _packed_conv(module: nn.Module, shape: tuple):
 
 def floor_fn(calls: list, train: bool):
     """A callable running just the recorded convolutions / linears / attention products (forward, or forward
-    and backward). In inference the convolutions run on weights packed once (:func:`_packed_conv`)."""
-    fns = [(None if train else _packed_conv(m, shape)) or _floor_call(m) for m, shape, _ in calls]
+    and backward). In inference the convolutions run on weights packed once (:func:`_packed_conv`); in
+    training the depthwise ones through our node (:func:`_floor_call`)."""
+    fns = [(None if train else _packed_conv(m, shape)) or _floor_call(m, train) for m, shape, _ in calls]
     inputs = []
     for _module, shape, cl in calls:
         t = torch.randn(shape)

@@ -109,6 +109,26 @@ def test_the_floor_records_every_matrix_product_in_order():
     assert all(p.grad is None for m, _, _ in calls for p in m.parameters())
 
 
+def test_the_training_floor_takes_depthwise_gradients_as_the_model_does():
+    """In training the floor runs each depthwise convolution as our SepConv's node, whose gradients equal the
+    module's; its other convolutions are the modules themselves."""
+    model = metaformer.create("convformer_s18").train().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    calls = cpu_models.record_calls(model, x)
+    depthwise = [(m, shape) for m, shape, _ in calls if cpu_models._depthwise(m)]
+    assert len(depthwise) == 18 and all(m.kernel_size == (7, 7) for m, _ in depthwise)
+    assert all(cpu_models._floor_call(m, True) is m for m, _, _ in calls if not cpu_models._depthwise(m))
+    m, shape = depthwise[0]
+    t = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+    got = torch.autograd.grad(cpu_models._floor_call(m, True)(t).square().sum(), (t, m.weight))
+    want = torch.autograd.grad(m(t).square().sum(), (t, m.weight))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        cpu_models.floor_fn(calls, train=True)()
+    assert sum(e.name == "DepthwiseConvFunctionBackward" for e in prof.events()) == 18
+
+
 def test_the_floor_records_random_mixing_products():
     """randformer_s12's floor: each random-mixing mixer's matrix product over the positions, with the tokens'
     shape, between the block's norm and its MLP; the product is the mixer's own."""

@@ -678,6 +678,73 @@ def test_the_mlp_half_backward_takes_no_square_root(family):
     assert "PointwiseHalfFunctionBackward" in names and "aten::sqrt" not in names
 
 
+@pytest.mark.parametrize("kernel,padding,bias", [((7, 7), (3, 3), False), ((3, 5), (1, 2), True),
+                                                 ((5, 3), (0, 3), True), ((1, 1), (0, 0), False)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_the_depthwise_node_equals_the_convolution(kernel, padding, bias, layout):
+    """SepConv's training node (a weight gradient as one forward convolution per sample, an input gradient as
+    the flipped kernel's convolution) equals ``F.conv2d``'s autograd: fp64 to 1e-9, odd sizes, batch 3,
+    kernels that are not square, paddings other than k // 2 (a larger or smaller output), with and without bias."""
+    from metaformer.kernels.sepconv_train import DepthwiseConvFunction
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 11, 9, dtype=torch.float64, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 1, *kernel, dtype=torch.float64, generator=g)
+    b = torch.randn(6, dtype=torch.float64, generator=g) if bias else None
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    ref = F.conv2d(x, w, b, padding=padding, groups=6)
+    out = DepthwiseConvFunction.apply(x, w, b, padding)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    gy = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    for got, want in zip(torch.autograd.grad(out, leaves, gy), torch.autograd.grad(ref, leaves, gy)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    # second derivatives (create_graph=True) through the plain composition, on a smaller map and fewer channels
+    small = [x.detach()[:2, :2, :5, :4], w.detach()[:2]] + ([b.detach()[:2]] if bias else [])
+    fn = lambda x, w, b=None: DepthwiseConvFunction.apply(x, w, b, padding)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, tuple(t.clone().requires_grad_() for t in small))
+
+
+@pytest.mark.parametrize("needs", ["all", "input only", "scalars only"])
+def test_the_starrelu_node_equals_the_module(needs):
+    """SepConv's StarReLU node: the forward bits of ``StarReLU`` in fp32 (its own ops), gradients to 1e-9 in
+    fp64 for each subset of what requires one, and second derivatives."""
+    from metaformer.kernels.sepconv_train import StarReLUFunction
+    from metaformer.layers import StarReLU
+
+    act = StarReLU(0.8, -0.3)
+    x32 = torch.randn(2, 5, 7, 3).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(StarReLUFunction.apply(x32, act.scale, act.bias), act(x32))
+    act = act.double()
+    x = torch.randn(2, 5, 7, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(needs != "scalars only")
+    act.requires_grad_(needs != "input only")
+    leaves = [t for t in (x, act.scale, act.bias) if t.requires_grad]
+    gy = torch.randn(x.shape, dtype=torch.float64)
+    got = torch.autograd.grad(StarReLUFunction.apply(x, act.scale, act.bias), leaves, gy)
+    want = torch.autograd.grad(act(x), leaves, gy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert torch.autograd.gradgradcheck(StarReLUFunction.apply, (x.detach().requires_grad_(), act.scale, act.bias))
+
+
+@pytest.mark.parametrize("family", ["convformer", "caformer"])
+def test_sepconv_trains_through_its_nodes(family):
+    """In training on CPU every SepConv runs its StarReLU and its depthwise convolution as the nodes of
+    :mod:`metaformer.kernels.sepconv_train`: no depthwise weight gradient from ``convolution_backward``
+    (~10x slower than the forward convolution on CPU)."""
+    model = copy.deepcopy(tiny(family)).train()
+    x = torch.randn(2, 3, *SIZE)
+    events = _profiled(lambda: model(x).sum().backward(), record_shapes=True)[1]
+    sepconvs = sum(isinstance(m, SepConv) for m in model.modules())
+    for node in ("DepthwiseConvFunctionBackward", "StarReLUFunctionBackward"):
+        assert sum(e.name == node for e in events) == sepconvs, node
+    depthwise = [e.input_shapes for e in events if e.name == "aten::convolution_backward"
+                 and len(e.input_shapes[2]) == 4 and e.input_shapes[2][1] == 1]
+    assert not depthwise, depthwise
+
+
 @pytest.mark.parametrize("family", ["poolformer", "id_v1"])
 def test_a_gelu_mlp_trains_through_the_plain_composition(family):
     """The MLP half's node made a GELU MLP's training step 4.5% slower than the plain composition (poolformer_s12,

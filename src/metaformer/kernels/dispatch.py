@@ -14,6 +14,8 @@ when one computes exactly the same function, or the block's own half otherwise:
     (standard ops, so also in training; :mod:`metaformer.kernels.torch_halves`);
   - :class:`~metaformer.mixers.SepConv`, :class:`~metaformer.mixers.Attention`: on CPU in fp32 where
     nothing needs a gradient, oneDNN primitives on folded weights (:mod:`metaformer.kernels.cpu_eval`);
+    SepConv in training on CPU, its parts with the depthwise convolution's weight gradient taken one sample
+    at a time (:mod:`metaformer.kernels.sepconv_train`);
 
 - MLP half: on CPU in fp32, oneDNN primitives on folded weights where nothing needs a gradient, and in
   training an ``autograd.Function`` with a written-out backward that keeps only the tensors it reads
@@ -49,7 +51,7 @@ import torch
 from torch import nn
 
 # The package defines these before it imports this module (at its end).
-from . import autograd_halves, cpu_eval, cuda_halves, onednn, pool_mixer_residual, torch_halves
+from . import autograd_halves, cpu_eval, cuda_halves, onednn, pool_mixer_residual, sepconv_train, torch_halves
 from .folding import _blocks, _layers, _mixers
 from .guards import fast_paths_active, intercepted, module_hooked, parts_hooked, transformed
 
@@ -278,7 +280,8 @@ def _mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
             return None
         y = cpu_eval.sepconv_half(block, x)
         return cpu_eval.attention_half(block, x) if y is None else y
-    return None  # training: the plain composition (a written-out SepConv backward measured no faster)
+    # training: SepConv's depthwise weight gradient one sample at a time; other mixers' plain composition
+    return sepconv_train.sepconv_half(block, x)
 
 
 def _mlp_half(block: nn.Module, x: torch.Tensor, consume: bool = False) -> Optional[torch.Tensor]:

@@ -1,0 +1,162 @@
+"""SepConv's half in training on CPU: a StarReLU node and a depthwise convolution with a faster weight gradient.
+
+**The depthwise convolution.** A depthwise k x k convolution's weight gradient is, for each channel, the
+correlation of the padded input with the output gradient, summed over the batch::
+
+    dW[c, i, j] = sum_b sum_(y, x) x_pad[b, c, y + i, x + j] * g[b, c, y, x]
+
+PyTorch's CPU ``convolution_backward`` computes it ~10x slower than the forward convolution (convformer_s18 at
+batch 16: 50 against 5.5 ms at stage 1; 390 of a 2,900 ms training step for the 18 depthwise convolutions). The
+same sum is, for one sample, a *forward* depthwise convolution of that sample's input (C channels, padding p)
+with its output gradient as the kernel (C, 1, H, W), whose output is k x k; a channels_last sample is already
+the input's layout, and the forward primitive runs at the speed of the forward. So the backward here runs that
+convolution for each sample and sums them: 3.3-3.7x faster than ``convolution_backward``'s weight gradient at
+every ConvFormer stage. The input gradient is the forward convolution of the output gradient with the flipped
+kernel (stride 1; padding k - 1 - p, where that is not negative).
+
+**StarReLU** ``s * relu(x) ** 2 + b`` as one node: the forward computes the plain composition's own ops (the same
+bits) and keeps only ``relu(x)``; the backward is four passes over the tensor (``sum(g)``, ``t = g * relu(x)``,
+``dot(t, relu(x))``, ``2 s t``), where autograd through the composition runs about twice as many and keeps
+``relu(x) ** 2`` as well: 1.9-2.2x faster at ConvFormer's SepConv shapes.
+
+Everything else in the half (the norm, the pointwise convolutions, the scales and stochastic depth) runs through
+the parts themselves, as in the plain composition, so the random stream and autograd are theirs. The forwards are
+the modules' ops (the same bits); the gradients equal the plain composition's to rounding
+(``tests/test_fastpaths.py``, fp32 and fp64), also with ``create_graph=True`` (:mod:`~metaformer.kernels.twice`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import onednn
+from .folding import _layers, _mixers
+from .twice import grads_through
+
+__all__ = ["DepthwiseConvFunction", "StarReLUFunction", "depthwise_weight_grad", "sepconv_half"]
+
+_CL = torch.channels_last
+
+
+def depthwise_weight_grad(x: torch.Tensor, grad_output: torch.Tensor, padding: Tuple[int, int],
+                          kernel_size: Tuple[int, int]) -> torch.Tensor:
+    """The weight gradient (C, 1, kh, kw) of a stride-1 depthwise convolution of ``x`` (B, C, H, W) with
+    ``padding``, given the gradient of its output, as a forward convolution per sample (module docstring)."""
+    c = x.shape[1]
+    total = None
+    for s in range(x.shape[0]):
+        part = F.conv2d(x[s:s + 1], grad_output[s].unsqueeze(1), padding=padding, groups=c)
+        total = part if total is None else total.add_(part)
+    return total.view(c, 1, *kernel_size)
+
+
+def _conv(x, weight, bias, padding):
+    return F.conv2d(x, weight, bias, padding=padding, groups=weight.shape[0])
+
+
+class DepthwiseConvFunction(torch.autograd.Function):
+    """``F.conv2d(x, weight, bias, padding=padding, groups=C)`` (stride 1, no dilation) with the backward of
+    the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):
+        ctx.padding = padding
+        ctx.save_for_backward(x, weight, bias)
+        return _conv(x, weight, bias, padding)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias = ctx.saved_tensors
+        need, padding = ctx.needs_input_grad, ctx.padding
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (kernels/twice.py)
+            return grads_through(lambda *t: _conv(*t, padding), (x, weight, bias), need, gy, 4)
+        kh, kw = weight.shape[-2:]
+        gx = gw = gb = None
+        if need[0]:
+            flipped = (kh - 1 - padding[0], kw - 1 - padding[1])
+            if min(flipped) >= 0:
+                gx = _conv(gy, weight.flip(-2, -1), None, flipped)
+            else:  # a padding wider than the kernel: the flipped kernel's would be negative
+                gx = torch.ops.aten.convolution_backward(gy, x, weight, None, [1, 1], list(padding), [1, 1], False,
+                                                         [0, 0], weight.shape[0], [True, False, False])[0]
+        if need[1]:
+            gw = depthwise_weight_grad(x, gy, padding, (kh, kw))
+        if need[2] and bias is not None:
+            gb = gy.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+
+def _star(x, s, b):
+    return s * torch.relu(x) ** 2 + b
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The sum of ``a * b`` for two maps of the same shape, without a temporary where both are channels_last
+    or both contiguous."""
+    if a.dim() == 4 and not (a.is_contiguous() and b.is_contiguous()) \
+            and a.is_contiguous(memory_format=_CL) and b.is_contiguous(memory_format=_CL):
+        a, b = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)  # both (B, H, W, C) contiguous
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+class StarReLUFunction(torch.autograd.Function):
+    """:class:`~metaformer.layers.StarReLU`'s ``s * relu(x) ** 2 + b`` (``s``, ``b``: one-element tensors) with the
+    backward of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, s, b):
+        r = torch.relu(x)
+        ctx.save_for_backward(x, r, s, b)
+        return (r * r).mul_(s).add_(b)  # the composition's ops in its order: r ** 2 is r * r
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, r, s, b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True
+            return grads_through(_star, (x, s, b), need, gy, 3)
+        gb = gy.sum().view(1) if need[2] else None
+        gx = gs = None
+        if need[0] or need[1]:
+            t = gy * r
+            gs = _dot(t, r).view(1) if need[1] else None
+            gx = t.mul_(2 * s) if need[0] else None  # relu(x) is 0 where x <= 0: ReLU's gradient
+        return gx, gs, gb
+
+
+def _plain_depthwise(conv: nn.Module, x: torch.Tensor) -> bool:
+    """A depthwise ``nn.Conv2d`` of stride 1 and no dilation with zero padding given as numbers, on as many
+    channels as ``x`` has, of ``x``'s dtype."""
+    return (type(conv) is nn.Conv2d and conv.groups == conv.in_channels == conv.out_channels == x.shape[1]
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple) and conv.weight.dtype == x.dtype
+            and (conv.bias is None or conv.bias.dtype == x.dtype))
+
+
+def sepconv_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The token-mixer half of a block whose mixer is :class:`~metaformer.mixers.SepConv`, in training on CPU
+    (fp32 with oneDNN, or fp64), with a StarReLU ``act1`` through :class:`StarReLUFunction` and its depthwise
+    convolution through :class:`DepthwiseConvFunction`; or None
+    where that does not apply (another mixer, another device or dtype). A depthwise convolution of another kind
+    (a stride, a dilation, another padding mode) runs as its module, in an otherwise identical half."""
+    mixer = block.token_mixer
+    if type(mixer) is not _mixers().SepConv or x.dim() != 4 or x.device.type != "cpu":
+        return None
+    if not (x.dtype == torch.float64 or onednn.onednn_ok(x)):
+        return None
+    h = mixer.pwconv1(block.norm1(x))
+    act = mixer.act1
+    if type(act) is _layers().StarReLU and act.scale.dtype == act.bias.dtype == h.dtype:
+        h = StarReLUFunction.apply(h, act.scale, act.bias)
+    else:
+        h = act(h)
+    dw = mixer.dwconv
+    if not _plain_depthwise(dw, h):
+        mixed = mixer.pwconv2(mixer.act2(dw(h)))
+    else:
+        mixed = mixer.pwconv2(mixer.act2(DepthwiseConvFunction.apply(h, dw.weight, dw.bias, dw.padding)))
+    return block.res_scale1(x) + block.layer_scale1(block.drop_path1(mixed))
