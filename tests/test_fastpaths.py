@@ -731,9 +731,9 @@ def test_the_starrelu_node_equals_the_module(needs):
 
 @pytest.mark.parametrize("family", ["convformer", "caformer"])
 def test_sepconv_trains_through_its_nodes(family):
-    """In training on CPU every SepConv runs its StarReLU and its depthwise convolution as the nodes of
+    """In fp32 training on CPU every SepConv runs its StarReLU and its depthwise convolution as the nodes of
     :mod:`metaformer.kernels.sepconv_train`: no depthwise weight gradient from ``convolution_backward``
-    (~10x slower than the forward convolution on CPU)."""
+    (~10x slower than the forward convolution on CPU). In fp64 only the StarReLU node."""
     model = copy.deepcopy(tiny(family)).train()
     x = torch.randn(2, 3, *SIZE)
     events = _profiled(lambda: model(x).sum().backward(), record_shapes=True)[1]
@@ -743,6 +743,10 @@ def test_sepconv_trains_through_its_nodes(family):
     depthwise = [e.input_shapes for e in events if e.name == "aten::convolution_backward"
                  and len(e.input_shapes[2]) == 4 and e.input_shapes[2][1] == 1]
     assert not depthwise, depthwise
+    # fp64 (no oneDNN): PyTorch's per-sample convolutions are slower than the module's backward there
+    model64 = copy.deepcopy(tiny(family)).double().train()
+    names = {e.name for e in _profiled(lambda: model64(x.double()).sum().backward())[1]}
+    assert "StarReLUFunctionBackward" in names and "DepthwiseConvFunctionBackward" not in names
 
 
 @pytest.mark.parametrize("family", ["poolformer", "id_v1"])

@@ -139,10 +139,11 @@ def _plain_depthwise(conv: nn.Module, x: torch.Tensor) -> bool:
 
 def sepconv_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The token-mixer half of a block whose mixer is :class:`~metaformer.mixers.SepConv`, in training on CPU
-    (fp32 with oneDNN, or fp64), with a StarReLU ``act1`` through :class:`StarReLUFunction` and its depthwise
-    convolution through :class:`DepthwiseConvFunction`; or None
-    where that does not apply (another mixer, another device or dtype). A depthwise convolution of another kind
-    (a stride, a dilation, another padding mode) runs as its module, in an otherwise identical half."""
+    (fp32 with oneDNN, or fp64), with a StarReLU ``act1`` through :class:`StarReLUFunction` and, in fp32, its
+    depthwise convolution through :class:`DepthwiseConvFunction`; or None where that does not apply (another
+    mixer, another device or dtype). A depthwise convolution of another kind (a stride, a dilation, another
+    padding mode), or in fp64 (where PyTorch's per-sample convolutions are slower than the module's backward:
+    no oneDNN), runs as its module, in an otherwise identical half."""
     mixer = block.token_mixer
     if type(mixer) is not _mixers().SepConv or x.dim() != 4 or x.device.type != "cpu":
         return None
@@ -155,7 +156,7 @@ def sepconv_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     else:
         h = act(h)
     dw = mixer.dwconv
-    if not _plain_depthwise(dw, h):
+    if not (onednn.onednn_ok(h) and _plain_depthwise(dw, h)):  # (fp64 per sample: slower than the module's)
         mixed = mixer.pwconv2(mixer.act2(dw(h)))
     else:
         mixed = mixer.pwconv2(mixer.act2(DepthwiseConvFunction.apply(h, dw.weight, dw.bias, dw.padding)))
