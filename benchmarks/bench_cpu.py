@@ -18,7 +18,9 @@ Variants:
   (``scaled_dot_product_attention``, the kernel timm's attention and ours both use; recorded with hooks on
   the plain composition) run on its own, same shapes and layout, forward (and, in training, backward): the
   work any implementation must do. In inference the convolutions run as oneDNN primitives on weights packed
-  once (``nn.Conv2d`` reorders its weight on every call, which a packed model does not pay). ``timm best / floor`` is the largest speed-up over timm that removing
+  once (``nn.Conv2d`` reorders its weight on every call, which a packed model does not pay); in training the
+  depthwise convolutions run as our SepConv's node (``nn.Conv2d``'s backward takes their weight gradient ~10x
+  slower than the forward; ``metaformer.kernels.sepconv_train``). ``timm best / floor`` is the largest speed-up over timm that removing
   everything else could give (norms, activations, loss and optimiser are left out of the floor, and the
   attention product runs with q = k = v: generous).
 - ``floor_passes`` (inference): the floor, then the passes over whole tensors that nothing PyTorch exposes
