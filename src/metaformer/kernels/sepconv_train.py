@@ -17,7 +17,7 @@ kernel (stride 1; padding k - 1 - p, where that is not negative).
 **StarReLU** ``s * relu(x) ** 2 + b`` as one node: the forward computes the plain composition's own ops (the same
 bits) and keeps only ``relu(x)``; the backward is four passes over the tensor (``sum(g)``, ``t = g * relu(x)``,
 ``dot(t, relu(x))``, ``2 s t``), where autograd through the composition runs about twice as many and keeps
-``relu(x) ** 2`` as well: 1.9-2.2x faster at ConvFormer's SepConv shapes.
+``relu(x) ** 2`` as well: 1.9-2.0x faster at ConvFormer's SepConv shapes.
 
 Everything else in the half (the norm, the pointwise convolutions, the scales and stochastic depth) runs through
 the parts themselves, as in the plain composition, so the random stream and autograd are theirs. The forwards are
