@@ -681,14 +681,21 @@ def test_the_mlp_half_backward_takes_no_square_root(family):
 @pytest.mark.parametrize("kernel,padding,bias", [((7, 7), (3, 3), False), ((3, 5), (1, 2), True),
                                                  ((5, 3), (0, 3), True), ((1, 1), (0, 0), False)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_the_depthwise_node_equals_the_convolution(kernel, padding, bias, layout):
-    """SepConv's training node (a weight gradient as one forward convolution per sample, an input gradient as
-    the flipped kernel's convolution) equals ``F.conv2d``'s autograd: fp64 to 1e-9, odd sizes, batch 3,
-    kernels that are not square, paddings other than k // 2 (a larger or smaller output), with and without bias."""
+@pytest.mark.parametrize("size", [(15, 14), (11, 9), (5, 3)], ids=["per-sample", "whole-batch", "small"])
+def test_the_depthwise_node_equals_the_convolution(kernel, padding, bias, layout, size):
+    """SepConv's training node (a weight gradient as one forward convolution per sample, or of the whole batch
+    on a map of fewer than 196 positions, or PyTorch's own below 16; an input gradient as the flipped kernel's
+    convolution) equals ``F.conv2d``'s autograd: fp64 to 1e-9, odd sizes, batch 3, kernels that are not
+    square, paddings other than k // 2 (a larger or smaller output), with and without bias."""
+    from metaformer.kernels import sepconv_train
     from metaformer.kernels.sepconv_train import DepthwiseConvFunction
 
+    positions = (size[0] + 2 * padding[0] - kernel[0] + 1) * (size[1] + 2 * padding[1] - kernel[1] + 1)
+    branch = {"per-sample": positions >= sepconv_train._PER_SAMPLE_POSITIONS,
+              "small": positions < sepconv_train._BATCHED_POSITIONS}
+    assert branch["per-sample"] == (size == (15, 14)) and branch["small"] == (size == (5, 3))  # each branch taken
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 6, 11, 9, dtype=torch.float64, generator=g)
+    x = torch.randn(3, 6, *size, dtype=torch.float64, generator=g)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(6, 1, *kernel, dtype=torch.float64, generator=g)
@@ -701,6 +708,8 @@ def test_the_depthwise_node_equals_the_convolution(kernel, padding, bias, layout
     for got, want in zip(torch.autograd.grad(out, leaves, gy), torch.autograd.grad(ref, leaves, gy)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     # second derivatives (create_graph=True) through the plain composition, on a smaller map and fewer channels
+    if size != (11, 9):
+        return
     small = [x.detach()[:2, :2, :5, :4], w.detach()[:2]] + ([b.detach()[:2]] if bias else [])
     fn = lambda x, w, b=None: DepthwiseConvFunction.apply(x, w, b, padding)  # noqa: E731
     assert torch.autograd.gradgradcheck(fn, tuple(t.clone().requires_grad_() for t in small))
@@ -733,9 +742,11 @@ def test_the_starrelu_node_equals_the_module(needs):
 def test_sepconv_trains_through_its_nodes(family):
     """In fp32 training on CPU every SepConv runs its StarReLU and its depthwise convolution as the nodes of
     :mod:`metaformer.kernels.sepconv_train`: no depthwise weight gradient from ``convolution_backward``
-    (~10x slower than the forward convolution on CPU). In fp64 only the StarReLU node."""
+    (~10x slower than the forward convolution on CPU), and gradients that equal the plain composition's at
+    map sizes that take the per-sample and the whole-batch forms. In fp64 only the StarReLU node."""
     model = copy.deepcopy(tiny(family)).train()
-    x = torch.randn(2, 3, *SIZE)
+    x = torch.randn(2, 3, 128, 128)  # stages 32x32, 16x16 (per sample), 8x8, 4x4 (the whole batch)
+    _compare(family, x, train=True)
     events = _profiled(lambda: model(x).sum().backward(), record_shapes=True)[1]
     sepconvs = sum(isinstance(m, SepConv) for m in model.modules())
     for node in ("DepthwiseConvFunctionBackward", "StarReLUFunctionBackward"):
