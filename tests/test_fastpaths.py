@@ -14,6 +14,7 @@ import copy
 import functools
 import gc
 import re
+import warnings
 
 import pytest
 import torch
@@ -743,7 +744,8 @@ def test_sepconv_trains_through_its_nodes(family):
     """In fp32 training on CPU every SepConv runs its StarReLU and its depthwise convolution as the nodes of
     :mod:`metaformer.kernels.sepconv_train`: no depthwise weight gradient from ``convolution_backward``
     (~10x slower than the forward convolution on CPU), and gradients that equal the plain composition's at
-    map sizes that take the per-sample and the whole-batch forms. In fp64 only the StarReLU node."""
+    map sizes that take the per-sample and the whole-batch forms. In fp64, or with oneDNN switched off, only the
+    StarReLU node."""
     model = copy.deepcopy(tiny(family)).train()
     x = torch.randn(2, 3, 128, 128)  # stages 32x32, 16x16 (per sample), 8x8, 4x4 (the whole batch)
     _compare(family, x, train=True)
@@ -754,9 +756,15 @@ def test_sepconv_trains_through_its_nodes(family):
     depthwise = [e.input_shapes for e in events if e.name == "aten::convolution_backward"
                  and len(e.input_shapes[2]) == 4 and e.input_shapes[2][1] == 1]
     assert not depthwise, depthwise
-    # fp64 (no oneDNN): PyTorch's per-sample convolutions are slower than the module's backward there
+    # fp64 (no oneDNN), or oneDNN switched off: PyTorch's per-sample convolutions are slower than the module's
+    # backward there
     model64 = copy.deepcopy(tiny(family)).double().train()
     names = {e.name for e in _profiled(lambda: model64(x.double()).sum().backward())[1]}
+    assert "StarReLUFunctionBackward" in names and "DepthwiseConvFunctionBackward" not in names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (the flags' note that TF32 on oneDNN needs an Intel GPU)
+        with torch.backends.mkldnn.flags(enabled=False):
+            names = {e.name for e in _profiled(lambda: model(x).sum().backward())[1]}
     assert "StarReLUFunctionBackward" in names and "DepthwiseConvFunctionBackward" not in names
 
 

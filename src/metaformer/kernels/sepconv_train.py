@@ -158,8 +158,9 @@ def sepconv_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     (fp32 with oneDNN, or fp64), with a StarReLU ``act1`` through :class:`StarReLUFunction` and, in fp32, its
     depthwise convolution through :class:`DepthwiseConvFunction`; or None where that does not apply (another
     mixer, another device or dtype). A depthwise convolution of another kind (a stride, a dilation, another
-    padding mode), or in fp64 (where PyTorch's per-sample convolutions are slower than the module's backward:
-    no oneDNN), runs as its module, in an otherwise identical half."""
+    padding mode), or in fp64 or with oneDNN switched off (``torch.backends.mkldnn.flags(enabled=False)``), where
+    PyTorch's per-sample convolutions are slower than the module's backward, runs as its module, in an otherwise
+    identical half."""
     mixer = block.token_mixer
     if type(mixer) is not _mixers().SepConv or x.dim() != 4 or x.device.type != "cpu":
         return None
@@ -172,7 +173,9 @@ def sepconv_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     else:
         h = act(h)
     dw = mixer.dwconv
-    if not (onednn.onednn_ok(h) and _plain_depthwise(dw, h)):  # (fp64 per sample: slower than the module's)
+    # (in fp64, or with oneDNN switched off by torch.backends.mkldnn, F.conv2d's other paths make the per-sample
+    # convolutions 2-4x slower than the module's backward)
+    if not (onednn.onednn_ok(h) and torch.backends.mkldnn.enabled and _plain_depthwise(dw, h)):
         mixed = mixer.pwconv2(mixer.act2(dw(h)))
     else:
         mixed = mixer.pwconv2(mixer.act2(DepthwiseConvFunction.apply(h, dw.weight, dw.bias, dw.padding)))
