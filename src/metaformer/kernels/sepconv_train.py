@@ -50,7 +50,7 @@ _CL = torch.channels_last
 # 32x32, batch 128: a training step 0.75x of the module's); below that the node runs PyTorch's own backward,
 # where the flipped kernel's convolution is also slow (a 1x1 map, batch 128, 1,024 channels: 39 against 0.15 ms).
 # Medians of the weight gradient alone, 7x7, against ``convolution_backward``'s, batch 16 to 128: per sample
-# 2.3-3.4x at 14x14 and up, 0.6-2.6x below; the whole batch 2.1-6.3x from 4x4 to 13x13, 0.26-1.4x at 2x2.
+# 1.6-3.4x at 14x14 and up, 0.6-3.0x below; the whole batch 2.1-6.3x from 4x4 to 13x13, 0.26-1.4x at 2x2.
 _PER_SAMPLE_POSITIONS = 196
 _BATCHED_POSITIONS = 16
 
