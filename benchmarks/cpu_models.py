@@ -205,10 +205,10 @@ def _floor_call(module: nn.Module, train: bool = False):
 
 
 def _depthwise(module: nn.Module) -> bool:
-    """A depthwise ``nn.Conv2d`` of stride 1, no dilation and zero padding (SepConv's)."""
-    return (type(module) is nn.Conv2d and 1 < module.groups == module.in_channels == module.out_channels
-            and module.stride == (1, 1) and module.dilation == (1, 1) and module.padding_mode == "zeros"
-            and isinstance(module.padding, tuple))
+    """A depthwise convolution our SepConv's training node takes (SepConv's; more than one channel)."""
+    from metaformer.kernels.folding import plain_depthwise
+
+    return plain_depthwise(module) and module.groups > 1
 
 
 def _packed_conv(module: nn.Module, shape: tuple):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["norm_kind", "act_kind", "scale_of", "normalise", "ln_weight", "fold_in", "fold_out", "Folded",
-           "NORM_TYPES", "plain_1x1", "plain_sepconv"]
+           "NORM_TYPES", "plain_1x1", "plain_depthwise", "plain_sepconv"]
 
 
 # The classes the fast paths recognise, looked up once (the modules import the kernels, so not at the top). Plain
@@ -171,14 +171,20 @@ def plain_1x1(conv: nn.Module) -> bool:
             and conv.padding in ((0, 0), "valid") and conv.groups == 1 and conv.dilation == (1, 1))
 
 
+def plain_depthwise(conv: nn.Module) -> bool:
+    """Whether ``conv`` is an ``nn.Conv2d`` depthwise (one group per channel, as many out as in), stride 1, no
+    dilation, zero padding given as numbers (any kernel and padding)."""
+    return (type(conv) is nn.Conv2d and conv.groups == conv.in_channels == conv.out_channels
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple))
+
+
 def plain_sepconv(m: nn.Module) -> bool:
     """Whether a :class:`~metaformer.mixers.SepConv` is pw 1x1 -> act -> depthwise k x k 'same' -> pw 1x1."""
     dw = m.dwconv
     k = dw.kernel_size[0]
-    return (type(m.act2) is nn.Identity and plain_1x1(m.pwconv1) and plain_1x1(m.pwconv2)
-            and type(dw) is nn.Conv2d and k % 2 == 1 and dw.kernel_size == (k, k) and dw.stride == (1, 1)
-            and dw.padding == (k // 2, k // 2) and dw.dilation == (1, 1) and dw.groups == dw.in_channels
-            and dw.out_channels == dw.in_channels and dw.padding_mode == "zeros")
+    return (type(m.act2) is nn.Identity and plain_1x1(m.pwconv1) and plain_1x1(m.pwconv2) and plain_depthwise(dw)
+            and k % 2 == 1 and dw.kernel_size == (k, k) and dw.padding == (k // 2, k // 2))
 
 
 class Folded(NamedTuple):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import onednn
-from .folding import _layers, _mixers
+from .folding import _layers, _mixers, plain_depthwise
 from .twice import grads_through
 
 __all__ = ["DepthwiseConvFunction", "StarReLUFunction", "depthwise_weight_grad", "sepconv_half"]
@@ -145,11 +145,9 @@ class StarReLUFunction(torch.autograd.Function):
 
 
 def _plain_depthwise(conv: nn.Module, x: torch.Tensor) -> bool:
-    """A depthwise ``nn.Conv2d`` of stride 1 and no dilation with zero padding given as numbers, on as many
-    channels as ``x`` has, of ``x``'s dtype."""
-    return (type(conv) is nn.Conv2d and conv.groups == conv.in_channels == conv.out_channels == x.shape[1]
-            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple) and conv.weight.dtype == x.dtype
+    """A :func:`~metaformer.kernels.folding.plain_depthwise` convolution on as many channels as ``x`` has, of
+    ``x``'s dtype."""
+    return (plain_depthwise(conv) and conv.in_channels == x.shape[1] and conv.weight.dtype == x.dtype
             and (conv.bias is None or conv.bias.dtype == x.dtype))
 
 
