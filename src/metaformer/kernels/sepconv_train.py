@@ -162,7 +162,8 @@ def sepconv_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     mixer = block.token_mixer
     if type(mixer) is not _mixers().SepConv or x.dim() != 4 or x.device.type != "cpu":
         return None
-    if not (x.dtype == torch.float64 or onednn.onednn_ok(x)):
+    fp32_onednn = onednn.onednn_ok(x)
+    if not (fp32_onednn or x.dtype == torch.float64):
         return None
     h = mixer.pwconv1(block.norm1(x))
     act = mixer.act1
@@ -173,7 +174,7 @@ def sepconv_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     dw = mixer.dwconv
     # (in fp64, or with oneDNN switched off by torch.backends.mkldnn, F.conv2d's other paths make the per-sample
     # convolutions 2-4x slower than the module's backward)
-    if not (onednn.onednn_ok(h) and torch.backends.mkldnn.enabled and _plain_depthwise(dw, h)):
+    if not (fp32_onednn and torch.backends.mkldnn.enabled and _plain_depthwise(dw, h)):
         mixed = mixer.pwconv2(mixer.act2(dw(h)))
     else:
         mixed = mixer.pwconv2(mixer.act2(DepthwiseConvFunction.apply(h, dw.weight, dw.bias, dw.padding)))
