@@ -23,13 +23,17 @@ Variants:
   slower than the forward; ``metaformer.kernels.sepconv_train``). ``timm best / floor`` is the largest speed-up over timm that removing
   everything else could give (norms, activations, loss and optimiser are left out of the floor, and the
   attention product runs with q = k = v: generous).
-- ``floor_passes`` (inference): the floor, then the passes over whole tensors that nothing PyTorch exposes
-  on CPU can fold into those products (``cpu_models.record_passes``): every norm whose output a product
-  takes, written out; a pooling or identity mixer's norm statistics (one reduction pass); the pooling; the
-  square of StarReLU. Residual additions, scales and the pooling half's combination are left out, as if free.
-  ``timm best / floor_passes`` bounds what any implementation built from PyTorch's CPU primitives (oneDNN
-  convolutions with the post-ops PyTorch exposes, ATen's kernels) can gain over timm; a hand-written fused
-  CPU kernel is not bound by it, the floor above still is.
+- ``floor_passes``: the floor, then the passes over whole tensors that nothing PyTorch exposes on CPU can
+  fold into those products (``cpu_models.record_passes``): every norm whose output a product takes, written
+  out; a pooling or identity mixer's norm statistics (one reduction pass); the pooling; the square of
+  StarReLU. Residual additions, scales and the pooling half's combination are left out, as if free. In
+  training each pass also runs its backward (ATen's norm backward, ``avg_pool2d``'s backward, one product
+  for the square's, ``gelu_backward`` for each GELU, whose forward is taken as a post-op), and then one
+  step of the optimiser (SGD with momentum, PyTorch's fused form) over the model's parameters; the
+  gradients of scales, norm affines and StarReLU's scale and bias are left out. ``timm best /
+  floor_passes`` bounds what any implementation built from PyTorch's CPU primitives (oneDNN convolutions
+  with the post-ops PyTorch exposes, ATen's kernels) can gain over timm; a hand-written fused CPU kernel
+  is not bound by it, the floor above still is.
 
 Passes: ``inference`` (eval mode, ``torch.inference_mode``) for every model, and ``train`` (a training
 step: forward, cross-entropy, backward, SGD with momentum; eager variants, ``--train-compile`` adds the
@@ -75,7 +79,8 @@ from metaformer.files import write_text  # noqa: E402
 
 INFERENCE = ("timm_nchw", "timm_cl", "timm_compiled", "timm_compiled_cl", "ours", "ours_optimized", "floor",
              "floor_passes", "ours_compiled")
-TRAIN = ("timm_nchw", "timm_cl", "timm_compiled", "timm_compiled_cl", "ours", "ours_compiled", "floor")
+TRAIN = ("timm_nchw", "timm_cl", "timm_compiled", "timm_compiled_cl", "ours", "ours_compiled", "floor",
+         "floor_passes")
 TRAIN_MODELS = ("poolformer_s12", "convformer_s18")
 GEMM_N = 2048
 
@@ -214,7 +219,7 @@ def main(argv=None) -> dict:
             times = run_pass(name, train, variants, args, gemm_times)
             memory = {}
             if train and not args.no_memory:
-                for v in (v for v in variants if "compiled" not in v and v != "floor"):
+                for v in (v for v in variants if "compiled" not in v and not v.startswith("floor")):
                     memory[v] = cpu_models.peak_memory_subprocess(name, v, args.batch, args.size,
                                                                   threads=args.threads)
             peak = 2 * GEMM_N ** 3 / min(gemm_times)
@@ -306,12 +311,15 @@ def markdown(rows) -> str:
     train = [(m, v) for (m, p), v in by.items() if p == "train"]
     if train:
         lines += ["", "| training step | timm best eager img/s | ours img/s | ours / timm | timm peak MiB | "
-                  "ours peak MiB | conv/linear/attention floor: share of ours, bound over timm |", "|---" * 7 + "|"]
+                  "ours peak MiB | conv/linear/attention floor: share of ours, bound over timm | "
+                  "floor with the separate passes and the optimiser: share of ours, bound over timm |",
+                  "|---" * 8 + "|"]
         for model, v in train:
             timm_best = max((v[k] for k in ("timm_nchw", "timm_cl")), key=lambda r: r["img_per_s"])
             mem = lambda r: f"{r['train_peak_mib']:.0f}" if "train_peak_mib" in r else "-"  # noqa: E731
             lines.append(f"| {model} ({timm_best['variant']}) | {ips(timm_best)} | {ips(v['ours'])} | "
-                         f"{v['ours']['vs_timm_best']:.2f}x | {mem(timm_best)} | {mem(v['ours'])} | {_floor(v)} |")
+                         f"{v['ours']['vs_timm_best']:.2f}x | {mem(timm_best)} | {mem(v['ours'])} | {_floor(v)} | "
+                         f"{_floor(v, 'floor_passes')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -210,6 +210,48 @@ def test_the_passes_floor_records_each_separate_pass_once(name):
     cpu_models.passes_fn(passes)()  # runs them all
 
 
+@pytest.mark.parametrize("name", ["poolformer_s12", "convformer_s18"])
+def test_the_training_passes_floor_adds_backwards_residuals_and_the_optimiser(name):
+    """floor_passes in training: the inference passes, each GELU (a backward of its own) and two residual
+    additions per block, in model order; each pass's backward is the gradient autograd gives the op it
+    stands for, and the whole floor (products, passes, the optimiser's step) runs on a small batch."""
+    model = metaformer.create(name).train()
+    x = torch.randn(2, 3, 64, 64)
+    inference = cpu_models.record_passes(model, x)
+    passes = cpu_models.record_passes(model, x, train=True)
+    blocks = [b for b in model.modules() if isinstance(b, metaformer.MetaFormerBlock)]
+    gelus = [m for m in model.modules() if type(m) is nn.GELU]
+    assert [p for p in passes if p[0] not in ("gelu", "residual")] == inference
+    assert sum(p[0] == "residual" for p in passes) == 2 * len(blocks)
+    assert sum(p[0] == "gelu" for p in passes) == (len(blocks) if name == "poolformer_s12" else 0) == len(gelus)
+    first = passes.index(next(p for p in passes if p[0] == "residual"))
+    assert passes[first + 1][0] == "residual" and passes[first][2] == passes[first + 1][2]
+    for kind, arg in [("norm", ("gn", 1e-5)), ("norm", ("ln", 1e-6)), ("stats", ("gn", 1e-5)), ("pool", 3),
+                      ("gelu", "none"), ("gelu", "tanh")]:
+        t = torch.randn(2, 8, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        cpu_models._train_pass(kind, arg, t)[0]()  # the forward runs
+        tg = t.detach().clone().requires_grad_()
+        if kind in ("norm", "stats"):
+            y = F.group_norm(tg, 1, None, None, arg[1]) if arg[0] == "gn" else \
+                F.layer_norm(tg.permute(0, 2, 3, 1), (8,), None, None, arg[1]).permute(0, 3, 1, 2)
+        elif kind == "pool":
+            y = F.avg_pool2d(tg, arg, 1, arg // 2, count_include_pad=False)
+        else:
+            y = F.gelu(tg, approximate=arg)
+        g = torch.randn_like(y)
+        want, = torch.autograd.grad(y, tg, g)
+        torch.testing.assert_close(cpu_models._train_pass(kind, arg, t, g)[1](), want, rtol=1e-9, atol=1e-9)
+    t = torch.randn(2, 8, 5, 5)
+    before = t.clone()
+    cpu_models._train_pass("residual", None, t)[1]()
+    assert torch.equal(t, before)  # zeros added: the values stay
+    step = cpu_models.optimizer_fn(model)
+    p0 = [p.detach().clone() for p in model.parameters()]
+    step()
+    assert all(torch.equal(a, b) for a, b in zip(p0, model.parameters()))  # the step ran on copies
+    cpu_models.floor_passes_variant(name, 2, 64, train=True)()
+
+
 @pytest.mark.slow  # two child processes (interpreter and timm start-up)
 def test_allocator_benchmark_measures_in_a_child_process_with_the_settings():
     args = bench_cpu_allocator.parse_args(["--batch", "1", "--size", "32", "--calls", "1"])
@@ -234,7 +276,8 @@ def test_an_update_replaces_only_the_rows_it_measures(tmp_path):
     bench_cpu.main(small + ["--no-inference", "--train-models", "poolformer_s12", "--update"])
     after = json.loads(out.read_text())
     assert [r for r in after["rows"] if r["pass"] == "inference"] == before["rows"]
-    assert {r["variant"] for r in after["rows"] if r["pass"] == "train"} == {"timm_nchw", "timm_cl", "ours", "floor"}
+    assert {r["variant"] for r in after["rows"] if r["pass"] == "train"} == {"timm_nchw", "timm_cl", "ours", "floor",
+                                                                               "floor_passes"}
     assert after["settings"]["reps"] == before["settings"]["reps"]
     assert [u["rows"] for u in after["settings"]["updates"]] == [["poolformer_s12 train"]]
     assert "training step" in out.with_suffix(".md").read_text()
