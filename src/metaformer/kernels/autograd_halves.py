@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import nn
 
 from . import onednn
-from .folding import _layers, act_kind, ln_weight, norm_kind, normalise, plain_1x1, scale_of, scales_known
+from .folding import _layers, act_kind, half_kind, ln_weight, normalise, plain_1x1, scale_of
 from .twice import grads_through
 
 __all__ = ["mlp_half", "PointwiseHalfFunction"]
@@ -210,10 +210,9 @@ def _activation(saved: torch.Tensor, act: str) -> torch.Tensor:
 def _usable(block: nn.Module, x: torch.Tensor, norm: nn.Module, drop_path: nn.Module, *scales) -> Optional[str]:
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 4:
         return None
-    if torch.compiler.is_compiling() or not scales_known(*scales) \
-            or type(drop_path) not in (_layers().DropPath, nn.Identity):
+    if torch.compiler.is_compiling():
         return None
-    return norm_kind(norm)
+    return half_kind(norm, drop_path, *scales)
 
 
 def _apply(x, norm, pw1, act_module, act, pw2, ls, rs, sample, kind):

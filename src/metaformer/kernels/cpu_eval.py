@@ -36,12 +36,11 @@ from .folding import (
     cast,
     fold_in,
     fold_out,
-    norm_kind,
+    half_kind,
     normalise,
     plain_1x1,
     plain_sepconv,
     scale_of,
-    scales_known,
 )
 
 __all__ = ["channels_last_only", "downsample_conv", "mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention",
@@ -49,13 +48,6 @@ __all__ = ["channels_last_only", "downsample_conv", "mlp_half", "sepconv_half", 
            "in_place_chunks"]
 
 _RELU_FIRST = {"relu": "relu", "star": "relu", "square": "relu", "gelu": "gelu", "gelu_tanh": "gelu"}
-
-
-def _half_ok(norm: nn.Module, drop_path: nn.Module, *scales: nn.Module) -> Optional[str]:
-    kind = norm_kind(norm)
-    if kind is None or not scales_known(*scales) or type(drop_path) not in (_layers().DropPath, nn.Identity):
-        return None
-    return kind
 
 
 def _star(act: nn.Module, kind: str):
@@ -85,7 +77,7 @@ def _mlp_parts(block: nn.Module):
     mlp = block.mlp
     if type(mlp) is not _layers().Mlp or not (plain_1x1(mlp.fc1) and plain_1x1(mlp.fc2)):
         return None
-    kind = _half_ok(block.norm2, block.drop_path2, block.layer_scale2, block.res_scale2)
+    kind = half_kind(block.norm2, block.drop_path2, block.layer_scale2, block.res_scale2)
     act = act_kind(mlp.act)
     if kind is None or act is None:
         return None
@@ -131,8 +123,8 @@ def block_chunk_rows(block: nn.Module, x: torch.Tensor) -> Optional[int]:
     m = _mixers()
     if (x.dim() != 4 or type(block.mlp) is not _layers().Mlp
             or type(block.token_mixer) not in (m.Pooling, m.Identity, m.RandomMixing, m.SepConv, m.Attention)
-            or _half_ok(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1) is None
-            or _half_ok(block.norm2, block.drop_path2, block.layer_scale2, block.res_scale2) is None):
+            or half_kind(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1) is None
+            or half_kind(block.norm2, block.drop_path2, block.layer_scale2, block.res_scale2) is None):
         return None
     rows = chunk_rows(x, block.mlp.fc1.weight.shape[0])
     return rows if rows < x.shape[0] else None
@@ -229,7 +221,7 @@ def _sepconv_parts(block: nn.Module):
     mixer = block.token_mixer
     if type(mixer) is not _mixers().SepConv or not plain_sepconv(mixer):
         return None
-    kind = _half_ok(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1)
+    kind = half_kind(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1)
     act = act_kind(mixer.act1)
     if kind is None or act is None:
         return None
@@ -291,7 +283,7 @@ def _attention_parts(block: nn.Module):
     mixer = block.token_mixer
     if type(mixer) is not _mixers().Attention:
         return None
-    return _half_ok(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1)
+    return half_kind(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1)
 
 
 def _fold_attention(block: nn.Module, shape: tuple) -> Folded:

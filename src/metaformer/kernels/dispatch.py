@@ -52,7 +52,7 @@ from torch import nn
 
 # The package defines these before it imports this module (at its end).
 from . import autograd_halves, cpu_eval, cuda_halves, onednn, pool_mixer_residual, sepconv_train, torch_halves
-from .folding import _blocks, _layers, _mixers
+from .folding import _blocks, _layers, _mixers, half_kind
 from .guards import fast_paths_active, intercepted, module_hooked, parts_hooked, transformed
 
 __all__ = ["block_forward", "downsample_forward", "fast_paths_active", "in_input_layout", "intercepted",
@@ -298,13 +298,10 @@ def _mlp_half(block: nn.Module, x: torch.Tensor, consume: bool = False) -> Optio
 
 def pool_mixer_fusable(block: nn.Module) -> bool:
     """Whether the block's token-mixer half is the pooling identity's case (Pooling after GroupNorm1)."""
-    layers = _layers()
-    scales, drops = (layers.Scale, nn.Identity), (layers.DropPath, nn.Identity)
     # The identity pool(GN(x)) - GN(x) = w * rstd * (pool(x) - x) needs count_include_pad=False pooling
     # (exactly our Pooling) after a one-group GroupNorm; a subclass of either may change the maths.
-    return (type(block.token_mixer) is _mixers().Pooling and type(block.norm1) is layers.GroupNorm1
-            and type(block.layer_scale1) in scales and type(block.res_scale1) in scales
-            and type(block.drop_path1) in drops)
+    return (type(block.token_mixer) is _mixers().Pooling
+            and half_kind(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1) == "gn")
 
 
 def _fused_pool_half(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

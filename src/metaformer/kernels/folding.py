@@ -15,46 +15,41 @@ Everything here is evaluation-time maths on parameters; the results are cached p
 
 from __future__ import annotations
 
+import importlib
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["norm_kind", "act_kind", "scale_of", "normalise", "ln_weight", "fold_in", "fold_out", "Folded",
+__all__ = ["norm_kind", "act_kind", "scale_of", "half_kind", "normalise", "ln_weight", "fold_in", "fold_out", "Folded",
            "NORM_TYPES", "plain_1x1", "plain_depthwise", "plain_sepconv"]
 
 
-# The classes the fast paths recognise, looked up once (the modules import the kernels, so not at the top). Plain
-# globals rather than functools.cache: torch.compile warns about tracing through a cache wrapper.
-_LAYERS = _MIXERS = _BLOCKS = None
+# The modules whose classes the fast paths recognise, imported at the first look-up (they import the kernels, so
+# not at the top). A plain dict rather than functools.cache: torch.compile warns about tracing through a cache
+# wrapper.
+_MODULES: dict = {}
+
+
+def _module(name: str):
+    """``metaformer.<name>``, imported once."""
+    module = _MODULES.get(name)
+    if module is None:
+        module = _MODULES[name] = importlib.import_module(f"metaformer.{name}")
+    return module
 
 
 def _layers():
-    global _LAYERS
-    if _LAYERS is None:
-        from .. import layers
-
-        _LAYERS = layers
-    return _LAYERS
+    return _module("layers")
 
 
 def _mixers():
-    global _MIXERS
-    if _MIXERS is None:
-        from .. import mixers
-
-        _MIXERS = mixers
-    return _MIXERS
+    return _module("mixers")
 
 
 def _blocks():
-    global _BLOCKS
-    if _BLOCKS is None:
-        from .. import blocks
-
-        _BLOCKS = blocks
-    return _BLOCKS
+    return _module("blocks")
 
 
 def norm_kind(norm: nn.Module) -> Optional[str]:
@@ -98,6 +93,14 @@ def scales_known(*modules: nn.Module) -> bool:
     """Whether every module is a :class:`Scale` or an identity."""
     layers = _layers()
     return all(type(m) in (layers.Scale, nn.Identity) for m in modules)
+
+
+def half_kind(norm: nn.Module, drop_path: nn.Module, *scales: nn.Module) -> Optional[str]:
+    """The kind of a half's ``norm`` (:func:`norm_kind`) where its ``scales`` are known (:func:`scales_known`)
+    and its ``drop_path`` is a :class:`~metaformer.layers.DropPath` or an identity; None otherwise."""
+    if not scales_known(*scales) or type(drop_path) not in (_layers().DropPath, nn.Identity):
+        return None
+    return norm_kind(norm)
 
 
 def ln_weight(weight: Optional[torch.Tensor], x: torch.Tensor, c: int) -> Optional[torch.Tensor]:

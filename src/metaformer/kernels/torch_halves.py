@@ -17,18 +17,14 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .folding import _layers, norm_kind, normalise, scale_of, scales_known
+from .folding import half_kind, normalise, scale_of
 from .torch_impl import writable_temporary
 
 __all__ = ["identity_half", "random_mixing_half", "identity_mix", "random_mix"]
 
 
 def _parts(block: nn.Module):
-    kind = norm_kind(block.norm1)
-    if kind is None or not scales_known(block.layer_scale1, block.res_scale1) \
-            or type(block.drop_path1) not in (_layers().DropPath, nn.Identity):
-        return None
-    return kind
+    return half_kind(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1)
 
 
 def _scaled_affine(block: nn.Module):
