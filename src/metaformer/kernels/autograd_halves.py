@@ -15,7 +15,8 @@ node is 1.04x faster. Its forward runs the oneDNN primitives of inference (fp32)
 matrix products on the same rows, with the small gradients (norm affine, layer and res scales,
 StarReLU's scale and bias, biases) reduced from those products where possible::
 
-    dW2 = ls * (G^T a),  d ls = rowsum(W2 * (G^T a)) + b2 * colsum(G),  d(StarReLU b) = colsum(G) . rowsum(ls W2)
+    dW2 = ls * (G^T a),  d ls = rowsum(W2 * (G^T a)) + b2 * colsum(G),  d(StarReLU b) = colsum(G) . rowsum(ls W2),
+    d(StarReLU s) = sum((ls W2) * (G^T relu(h)**2))
 
 Every gradient equals the plain composition's (``tests/test_fastpaths.py``, fp32 and fp64). SepConv's half
 (a depthwise convolution between the two) had such a node too; it measured no faster than the plain
@@ -144,6 +145,8 @@ class PointwiseHalfFunction(torch.autograd.Function):
         a = _rows(_activation(saved, act))  # fc2 input (relu(h) ** 2 computed again where the act squares)
         p = gs.t() @ a  # G^T (fc2 input), (C_out, hidden)
         if act == "star":
+            if need[5]:  # sum(dA * a') with dA = G (ls W2): sum((ls W2) * G^T a'), from the product, not the map
+                grads[5] = (w2ls * p).sum().view(1)
             p = p.mul_(s).add_(c * col[:, None])  # G^T a with the unfolded a = s * a' + c
         if need[7]:
             grads[7] = (p * ls[:, None] if ls is not None else p).reshape(*w2m.shape, 1, 1)
@@ -152,17 +155,14 @@ class PointwiseHalfFunction(torch.autograd.Function):
         if need[9]:
             grads[9] = (w2m * p).sum(1) + (b2 * col if b2 is not None else 0)
         da = _data_grad(gs, w2ls, x, use_onednn)  # gradient of fc2's input, rows
-        if act == "star":
-            if need[5]:
-                grads[5] = torch.dot(da.reshape(-1), a.reshape(-1)).view(1)
-            if need[6]:
-                grads[6] = torch.dot(col, w2ls.sum(1)).view(1)
+        if act == "star" and need[6]:
+            grads[6] = torch.dot(col, w2ls.sum(1)).view(1)
         del a
         factor = None
         if act == "relu":
             dh = torch.ops.aten.threshold_backward(da, saved_rows, 0)
-        else:  # d/dh relu(h)**2 = 2 relu(h)
-            dh = saved_rows * da
+        else:  # d/dh relu(h)**2 = 2 relu(h); da is this function's own, not needed after this
+            dh = da.mul_(saved_rows)
             factor = 2 * s if act == "star" else 2.0
         dw1f = dh.t() @ n  # dL/dW1', W1' = W1 * gamma
         dn = _data_grad(dh, w1f, x, use_onednn)  # dL/d(normalised x)
