@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -56,6 +58,19 @@ def test_compile_warns_of_nothing_in_our_code():
     ours = [str(w.message).splitlines()[0] for w in seen if "metaformer" in str(w.message) or "cache" in str(w.message)]
     assert ours == []
 
+
+
+def test_compile_fullgraph_as_a_processs_first_call():
+    """A model compiled before any eager call in its process: the fast paths import their part classes at the
+    first look-up, which then runs while Dynamo traces, and must not break the graph (``importlib.import_module``
+    there did: 3-7 graph breaks)."""
+    code = ("import torch, metaformer\n"
+            "for name in ('poolformer_s12', 'caformer_s18'):\n"
+            "    model = metaformer.create(name).eval()\n"
+            "    with torch.no_grad():\n"
+            "        torch.compile(model, fullgraph=True, backend='eager')(torch.randn(1, 3, 64, 64))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("METAFORMER_TEST_INDUCTOR") != "1",

@@ -15,7 +15,6 @@ Everything here is evaluation-time maths on parameters; the results are cached p
 
 from __future__ import annotations
 
-import importlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -27,16 +26,20 @@ __all__ = ["norm_kind", "act_kind", "scale_of", "half_kind", "normalise", "ln_we
 
 
 # The modules whose classes the fast paths recognise, imported at the first look-up (they import the kernels, so
-# not at the top). A plain dict rather than functools.cache: torch.compile warns about tracing through a cache
-# wrapper.
+# not at the top). A plain dict rather than functools.cache, and an import statement rather than
+# importlib.import_module: torch.compile warns about tracing through a cache wrapper, and breaks its graph at
+# import_module where a model's first call is compiled.
 _MODULES: dict = {}
 
 
 def _module(name: str):
-    """``metaformer.<name>``, imported once."""
+    """``metaformer.<name>`` (``layers``, ``mixers`` or ``blocks``), imported once."""
     module = _MODULES.get(name)
     if module is None:
-        module = _MODULES[name] = importlib.import_module(f"metaformer.{name}")
+        from .. import blocks, layers, mixers
+
+        _MODULES.update(layers=layers, mixers=mixers, blocks=blocks)
+        module = _MODULES[name]
     return module
 
 
