@@ -346,18 +346,12 @@ def _pass_call(kind: str, arg):
 
 
 def _norm_backward(norm: str, t: torch.Tensor, eps: float):
-    """``g -> dL/dt`` for the norm of ``t`` without affine (ATen's fused backward kernel; the statistics computed
-    once here, as a forward would have left them)."""
-    b, c = t.shape[:2]
-    if norm == "gn":
-        hw = t[0, 0].numel()
-        _, mean, rstd = torch.ops.aten.native_group_norm(t, None, None, b, c, hw, 1, eps)
-        return lambda g: torch.ops.aten.native_group_norm_backward(g, t, mean, rstd, None, b, c, hw, 1,
-                                                                   [True, False, False])[0]
-    v = t.permute(0, 2, 3, 1)  # the NHWC view: contiguous for a channels_last t
-    _, mean, rstd = torch.ops.aten.native_layer_norm(v, [c], None, None, eps)
-    return lambda g: torch.ops.aten.native_layer_norm_backward(g.permute(0, 2, 3, 1), v, [c], mean, rstd, None,
-                                                               None, [True, False, False])[0].permute(0, 3, 1, 2)
+    """``g -> dL/dt`` for the norm of ``t`` without affine: our MLP node's norm backward (ATen's fused kernel),
+    on the statistics its forward leaves, computed once here."""
+    from metaformer.kernels.autograd_halves import _norm_backward, _norm_forward, _rows
+
+    _, mean, rstd = _norm_forward(norm, t, eps)
+    return lambda g: _norm_backward(norm, _rows(g), t, mean, rstd)
 
 
 def _train_pass(kind: str, arg, t: torch.Tensor, g: torch.Tensor | None = None):
@@ -391,14 +385,13 @@ def passes_fn(passes: list, train: bool = False):
     layout share their input, as a model's blocks of one stage reuse their memory (no cache misses are
     counted that the model would not pay); in training each pass has its own, as a step keeps every block's
     activations for the backward."""
-    fns, inputs, shared = [], [], {}
-    for i, (kind, arg, shape, cl) in enumerate(passes):
+    inputs, shared = [], {}
+    for i, (kind, _arg, shape, cl) in enumerate(passes):
         key = (kind == "square", shape, cl, i if train else None)
         if key not in shared:
             t = torch.ones(shape) if kind == "square" else torch.randn(shape)
             shared[key] = t.contiguous(memory_format=torch.channels_last) if cl else t
         inputs.append(shared[key])
-        fns.append(_pass_call(kind, arg))
     if train:
         steps = [_train_pass(kind, arg, t) for (kind, arg, _, _), t in zip(passes, inputs)]
 
@@ -409,6 +402,7 @@ def passes_fn(passes: list, train: bool = False):
                 for _, backward in reversed(steps):
                     backward()
         return run_train
+    fns = [_pass_call(kind, arg) for kind, arg, _, _ in passes]
 
     def run():
         with torch.inference_mode():
