@@ -208,9 +208,8 @@ def _activation(saved: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def _usable(block: nn.Module, x: torch.Tensor, norm: nn.Module, drop_path: nn.Module, *scales) -> Optional[str]:
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 4:
-        return None
-    if torch.compiler.is_compiling():
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 4 \
+            or torch.compiler.is_compiling():
         return None
     return half_kind(norm, drop_path, *scales)
 
