@@ -101,12 +101,18 @@ def group_real_block() -> None:
 
 
 def group_dispatch() -> None:
-    """The blocks' own forward (kernels.dispatch) takes these halves: caformer (LayerNorm, attention),
-    convformer (SepConv) and poolformerv2 (GroupNorm + pooling, StarReLU MLP) blocks, in training."""
+    """The blocks' own forward (kernels.dispatch) takes these halves, in training: caformer (LayerNorm,
+    attention), convformer (SepConv), poolformerv2 and identityformer (GroupNorm, StarReLU MLP), poolformer v1
+    (the fused pooling half, then the GroupNorm + GELU MLP half) and the token-mixer study's spatial-MLP
+    stage (GroupNorm + SpatialMLP, then GroupNorm + GELU); and in inference, where the GroupNorm halves run
+    the norm in the input's layout."""
     torch.manual_seed(0)
-    for name, stage, dim in (("caformer_s18", 2, 320), ("convformer_s18", 0, 64), ("poolformerv2_s12", 0, 64)):
+    for name, stage, dim, hw in (("caformer_s18", 2, 320, (3, 2)), ("convformer_s18", 0, 64, (3, 2)),
+                                 ("poolformerv2_s12", 0, 64, (3, 2)), ("identityformer_s12", 1, 128, (3, 2)),
+                                 ("poolformer_s12", 0, 64, (3, 2)), ("metaformer_pppf_s12_224", 3, 512, (7, 7))):
         block = randomize_(metaformer.create(name, drop_path_rate=0.3).stages[stage].blocks[1])
-        check(block, torch.randn(2, dim, 3, 2), which=("block_forward",), label=name, modes=(True,))
+        check(block, torch.randn(2, dim, *hw), which=("block_forward",), label=name, modes=(True,))
+        check_inference(block, torch.randn(2, dim, *hw), ("block_forward",), f"{name} inference")
 
 
 def group_hand_blocks() -> None:
@@ -140,11 +146,67 @@ def group_partial_cover() -> None:
     gn = hand_block(norm=functools.partial(GroupNorm1, eps=1e-6, bias=False), mixer=Identity)
     x = torch.randn(4, 8, 3, 3)
     check(gn, x, which=("starrelu_mlp_half",), label="GroupNorm + StarReLU", modes=(True,))
-    assert H.ln_mixer_half(gn, x) is None and H.ln_block(gn, x) is None
+    xg = x.clone().requires_grad_(True)  # (in inference the GroupNorm mixer half applies: group_groupnorm)
+    assert H.ln_mixer_half(gn, xg) is None and H.ln_block(gn, x) is None
     gelu = hand_block(act=torch.nn.GELU)
     check(gelu, x, which=("starrelu_mlp_half", "ln_block"), label="LayerNorm2d + GELU", modes=(True,))
-    plain = hand_block(norm=functools.partial(GroupNorm1, eps=1e-6, bias=False), act=torch.nn.GELU)
-    assert all(fn(plain, x) is None for fn, _ in PAIRS.values())
+    other = hand_block(norm=functools.partial(torch.nn.GroupNorm, 1), act=torch.nn.GELU)  # not the library's norm
+    assert all(fn(other, x) is None for fn, _ in PAIRS.values())
+
+
+def check_inference(block, x, which, label=""):
+    """Every function of ``which`` against the block's halves where autograd needs no graph (eval,
+    ``torch.no_grad``): the same output, dtype and values (fp32 1e-5, fp64 1e-9)."""
+    tol = TOL[x.dtype]
+    block.eval()
+    with torch.no_grad():
+        for name in which:
+            ours, plain = {**PAIRS, **DISPATCH}[name]
+            got, want = ours(block, x), plain(block, x)
+            assert got is not None, (label, name)
+            assert got.dtype == want.dtype, (label, name, got.dtype, want.dtype)
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, w=f"{label} {name}": f"{w}: {m}")
+
+
+def group_groupnorm() -> None:
+    """PoolFormer v1's parts, a one-group GroupNorm with bias and GELU: in inference the norm runs in the
+    input's layout (folding.group_norm1) and both halves equal the block's, fp32 and fp64, NCHW and
+    channels_last, under autocast too; a channels_last input gives a channels_last norm and first
+    convolution (ATen's GroupNorm returns NCHW on CUDA). In training (a graph needed) ATen's GroupNorm
+    runs: the GELU block's halves do not apply, the StarReLU block's MLP half takes the activation alone."""
+    block = hand_block(norm=GroupNorm1, act=torch.nn.GELU, mixer=SepConv, drop_path=0.5)
+    x = torch.randn(4, 8, 5, 3) * 2.0 + 0.7  # a mean away from zero
+    cl = x.contiguous(memory_format=torch.channels_last)
+    both = ("ln_mixer_half", "starrelu_mlp_half")
+    check_inference(block, x, both, "GroupNorm1 + GELU fp32")
+    check_inference(block, cl, both, "GroupNorm1 + GELU channels_last")
+    check_inference(hand_block(norm=GroupNorm1, act=torch.nn.GELU, dtype=torch.float64), x.double(), both,
+                    "GroupNorm1 + GELU fp64")
+    star = hand_block(norm=functools.partial(GroupNorm1, eps=1e-6, bias=False), mixer=Identity)
+    check_inference(star, cl, both, "GroupNorm1 + StarReLU channels_last")
+    assert H.ln_block(block, x) is None
+    block.train()
+    xg = x.clone().requires_grad_(True)
+    assert H.ln_mixer_half(block, xg) is None and H.starrelu_mlp_half(block, xg) is None  # training: ATen's norm
+    with torch.no_grad():
+        block.eval()
+        n = H._normalised(block.norm2, cl)
+        h = block.mlp.fc1(n)
+        assert n.is_contiguous(memory_format=torch.channels_last) and h.is_contiguous(
+            memory_format=torch.channels_last), (n.stride(), h.stride())
+        # autocast: written in the dtype the 1x1 convolution casts to, as the plain half's values
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = H.starrelu_mlp_half(block, cl), block.mlp_half(cl)
+            n = H._normalised(block.norm2, cl)
+            assert n.dtype == block.norm2(cl).dtype, (n.dtype, block.norm2(cl).dtype)
+        assert got.dtype == want.dtype, (got.dtype, want.dtype)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        for dtype in (torch.bfloat16, torch.float16):  # without autocast: the input's dtype, as F.group_norm
+            xb = cl.to(dtype)
+            n = H._normalised(block.norm2, xb)
+            want = block.norm2.float()(xb.float())
+            assert n.dtype == dtype, n.dtype
+            torch.testing.assert_close(n.float(), want, rtol=1e-2, atol=1e-2)
 
 
 def group_not_applicable() -> None:
@@ -161,7 +223,7 @@ def group_not_applicable() -> None:
             K.set_backend("triton")
 
 
-GROUPS = [group_not_applicable, group_partial_cover, group_hand_blocks, group_real_block, group_dispatch]
+GROUPS = [group_not_applicable, group_partial_cover, group_groupnorm, group_hand_blocks, group_real_block, group_dispatch]
 
 if __name__ == "__main__":
     assert K.TRITON_AVAILABLE, K.TRITON_IMPORT_ERROR

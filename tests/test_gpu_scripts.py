@@ -32,7 +32,7 @@ def _run(script, *args, timeout=300):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
-@pytest.mark.parametrize("script", ["bench_pool_mixer_gpu.py", "gpu_session.py"])
+@pytest.mark.parametrize("script", ["bench_pool_mixer_gpu.py", "bench_gpu_groupnorm.py", "gpu_session.py"])
 def test_without_cuda_exits_with_a_message(script, tmp_path):
     out = _run(script, "--output" if script.startswith("bench") else "--out-dir", str(tmp_path / "x"))
     assert out.returncode == 1
@@ -157,3 +157,20 @@ def test_families_profile_records_where_the_time_goes(tmp_path):
             names = [r["name"] for r in p["top_cpu_ops"]]
             assert any("convolution" in n for n in names), names  # 1x1 convs run in every model
             assert all(r["self_ms_per_step"] >= 0 and r["calls_per_step"] > 0 for r in p["top_cpu_ops"])
+
+
+def test_groupnorm_smoke_run_checks_the_policies_and_writes_json(tmp_path):
+    """bench_gpu_groupnorm.py: the MLP half per stage (plain, its operations, the layout-keeping half) and the
+    whole model under the three GroupNorm policies, checked against each other before timing."""
+    path = tmp_path / "gn.json"
+    out = _run("bench_gpu_groupnorm.py", "--smoke", "--models", "poolformer_s12", "--size", "64", "--output", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    res = json.loads(path.read_text())
+    assert len(res["halves"]) == 8  # four stages, fp32 and bf16 inputs
+    for r in res["halves"].values():
+        assert r["layout_norm_channels_last_out"] and r["layout_half_max_rel_diff"] <= 2e-2
+        assert all(r[k] > 0 for k in r if k.endswith("_ms"))
+    model = res["models"]["poolformer_s12"]
+    assert set(model["rounds_ms"]) == {"aten", "inference", "always"}
+    assert max(model["checks_rel_diff_vs_aten_fp32"].values()) <= 1e-4
+    assert set(model["speedup_vs_aten"]) == {"inference", "always"}

@@ -58,21 +58,90 @@ def test_nothing_applies_on_cpu(backend, name):
     assert H.ln_mixer_half(block, x) is None and H.starrelu_mlp_half(block, x) is None and H.ln_block(block, x) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+def test_group_norm1_is_group_norm_in_the_input_layout(dtype, affine):
+    """folding.group_norm1 (the GroupNorm the CUDA halves and CUDA identity halves run) against
+    F.group_norm: values and every gradient (fp32 1e-5, fp64 1e-9), NCHW and channels_last, a mean far from
+    zero; the result keeps the input's layout; under autocast a bf16 input gives fp32, as F.group_norm."""
+    from torch.nn import functional as F
+
+    from metaformer.kernels.folding import group_norm1
+
+    tol = 1e-5 if dtype == torch.float32 else 1e-9
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.randn(3, 6, 5, 4, generator=g, dtype=torch.float64) * 3.0 + 5.0).to(dtype)
+    w0 = 1.0 + 0.3 * torch.randn(6, generator=g, dtype=torch.float64).to(dtype) if affine != "none" else None
+    b0 = 0.3 * torch.randn(6, generator=g, dtype=torch.float64).to(dtype) if affine == "both" else None
+    gy = torch.randn(x0.shape, generator=g, dtype=torch.float64).to(dtype)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        outs = []
+        for fn in (group_norm1, lambda x, w, b, eps: F.group_norm(x, 1, w, b, eps)):
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x0.contiguous(memory_format=layout), w0, b0)
+                      if t is not None]
+            args = leaves + [None] * (3 - len(leaves))
+            y = fn(*args, 1e-5)
+            outs.append((y, torch.autograd.grad(y, leaves, gy)))
+        (got, got_g), (want, want_g) = outs
+        assert got.dtype == dtype and got.is_contiguous(memory_format=layout), got.stride()
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        for a, b in zip(got_g, want_g):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+    xb = x0.to(torch.bfloat16)
+    wf, bf = (None if t is None else t.float() for t in (w0, b0))
+    for autocast in (False, True):  # CPU autocast keeps group_norm's input dtype (CUDA's: test below)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert group_norm1(xb, wf, bf, 1e-5).dtype == F.group_norm(xb, 1, wf, bf, 1e-5).dtype == torch.bfloat16
+            assert group_norm1(x0, w0, b0, 1e-5, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_real_block_on_cuda(backend):
-    """caformer_s18's stage-2 block on a GPU: fp32 (TF32 off) within 1e-5, bf16 autocast within 2e-2."""
+def test_group_norm1_on_cuda_keeps_channels_last_and_autocasts_as_group_norm():
+    """On CUDA: channels_last kept (ATen's GroupNorm returns NCHW), the values of F.group_norm, and under
+    autocast a bf16 input gives fp32, as F.group_norm."""
+    from torch.nn import functional as F
+
+    from metaformer.kernels.folding import group_norm1
+
+    x = (torch.randn(4, 64, 14, 14, device="cuda") * 2 + 3).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(64, device="cuda") + 0.5, torch.randn(64, device="cuda")
+    y = group_norm1(x, w, b, 1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, F.group_norm(x, 1, w, b, 1e-5), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        xb = x.to(torch.bfloat16)
+        want = F.group_norm(xb, 1, w, b, 1e-5)
+        got = group_norm1(xb, w, b, 1e-5)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name, stage, shape", [("caformer_s18", 2, (8, 320, 14, 14)),
+                                                ("poolformer_s12", 0, (8, 64, 28, 28)),
+                                                ("poolformerv2_s12", 1, (8, 128, 14, 14)),
+                                                ("identityformer_s12", 1, (8, 128, 14, 14))])
+def test_real_block_on_cuda(backend, name, stage, shape):
+    """A real block on a GPU through the dispatch (the block's forward: ``ln_block`` for caformer_s18, the
+    GroupNorm halves for the pooling models, the identity half with ``group_norm1``) against its plain halves,
+    channels_last, in training and in inference: fp32 (TF32 off) within 1e-5, bf16 autocast within 2e-2; in
+    inference the norm keeps channels_last."""
     import metaformer
 
     backend("auto")
-    block = metaformer.create("caformer_s18", drop_path_rate=0.3).stages[2].blocks[1].cuda().train()
-    x = torch.randn(8, 320, 14, 14, device="cuda")
+    block = metaformer.create(name, drop_path_rate=0.3).stages[stage].blocks[1].cuda().train()
+    x = torch.randn(*shape, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        n = H._normalised(block.norm2, x)
+        assert n is not None and n.is_contiguous(memory_format=torch.channels_last), (type(block.norm2), n.stride())
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         for autocast, tol in ((False, 1e-5), (True, 2e-2)):
             outs = []
-            for fn in (H.ln_block, lambda b, t: b.mlp_half(b.mixer_half(t))):
+            for fn in (lambda b, t: b(t), lambda b, t: b.mlp_half(b.mixer_half(t))):
                 block.zero_grad(set_to_none=True)
                 xg = x.clone().requires_grad_(True)
                 torch.manual_seed(0)
@@ -83,5 +152,11 @@ def test_real_block_on_cuda(backend):
             for got, want in zip(*outs):
                 scale = want.abs().max().item()
                 torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, scale))
+            block.eval()  # inference: the GroupNorm in the input's layout
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                got, want = block(x), block.mlp_half(block.mixer_half(x))
+            block.train()
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -5,14 +5,23 @@ block), with autograd, or returns None when it does not apply, so that the dispa
 block's own half:
 
 - :func:`ln_mixer_half`: ``block.mixer_half(x)`` with ``norm1`` (a ``LayerNorm2d``) as the Triton
-  kernel; the token mixer, the drop path and the scales are the block's own modules.
-- :func:`starrelu_mlp_half`: ``block.mlp_half(x)`` with ``norm2`` (a ``LayerNorm2d``) and the MLP's
-  ``StarReLU`` as Triton kernels (either one suffices); the convolutions, dropouts, drop path and
-  scales are the block's own modules.
+  kernel, or (a one-group ``GroupNorm1``, in inference) in the input's layout; the token mixer, the drop
+  path and the scales are the block's own modules.
+- :func:`starrelu_mlp_half`: ``block.mlp_half(x)`` with ``norm2`` (a ``LayerNorm2d`` as the Triton
+  kernel, a ``GroupNorm1`` in inference in the input's layout) and the MLP's ``StarReLU`` as Triton
+  kernels (either one suffices); the convolutions, dropouts, drop path and scales are the block's own
+  modules.
 - :func:`ln_block`: ``block.mlp_half(block.mixer_half(x))`` with the mixer half's residual update
   (res scale, drop path, layer scale) fused with ``norm2`` (``residual_layernorm``: one pass writes
   the residual stream and its normalised copy); the drop-path mask is drawn as ``DropPath`` draws it,
   so the random stream and the values are those of the plain block.
+
+Where autograd needs no graph (inference), ``GroupNorm1`` runs as
+:func:`metaformer.kernels.folding.group_norm1`: the values of ATen's GroupNorm in the input's memory
+format (ATen's CUDA GroupNorm returns a channels_last input's result in NCHW, so every following 1x1
+convolution and residual addition of the MLP half ran in mixed layouts, with conversions); under autocast
+it is written in the dtype the next 1x1 convolution casts to. In training ATen's GroupNorm runs
+(:func:`metaformer.kernels.folding.group_norm1_pays`).
 
 They apply to 4-D floating tensors (fp32, fp16, bf16, fp64) that the kernels take: CUDA tensors under
 the ``"auto"`` or ``"triton"`` backend outside torch.compile / TorchScript / ONNX tracing, and CPU
@@ -28,10 +37,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..layers import DropPath, LayerNorm2d, Mlp, Scale, StarReLU
+from ..layers import DropPath, GroupNorm1, LayerNorm2d, Mlp, Scale, StarReLU
 from ..mixers import check_mixer_output
 from . import _interpreting, resolve_backend
 from .baseline_ops import layernorm_channels, residual_layernorm, star_relu
+from .folding import group_norm1, group_norm1_pays
 
 __all__ = ["halves_apply", "ln_block", "ln_mixer_half", "starrelu_mlp_half"]
 
@@ -58,26 +68,30 @@ def halves_apply(x) -> bool:
 
 
 def ln_mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``block.mixer_half(x)`` with ``norm1`` as the Triton LayerNorm kernel, or None if it does not apply.
+    """``block.mixer_half(x)`` with ``norm1`` as the Triton LayerNorm kernel (a ``GroupNorm1`` in the input's
+    layout), or None if it does not apply.
 
     Args:
         block: A :class:`~metaformer.MetaFormerBlock`.
         x: Its (B, C, H, W) input.
 
     Returns:
-        ``res_scale1(x) + layer_scale1(drop_path1(token_mixer(norm1(x))))``, or None when ``norm1`` is not
-        a ``LayerNorm2d`` or :func:`halves_apply` is False.
+        ``res_scale1(x) + layer_scale1(drop_path1(token_mixer(norm1(x))))``, or None when ``norm1`` is
+        neither a ``LayerNorm2d`` nor a ``GroupNorm1``, or :func:`halves_apply` is False.
     """
-    norm = _layernorm(getattr(block, "norm1", None))
-    if norm is None or not halves_apply(x):
+    if not halves_apply(x):
         return None
-    mixed = block.token_mixer(layernorm_channels(x, norm.weight, norm.bias, eps=norm.eps))
+    n = _normalised(getattr(block, "norm1", None), x)
+    if n is None:
+        return None
+    mixed = block.token_mixer(n)
     check_mixer_output(block.token_mixer, x, mixed)
     return block.res_scale1(x) + block.layer_scale1(block.drop_path1(mixed))
 
 
 def starrelu_mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``block.mlp_half(x)`` with ``norm2`` and the MLP's StarReLU as Triton kernels, or None.
+    """``block.mlp_half(x)`` with ``norm2`` (a ``LayerNorm2d`` or ``GroupNorm1``) and the MLP's StarReLU
+    as Triton kernels, or None.
 
     Args:
         block: A :class:`~metaformer.MetaFormerBlock`.
@@ -85,18 +99,16 @@ def starrelu_mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tenso
 
     Returns:
         ``res_scale2(x) + layer_scale2(drop_path2(mlp(norm2(x))))``, or None when the MLP is not the
-        library's ``Mlp``, neither ``norm2`` is a ``LayerNorm2d`` nor the activation a ``StarReLU``, or
-        :func:`halves_apply` is False.
+        library's ``Mlp``, neither ``norm2`` is a ``LayerNorm2d`` or ``GroupNorm1`` nor the activation a
+        ``StarReLU``, or :func:`halves_apply` is False.
     """
     mlp = _mlp(block)
     if mlp is None or not halves_apply(x):
         return None
-    norm = _layernorm(block.norm2)
-    if norm is None and not _is_star(mlp.act):
+    n = _normalised(block.norm2, x, _cast_dtype(x, mlp.fc1))
+    if n is None and not _is_star(mlp.act):
         return None
-    n = block.norm2(x) if norm is None else layernorm_channels(x, norm.weight, norm.bias, eps=norm.eps,
-                                                                  out_dtype=_cast_dtype(x, mlp.fc1))
-    return _mlp_tail(block, mlp, x, n)
+    return _mlp_tail(block, mlp, x, block.norm2(x) if n is None else n)
 
 
 def ln_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -128,6 +140,17 @@ def ln_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 def _layernorm(norm):
     """The norm if it is exactly the library's LayerNorm2d (a subclass may change the maths), else None."""
     return norm if type(norm) is LayerNorm2d else None
+
+
+def _normalised(norm, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """``norm(x)`` through the Triton LayerNorm kernel (exactly a ``LayerNorm2d``) or in ``x``'s layout
+    (exactly a ``GroupNorm1``, where autograd needs no graph), written in ``out_dtype`` where given; None
+    otherwise."""
+    if type(norm) is LayerNorm2d:
+        return layernorm_channels(x, norm.weight, norm.bias, eps=norm.eps, out_dtype=out_dtype)
+    if type(norm) is GroupNorm1 and group_norm1_pays(x, norm.weight, norm.bias):
+        return group_norm1(x, norm.weight, norm.bias, norm.eps, out_dtype)
+    return None
 
 
 def _is_star(act) -> bool:
