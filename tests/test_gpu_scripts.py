@@ -107,12 +107,21 @@ def test_session_step_is_killed_at_its_time_limit(tmp_path):
 
 
 def test_session_keeps_time_only_for_the_steps_that_run():
-    args = gpu_session.parse_args(["--skip", "sweep", "bench", "--families-s", "120"])
+    args = gpu_session.parse_args(["--skip", "sweep", "bench", "groupnorm", "--families-s", "120"])
     assert gpu_session.reserve_after(args, "tests") == 120  # the families step alone follows
-    args = gpu_session.parse_args(["--families-s", "100"])
-    assert gpu_session.reserve_after(args, "tests") == 60 + 240 + 100
-    assert gpu_session.reserve_after(args, "bench") == 100
-    assert gpu_session.reserve_after(gpu_session.parse_args(["--skip", "families"]), "bench") == 0
+    args = gpu_session.parse_args(["--families-s", "100", "--groupnorm-s", "80"])
+    assert gpu_session.reserve_after(args, "tests") == 60 + 240 + 80 + 100
+    assert gpu_session.reserve_after(args, "bench") == 80 + 100
+    assert gpu_session.reserve_after(args, "groupnorm") == 100
+    assert gpu_session.reserve_after(gpu_session.parse_args(["--skip", "groupnorm", "families"]), "bench") == 0
+
+
+def test_session_dry_run_lists_the_groupnorm_step(tmp_path):
+    out = _run("gpu_session.py", "--dry-run", "--out-dir", str(tmp_path), "--skip", "sweep", "bench")
+    assert out.returncode == 0, out.stdout + out.stderr
+    steps = [line.split(":")[0] for line in out.stdout.splitlines()]
+    assert steps == ["tests", "groupnorm", "families"], out.stdout
+    assert "bench_gpu_groupnorm.py --output" in out.stdout
 
 
 def test_families_table_merges_runs_and_computes_ratios_from_medians(tmp_path):
