@@ -207,7 +207,7 @@ def _activation(saved: torch.Tensor, act: str) -> torch.Tensor:
     return saved
 
 
-def _usable(block: nn.Module, x: torch.Tensor, norm: nn.Module, drop_path: nn.Module, *scales) -> Optional[str]:
+def _usable(x: torch.Tensor, norm: nn.Module, drop_path: nn.Module, *scales) -> Optional[str]:
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 4 \
             or torch.compiler.is_compiling():
         return None
@@ -235,7 +235,7 @@ def mlp_half(block: nn.Module, x: torch.Tensor,
     when the path applies, so that the random stream is consumed as the plain composition consumes it.
     """
     mlp = block.mlp
-    kind = _usable(block, x, block.norm2, block.drop_path2, block.layer_scale2, block.res_scale2)
+    kind = _usable(x, block.norm2, block.drop_path2, block.layer_scale2, block.res_scale2)
     if kind is None or type(mlp) is not _layers().Mlp or not (plain_1x1(mlp.fc1) and plain_1x1(mlp.fc2)):
         return None
     act = act_kind(mlp.act)

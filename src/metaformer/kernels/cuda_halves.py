@@ -68,8 +68,8 @@ def halves_apply(x) -> bool:
 
 
 def ln_mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``block.mixer_half(x)`` with ``norm1`` as the Triton LayerNorm kernel (a ``GroupNorm1`` in the input's
-    layout), or None if it does not apply.
+    """``block.mixer_half(x)`` with ``norm1`` as the Triton LayerNorm kernel (a ``GroupNorm1``, in inference,
+    in the input's layout), or None if it does not apply.
 
     Args:
         block: A :class:`~metaformer.MetaFormerBlock`.
@@ -77,7 +77,8 @@ def ln_mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 
     Returns:
         ``res_scale1(x) + layer_scale1(drop_path1(token_mixer(norm1(x))))``, or None when ``norm1`` is
-        neither a ``LayerNorm2d`` nor a ``GroupNorm1``, or :func:`halves_apply` is False.
+        neither a ``LayerNorm2d`` nor (where autograd needs no graph) a ``GroupNorm1``, or
+        :func:`halves_apply` is False.
     """
     if not halves_apply(x):
         return None
@@ -90,8 +91,8 @@ def ln_mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def starrelu_mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``block.mlp_half(x)`` with ``norm2`` (a ``LayerNorm2d`` or ``GroupNorm1``) and the MLP's StarReLU
-    as Triton kernels, or None.
+    """``block.mlp_half(x)`` with ``norm2`` (a ``LayerNorm2d``, or in inference a ``GroupNorm1``) and the
+    MLP's StarReLU as Triton kernels, or None.
 
     Args:
         block: A :class:`~metaformer.MetaFormerBlock`.
@@ -99,8 +100,8 @@ def starrelu_mlp_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tenso
 
     Returns:
         ``res_scale2(x) + layer_scale2(drop_path2(mlp(norm2(x))))``, or None when the MLP is not the
-        library's ``Mlp``, neither ``norm2`` is a ``LayerNorm2d`` or ``GroupNorm1`` nor the activation a
-        ``StarReLU``, or :func:`halves_apply` is False.
+        library's ``Mlp``, neither ``norm2`` is a ``LayerNorm2d`` (or, in inference, a ``GroupNorm1``) nor
+        the activation a ``StarReLU``, or :func:`halves_apply` is False.
     """
     mlp = _mlp(block)
     if mlp is None or not halves_apply(x):
