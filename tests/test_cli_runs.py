@@ -138,11 +138,30 @@ def test_a_failing_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoin
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
+# In the child, torch.save waits after writing: the checkpoint's temporary file (written, not yet synced and
+# renamed) stays long enough for the poll below to see it. Without the wait a small model's checkpoint exists as
+# a temporary file for a few milliseconds, which a busy machine's poll can miss at every epoch.
+_SLOW_SAVE = """
+import time
+import torch
+_save = torch.save
+def _slow_save(*args, **kwargs):
+    _save(*args, **kwargs)
+    time.sleep(0.5)
+torch.save = _slow_save
+"""
+
+
 def test_ctrl_c_during_a_checkpoint_write(run2, data, tmp_path):
     out = copy_run(run2, tmp_path)
+    site = tmp_path / "slow_save"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_SAVE)
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "metaformer", "train", data, *ARGS, "--epochs", "6", "--output", out,
            "--resume", "auto"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                              preexec_fn=_sigint_default)
     try:
         deadline = time.time() + 300
