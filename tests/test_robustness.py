@@ -300,3 +300,34 @@ def test_model_card_cites_the_papers_and_invents_no_url(tmp_path):
     card_urls = {line.split(": ", 1)[1] for line in card.splitlines() if line.startswith("- ") and "http" in line
                  and "arxiv.org" not in line}
     assert card_urls == {entry.split(", ", 1)[1] for entry in listed}
+
+
+@pytest.mark.filterwarnings("ignore:torch.*is deprecated:DeprecationWarning")  # the old API, called on purpose
+def test_autocast_state_per_device_on_old_and_new_torch(monkeypatch):
+    """tracing.autocast_enabled / autocast_dtype answer per device on this PyTorch, and through the per-device
+    functions of PyTorch < 2.4, whose is_autocast_enabled takes no device and which has no get_autocast_dtype
+    (the CUDA halves and the input checks ask them; pyproject allows torch >= 2.1)."""
+    from metaformer.tracing import autocast_dtype, autocast_enabled
+
+    def states():
+        return autocast_enabled("cpu"), autocast_enabled("cuda"), autocast_dtype("cpu")
+
+    assert states()[:2] == (False, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        new = states()
+    assert new == (True, False, torch.bfloat16)
+    cuda_dtype = torch.get_autocast_dtype("cuda")
+    assert autocast_dtype("cuda") == cuda_dtype
+
+    cuda_enabled = torch.is_autocast_enabled  # the old API: no device argument, the plain function is CUDA's
+
+    def old_torch(m):  # (torch.autocast itself calls the new API: patched only inside its context)
+        m.setattr(torch, "is_autocast_enabled", lambda: cuda_enabled("cuda"))
+        m.delattr(torch, "get_autocast_dtype")
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), monkeypatch.context() as m:
+        old_torch(m)
+        assert states() == new
+    with monkeypatch.context() as m:
+        old_torch(m)
+        assert states()[:2] == (False, False) and autocast_dtype("cuda") == cuda_dtype

@@ -9,14 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .tracing import autocast_enabled
+
 __all__ = ["check_input", "conv_out"]
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -47,7 +42,7 @@ def check_input(model: nn.Module, x) -> None:
         raise TypeError(f"expected a floating-point input, got dtype {x.dtype}; "
                         f"convert with x.float() and normalise it")
     weight = model.stem.conv.weight
-    if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
+    if x.dtype != weight.dtype and not autocast_enabled(x.device.type):
         raise TypeError(f"input of dtype {x.dtype} but the model's weights are {weight.dtype}; convert the "
                         f"input (x.to({weight.dtype})) or the model (model.to({x.dtype})), or use torch.autocast")
     h, w = x.shape[-2:]

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..layers import DropPath, GroupNorm1, LayerNorm2d, Mlp, Scale, StarReLU
 from ..mixers import check_mixer_output
+from ..tracing import autocast_dtype, autocast_enabled
 from . import _interpreting, resolve_backend
 from .baseline_ops import layernorm_channels, residual_layernorm, star_relu
 from .folding import group_norm1, group_norm1_pays
@@ -182,8 +183,8 @@ def _drop_mask(drop_path: nn.Module, y: torch.Tensor) -> Optional[torch.Tensor]:
 
 def _cast_dtype(x: torch.Tensor, conv: nn.Module) -> Optional[torch.dtype]:
     """Under CUDA autocast the next 1x1 convolution casts its input: the kernel writes that dtype directly."""
-    if x.is_cuda and type(conv) is nn.Conv2d and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
+    if x.is_cuda and type(conv) is nn.Conv2d and autocast_enabled("cuda"):
+        return autocast_dtype("cuda")
     return None
 
 

@@ -50,6 +50,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..tracing import autocast_enabled
+
 # The package defines these before it imports this module (at its end).
 from . import autograd_halves, cpu_eval, cuda_halves, onednn, pool_mixer_residual, sepconv_train, torch_halves
 from .folding import _blocks, _layers, _mixers, half_kind
@@ -249,10 +251,7 @@ def _cpu_fused(block: nn.Module, x: torch.Tensor) -> bool:
 
 def _cpu_autocast() -> bool:
     """Whether CPU autocast is on: its convolutions run in bf16/fp16, which the oneDNN halves (fp32) do not."""
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+    return autocast_enabled("cpu")
 
 
 def _no_grad_needed(x: torch.Tensor, *modules: nn.Module) -> bool:
