@@ -158,7 +158,7 @@ def test_ctrl_c_during_a_checkpoint_write(run2, data, tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(_SLOW_SAVE)
     env = _env()
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "metaformer", "train", data, *ARGS, "--epochs", "6", "--output", out,
            "--resume", "auto"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
