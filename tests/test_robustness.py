@@ -306,7 +306,7 @@ def test_model_card_cites_the_papers_and_invents_no_url(tmp_path):
 def test_autocast_state_per_device_on_old_and_new_torch(monkeypatch):
     """tracing.autocast_enabled / autocast_dtype answer per device on this PyTorch, and through the per-device
     functions of PyTorch < 2.4, whose is_autocast_enabled takes no device and which has no get_autocast_dtype
-    (the CUDA halves and the input checks ask them; pyproject allows torch >= 2.1)."""
+    (the CUDA halves and the input checks ask them; pyproject allows torch >= 2.3)."""
     from metaformer.tracing import autocast_dtype, autocast_enabled
 
     def states():
