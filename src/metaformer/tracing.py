@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["is_eager", "autocast_enabled", "autocast_dtype"]
+__all__ = ["is_eager", "autocast_enabled", "autocast_dtype", "fp32_list_dtype"]
 
 
 def is_eager(x: Any) -> bool:
@@ -38,3 +38,11 @@ def autocast_dtype(device_type: str) -> torch.dtype:
         return torch.get_autocast_dtype(device_type)
     except (AttributeError, TypeError):  # torch < 2.4
         return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+def fp32_list_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype an op on CUDA autocast's float32 list (``layer_norm``, ``group_norm``) returns for an input of
+    ``dtype``: float32 under CUDA autocast (fp64 stays fp64), else ``dtype`` (CPU autocast lists neither)."""
+    if device_type == "cuda" and dtype != torch.float64 and autocast_enabled("cuda"):
+        return torch.float32
+    return dtype

@@ -28,7 +28,7 @@ import functools
 
 import torch
 
-from ..tracing import autocast_enabled
+from ..tracing import fp32_list_dtype
 from . import _interpreting, get_backend, resolve_backend, selfcheck
 from .baseline_checks import check_ln, check_star, layout_name
 from .torch_ln import layernorm_channels_torch, residual_layernorm_torch, star_relu_torch
@@ -162,9 +162,7 @@ def star_relu(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *,
 # ---------------------------------------------------------------------------------------- dispatch
 def _ln_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """``F.layer_norm``'s output dtype: float32 under CUDA autocast (it is on autocast's float32 list)."""
-    if device.type == "cuda" and autocast_enabled("cuda") and dtype != torch.float64:
-        return torch.float32
-    return dtype
+    return fp32_list_dtype(dtype, device.type)
 
 
 def _run_triton(op, x, y, flags, tensors, dtypes, call, check):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tracing import autocast_enabled
+from ..tracing import fp32_list_dtype
 from .torch_impl import wants_grad
 
 __all__ = ["norm_kind", "act_kind", "scale_of", "half_kind", "normalise", "group_norm1", "group_norm1_pays", "ln_weight",
@@ -177,11 +177,7 @@ def group_norm1(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     if bias is not None:
         c = bias.to(stats.dtype).view(1, -1, 1, 1) + c
     n = torch.addcmul(c, x, a)
-    if out_dtype is None:
-        # CUDA autocast runs group_norm in fp32 (CPU autocast does not list it)
-        autocast = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and autocast_enabled("cuda")
-        out_dtype = torch.float32 if autocast else x.dtype
-    return n.to(out_dtype)
+    return n.to(out_dtype or fp32_list_dtype(x.dtype, x.device.type))
 
 
 def _f64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
