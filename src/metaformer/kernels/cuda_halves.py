@@ -37,12 +37,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..layers import DropPath, GroupNorm1, LayerNorm2d, Mlp, Scale, StarReLU
+from ..layers import DropPath, Mlp, Scale, StarReLU
 from ..mixers import check_mixer_output
 from ..tracing import autocast_dtype, autocast_enabled
 from . import _interpreting, resolve_backend
 from .baseline_ops import layernorm_channels, residual_layernorm, star_relu
-from .folding import group_norm1, group_norm1_pays
+from .folding import group_norm1, group_norm1_pays, norm_kind
 
 __all__ = ["halves_apply", "ln_block", "ln_mixer_half", "starrelu_mlp_half"]
 
@@ -141,16 +141,17 @@ def ln_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 # ------------------------------------------------------------------------------------ the parts
 def _layernorm(norm):
     """The norm if it is exactly the library's LayerNorm2d (a subclass may change the maths), else None."""
-    return norm if type(norm) is LayerNorm2d else None
+    return norm if norm_kind(norm) == "ln" else None
 
 
 def _normalised(norm, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """``norm(x)`` through the Triton LayerNorm kernel (exactly a ``LayerNorm2d``) or in ``x``'s layout
     (exactly a ``GroupNorm1``, where autograd needs no graph), written in ``out_dtype`` where given; None
     otherwise."""
-    if type(norm) is LayerNorm2d:
+    kind = norm_kind(norm)
+    if kind == "ln":
         return layernorm_channels(x, norm.weight, norm.bias, eps=norm.eps, out_dtype=out_dtype)
-    if type(norm) is GroupNorm1 and group_norm1_pays(x, norm.weight, norm.bias):
+    if kind == "gn" and group_norm1_pays(x, norm.weight, norm.bias):
         return group_norm1(x, norm.weight, norm.bias, norm.eps, out_dtype)
     return None
 
