@@ -74,11 +74,6 @@ def policy(name: str):
         folding.group_norm1_pays = cuda_halves.group_norm1_pays = default
 
 
-def _mlp_tail(block, x, n):
-    mlp = block.mlp
-    return block.res_scale2(x) + block.layer_scale2(mlp.fc2(mlp.act(mlp.fc1(n))))
-
-
 def halves(args, results: dict, save) -> None:
     """Part 1: poolformer_s12's MLP half per stage."""
     import metaformer
@@ -98,6 +93,7 @@ def halves(args, results: dict, save) -> None:
 
 def half_case(args, block, side: int, dtype: torch.dtype) -> dict:
     """One stage's MLP half and its operations, plain and with ``group_norm1``, on a channels_last input."""
+    from metaformer.kernels.cuda_halves import _mlp_tail  # the CUDA MLP half after its norm
     from metaformer.kernels.folding import group_norm1
 
     norm, mlp = block.norm2, block.mlp
@@ -105,7 +101,7 @@ def half_case(args, block, side: int, dtype: torch.dtype) -> dict:
     x = x.contiguous(memory_format=torch.channels_last)
 
     def layout_half(t):
-        return _mlp_tail(block, t, group_norm1(t, norm.weight, norm.bias, norm.eps, torch.bfloat16))
+        return _mlp_tail(block, mlp, t, group_norm1(t, norm.weight, norm.bias, norm.eps, torch.bfloat16))
 
     r = {}
     with torch.inference_mode(), torch.autocast(args.device.type, torch.bfloat16):
