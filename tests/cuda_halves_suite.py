@@ -22,7 +22,7 @@ import metaformer.kernels as K
 from metaformer import MetaFormerBlock
 from metaformer.kernels import cuda_halves as H
 from metaformer.kernels import triton_ln
-from metaformer.layers import GroupNorm1, LayerNorm2d, StarReLU
+from metaformer.layers import DropPath, GroupNorm1, LayerNorm2d, Scale, StarReLU
 from metaformer.mixers import Identity, SepConv
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-9}
@@ -152,6 +152,13 @@ def group_partial_cover() -> None:
     check(gelu, x, which=("starrelu_mlp_half", "ln_block"), label="LayerNorm2d + GELU", modes=(True,))
     other = hand_block(norm=functools.partial(torch.nn.GroupNorm, 1), act=torch.nn.GELU)  # not the library's norm
     assert all(fn(other, x) is None for fn, _ in PAIRS.values())
+    # a subclass of the mixer half's layer scale or drop path may change the maths ln_block fuses: the whole
+    # block does not apply (the block's forward then runs the halves, the same values)
+    for part, base in (("layer_scale1", Scale), ("drop_path1", DropPath)):
+        own = hand_block()
+        getattr(own, part).__class__ = type(f"Own{base.__name__}", (base,), {})
+        assert H.ln_block(own, x) is None, part
+        check(own, x, which=("block_forward",), label=f"own {part}", modes=(True,))
 
 
 def check_inference(block, x, which, label=""):

@@ -37,12 +37,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..layers import DropPath, Mlp, Scale, StarReLU
+from ..layers import DropPath, Mlp, StarReLU
 from ..mixers import check_mixer_output
 from ..tracing import autocast_dtype, autocast_enabled
 from . import _interpreting, resolve_backend
 from .baseline_ops import layernorm_channels, residual_layernorm, star_relu
-from .folding import group_norm1, group_norm1_pays, norm_kind
+from .folding import group_norm1, group_norm1_pays, half_kind, norm_kind
 
 __all__ = ["halves_apply", "ln_block", "ln_mixer_half", "starrelu_mlp_half"]
 
@@ -128,7 +128,8 @@ def ln_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """
     norm1, norm2 = _layernorm(getattr(block, "norm1", None)), _layernorm(getattr(block, "norm2", None))
     mlp = _mlp(block)
-    if norm1 is None or norm2 is None or mlp is None or not _plain_residual(block) or not halves_apply(x):
+    if norm1 is None or norm2 is None or mlp is None or not halves_apply(x) \
+            or half_kind(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1) is None:
         return None
     mixed = block.token_mixer(layernorm_channels(x, norm1.weight, norm1.bias, eps=norm1.eps))
     check_mixer_output(block.token_mixer, x, mixed)
@@ -163,12 +164,6 @@ def _is_star(act) -> bool:
 def _mlp(block):
     mlp = getattr(block, "mlp", None)
     return mlp if type(mlp) is Mlp else None
-
-
-def _plain_residual(block) -> bool:
-    """Whether the mixer half's res scale, layer scale and drop path are the plain modules residual_layernorm fuses."""
-    return (type(block.res_scale1) in (Scale, nn.Identity) and type(block.layer_scale1) in (Scale, nn.Identity)
-            and type(block.drop_path1) in (DropPath, nn.Identity))
 
 
 def _scale(module) -> Optional[torch.Tensor]:
