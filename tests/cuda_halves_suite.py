@@ -216,6 +216,86 @@ def group_groupnorm() -> None:
             torch.testing.assert_close(n.float(), want, rtol=1e-2, atol=1e-2)
 
 
+def _kernel_node(out, kind):
+    """The autograd node of the module's norm in ``out``'s graph (the stem's output is the norm's; the
+    downsampling's is its convolution's, whose first input is the norm's)."""
+    node = out.grad_fn
+    return node if kind == "stem" else node.next_functions[0][0]
+
+
+def group_edge_norms() -> None:
+    """A Stem's and a Downsample's LayerNorm2d through the kernel (dispatch.stem_forward, downsample_forward):
+    the module's forward against its plain composition, output (values and strides) and the gradients of the
+    input and every parameter, fp32 (1e-5) and fp64 (1e-9), NCHW and channels_last, with and without a norm
+    bias, eval and training; for a channels_last map the kernel's autograd node is in the graph (an NCHW map
+    keeps the plain norm, which returns channels_last). A hook on the norm, a subclassed norm, a GroupNorm1
+    and the "reference" backend keep the plain norm. convformer_s18's own stem and downsampling (eps 1e-6,
+    no bias)."""
+    from metaformer.layers import Downsample, Stem
+
+    plain = {"stem": lambda m, t: m.norm(m.conv(t)), "downsample": lambda m, t: m.conv(m.norm(t))}
+    for kind, make, shape in (("stem", lambda nl: Stem(3, 8, norm_layer=nl), (2, 3, 13, 10)),
+                              ("downsample", lambda nl: Downsample(8, 16, norm_layer=nl), (2, 8, 7, 5))):
+        for bias in (True, False):
+            for dtype in (torch.float32, torch.float64):
+                module = randomize_(make(functools.partial(LayerNorm2d, eps=1e-6, bias=bias))).to(dtype)
+                x = torch.randn(shape, dtype=dtype) * 2.0 + 0.5
+                for layout in (torch.contiguous_format, torch.channels_last):
+                    xl = x.contiguous(memory_format=layout)
+                    tol = TOL[dtype]
+                    for training in (False, True):
+                        module.train(training)
+                        where = f"{kind} bias={bias} {dtype} {layout} {'train' if training else 'eval'}"
+                        got, got_g = run(lambda m, t: m(t), module, xl)
+                        want, want_g = run(plain[kind], module, xl)
+                        assert got.stride() == want.stride(), (where, got.stride(), want.stride())
+                        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, w=where: f"{w}: {m}")
+                        for key, w in want_g.items():
+                            atol = tol * max(1.0, w.abs().max().item())
+                            torch.testing.assert_close(got_g[key], w, rtol=tol, atol=atol,
+                                                       msg=lambda m, k=f"{where} d {key}": f"{k}: {m}")
+                    name = type(_kernel_node(module(xl.clone().requires_grad_(True)), kind)).__name__
+                    assert ("Permute" in name) == (layout == torch.contiguous_format), (kind, layout, name)
+                    assert ("LayerNorm" in name) == (layout == torch.channels_last), (kind, layout, name)
+        # the cases that keep the module's own norm
+        module = randomize_(make(functools.partial(LayerNorm2d, eps=1e-6)))
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        calls = []
+        handle = module.norm.register_forward_hook(lambda *a, c=calls: c.append(1))
+        try:
+            assert "Permute" in type(_kernel_node(module(x), kind)).__name__ and calls == [1], kind
+        finally:
+            handle.remove()
+        K.set_backend("reference")
+        try:
+            assert "Permute" in type(_kernel_node(module(x), kind)).__name__, kind
+        finally:
+            K.set_backend("triton")
+
+        class OwnNorm(LayerNorm2d):
+            pass
+
+        cl = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+        assert H.edge_norm(LayerNorm2d(8), cl) is not None
+        assert H.edge_norm(OwnNorm(8), cl) is None and H.edge_norm(GroupNorm1(8), cl) is None
+        assert H.edge_norm(torch.nn.Identity(), cl) is None
+        assert "GroupNorm" in type(_kernel_node(make(GroupNorm1)(x), kind)).__name__, kind
+    model = metaformer.create("convformer_s18")
+    for kind, module, shape in (("stem", model.stem, (2, 3, 18, 14)), ("downsample", model.stages[1].downsample,
+                                                                         (2, 64, 5, 4))):
+        assert type(module.norm) is LayerNorm2d, (kind, module.norm)
+        randomize_(module)
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        for training in (False, True):
+            module.train(training)
+            got, got_g = run(lambda m, t: m(t), module, x)
+            want, want_g = run(plain[kind], module, x)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            for key, w in want_g.items():
+                torch.testing.assert_close(got_g[key], w, rtol=1e-5, atol=1e-5 * max(1.0, w.abs().max().item()))
+        assert "LayerNorm" in type(_kernel_node(module(x.clone().requires_grad_(True)), kind)).__name__, kind
+
+
 def group_not_applicable() -> None:
     """None for other backends, integer or 3-D inputs; True for the forced backend in the interpreter."""
     block = hand_block()
@@ -230,7 +310,8 @@ def group_not_applicable() -> None:
             K.set_backend("triton")
 
 
-GROUPS = [group_not_applicable, group_partial_cover, group_groupnorm, group_hand_blocks, group_real_block, group_dispatch]
+GROUPS = [group_not_applicable, group_partial_cover, group_groupnorm, group_edge_norms, group_hand_blocks,
+          group_real_block, group_dispatch]
 
 if __name__ == "__main__":
     assert K.TRITON_AVAILABLE, K.TRITON_IMPORT_ERROR

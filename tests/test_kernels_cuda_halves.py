@@ -160,3 +160,53 @@ def test_real_block_on_cuda(backend, name, stage, shape):
             torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("part", ["stem", "downsample"])
+def test_stem_and_downsampling_norms_on_cuda(backend, part):
+    """convformer_s18's stem and first downsampling on a GPU: the module's forward (the norm through the Triton
+    LayerNorm kernel) against its plain composition, channels_last, output and the gradients of the input
+    and every parameter in training, and the output in inference: fp32 (TF32 off) within 1e-5, bf16 autocast
+    within 2e-2. Under autocast the kernel writes what the plain norm hands on: fp32 after the stem (the
+    residual stream's dtype, as F.layer_norm), bf16 before the downsampling's convolution (what it casts to)."""
+    import metaformer
+
+    backend("auto")
+    model = metaformer.create("convformer_s18")
+    module = (model.stem if part == "stem" else model.stages[1].downsample).cuda()
+    shape = (4, 3, 64, 48) if part == "stem" else (4, 64, 14, 10)
+    x = torch.randn(*shape, device="cuda").contiguous(memory_format=torch.channels_last)
+    if part == "stem":
+        plain = lambda m, t: m.norm(m.conv(t))  # noqa: E731
+    else:
+        plain = lambda m, t: m.conv(m.norm(t))  # noqa: E731
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        y = module.conv(x) if part == "stem" else x
+        n = H.edge_norm(module.norm, y, None if part == "stem" else module.conv)
+        assert n is not None and n.is_contiguous(memory_format=torch.channels_last), n
+        assert n.dtype == (torch.float32 if part == "stem" else torch.bfloat16), n.dtype
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for autocast, tol in ((False, 1e-5), (True, 2e-2)):
+            module.train()
+            outs = []
+            for fn in (lambda m, t: m(t), plain):
+                module.zero_grad(set_to_none=True)
+                xg = x.clone().requires_grad_(True)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    out = fn(module, xg)
+                out.float().square().mean().backward()
+                outs.append([out.float(), xg.grad] + [p.grad for p in module.parameters()])
+            for got, want in zip(*outs):
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+            module.eval()
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                got, want = module(x), plain(module, x)
+            assert got.dtype == want.dtype and got.stride() == want.stride(), (got.dtype, want.dtype, got.stride())
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+

@@ -247,6 +247,9 @@ class Stem(nn.Module):
         self.norm = norm_layer(dim) if norm_layer else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            # The same function, the norm as a fused kernel where it applies (see metaformer.kernels.dispatch).
+            return kernels.stem_forward(self, x)
         return self.norm(self.conv(x))
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "resolve_backend",
     "set_backend",
     "star_relu",
+    "stem_forward",
     "working_layout",
 ]
 
@@ -245,5 +246,6 @@ from .dispatch import (  # noqa: E402  (it reads the names defined above)
     downsample_forward,
     fast_paths_active,
     in_input_layout,
+    stem_forward,
     working_layout,
 )

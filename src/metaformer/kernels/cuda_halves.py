@@ -44,7 +44,7 @@ from . import _interpreting, resolve_backend
 from .baseline_ops import layernorm_channels, residual_layernorm, star_relu
 from .folding import group_norm1, group_norm1_pays, half_kind, norm_kind
 
-__all__ = ["halves_apply", "ln_block", "ln_mixer_half", "starrelu_mlp_half"]
+__all__ = ["edge_norm", "halves_apply", "ln_block", "ln_mixer_half", "starrelu_mlp_half"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -137,6 +137,36 @@ def ln_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
                               layer_scale=_scale(block.layer_scale1), sample_scale=_drop_mask(block.drop_path1, mixed),
                               out_dtype=_cast_dtype(x, mlp.fc1))
     return _mlp_tail(block, mlp, z, n)
+
+
+def edge_norm(norm: nn.Module, x: torch.Tensor, conv: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
+    """``norm(x)`` through the Triton LayerNorm kernel for the norm of a :class:`~metaformer.layers.Stem` (after
+    its convolution) or a :class:`~metaformer.layers.Downsample` (before it), or None if it does not apply.
+
+    Under CUDA autocast ATen's LayerNorm (on autocast's float32 list) reads the stem convolution's bf16 output
+    through an fp32 copy, and writes fp32 that the downsampling's convolution copies to bf16 again; the kernel
+    reads and writes those dtypes directly. On an H100 (batch 128, channels_last, bf16 autocast; the norm
+    alone) ATen's took 0.67 ms for the stem's norm and 0.59 ms for the first downsampling's, the kernel 0.06
+    and 0.09 ms (``benchmarks/bench_gpu_edge_norms.py``). The values are those of the plain norm to
+    rounding, in the same layout: it applies to a channels_last map only (``LayerNorm2d`` returns
+    channels_last for an NCHW map too, where the kernel would keep NCHW, and the convolution after it would
+    then run in the other layout).
+
+    Args:
+        norm: The module's norm.
+        x: Its (B, C, H, W) input.
+        conv: The convolution that reads the result (the downsampling's): under CUDA autocast the kernel
+            writes the dtype it casts to. None (the stem): the dtype ``F.layer_norm`` returns (fp32 under
+            CUDA autocast, the residual stream's).
+
+    Returns:
+        The normalised map, or None unless ``norm`` is exactly a ``LayerNorm2d``, ``x`` is channels_last
+        and :func:`halves_apply` is True.
+    """
+    if _layernorm(norm) is None or not halves_apply(x) or not x.is_contiguous(memory_format=torch.channels_last):
+        return None
+    out_dtype = None if conv is None else _cast_dtype(x, conv)
+    return layernorm_channels(x, norm.weight, norm.bias, eps=norm.eps, out_dtype=out_dtype)
 
 
 # ------------------------------------------------------------------------------------ the parts

@@ -58,7 +58,7 @@ from .folding import _blocks, _layers, _mixers, half_kind
 from .guards import fast_paths_active, intercepted, module_hooked, parts_hooked, transformed
 
 __all__ = ["block_forward", "downsample_forward", "fast_paths_active", "in_input_layout", "intercepted",
-           "module_hooked", "parts_hooked", "pool_mixer_fusable", "transformed"]
+           "module_hooked", "parts_hooked", "pool_mixer_fusable", "stem_forward", "transformed"]
 
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -150,13 +150,17 @@ def converts_to_channels_last(module: nn.Module, x) -> bool:
 def downsample_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """:class:`~metaformer.layers.Downsample`'s forward, ``conv(norm(x))``.
 
+    On CUDA, for a channels_last map, a ``LayerNorm2d`` runs as the Triton LayerNorm kernel, written under
+    autocast in the dtype the convolution casts to (see :func:`stem_forward`).
+
     On CPU in evaluation, for a channels_last map (a model's blocks give one; fp32, eager, nothing needs a
     gradient, no CPU autocast, no hook on the convolution) the convolution runs as a oneDNN primitive on a
     weight packed once (:func:`metaformer.kernels.cpu_eval.downsample_conv`); the same values to float32
     rounding, and the same channels_last result. (For an NCHW map the primitive's result would be
     channels_last where ``F.conv2d``'s is NCHW: that runs ``F.conv2d``.)
     """
-    n = module.norm(x)
+    n = _edge_norm(module, x, module.conv)
+    n = module.norm(x) if n is None else n
     conv = module.conv
     # (onednn_usable: an fp32 CPU tensor, eager, nothing needing a gradient)
     if (type(conv) is nn.Conv2d and fast_paths_active(n, module) and cpu_eval.channels_last_only(n)
@@ -165,6 +169,26 @@ def downsample_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if y is not None:
             return y
     return conv(n)
+
+
+def stem_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:class:`~metaformer.layers.Stem`'s forward, ``norm(conv(x))``.
+
+    On CUDA (the ``"auto"`` or ``"triton"`` backend, eager), for a channels_last map, a ``LayerNorm2d`` runs as
+    the Triton LayerNorm kernel (:func:`metaformer.kernels.cuda_halves.edge_norm`): the values and the layout
+    of the plain norm, to rounding, with autograd.
+    """
+    y = module.conv(x)
+    n = _edge_norm(module, y)
+    return module.norm(y) if n is None else n
+
+
+def _edge_norm(module: nn.Module, x: torch.Tensor, conv: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
+    """A stem's or a downsampling's ``module.norm(x)`` through the CUDA kernel, or None (the module's parts
+    unhooked, see :func:`fast_paths_active`; ``conv``: the convolution that reads the result)."""
+    if not cuda_halves.halves_apply(x) or not fast_paths_active(x, module):
+        return None
+    return cuda_halves.edge_norm(module.norm, x, conv)
 
 
 def working_layout(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
