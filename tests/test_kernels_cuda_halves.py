@@ -93,6 +93,16 @@ def test_group_norm1_is_group_norm_in_the_input_layout(dtype, affine):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             assert group_norm1(xb, wf, bf, 1e-5).dtype == F.group_norm(xb, 1, wf, bf, 1e-5).dtype == torch.bfloat16
             assert group_norm1(x0, w0, b0, 1e-5, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+    for layout in (torch.contiguous_format, torch.channels_last):  # written in out_dtype by its last op
+        x = x0.contiguous(memory_format=layout)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                leaves = [t if t is None else t.detach().requires_grad_(grad) for t in (x, w0, b0)]
+                got = group_norm1(*leaves, 1e-5, out_dtype=torch.bfloat16)
+                assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=layout), got.stride()
+                assert got.requires_grad == grad
+                want = F.group_norm(x, 1, w0, b0, 1e-5).to(torch.bfloat16)
+                torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.gpu

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tracing import fp32_list_dtype
-from .torch_impl import wants_grad
+from .torch_impl import wants_grad, writable_temporary
 
 __all__ = ["norm_kind", "act_kind", "scale_of", "half_kind", "normalise", "group_norm1", "group_norm1_pays", "ln_weight",
            "fold_in", "fold_out", "Folded", "NORM_TYPES", "plain_1x1", "plain_depthwise", "plain_sepconv"]
@@ -170,14 +170,20 @@ def group_norm1(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     """
     stats = x if x.dtype in (torch.float32, torch.float64) else x.float()
     var, mean = torch.var_mean(stats, dim=(1, 2, 3), keepdim=True, correction=0)
-    a = torch.rsqrt(var + eps)
+    # Where no graph is needed (inference, eager): the small factors in place and the result written in its
+    # dtype by the last op (launches cost the host more than these ops cost the GPU; the cast was a pass).
+    fresh = writable_temporary(x, weight, bias)
+    a = var.add_(eps).rsqrt_() if fresh else torch.rsqrt(var + eps)
     if weight is not None:
         a = weight.to(stats.dtype).view(1, -1, 1, 1) * a
-    c = -mean * a
     if bias is not None:
-        c = bias.to(stats.dtype).view(1, -1, 1, 1) + c
-    n = torch.addcmul(c, x, a)
-    return n.to(out_dtype or fp32_list_dtype(x.dtype, x.device.type))
+        c = torch.addcmul(bias.to(stats.dtype).view(1, -1, 1, 1), mean, a, value=-1)
+    else:
+        c = -mean * a
+    dtype = out_dtype or fp32_list_dtype(x.dtype, x.device.type)
+    if fresh:
+        return torch.addcmul(c, x, a, out=torch.empty_like(x, dtype=dtype))
+    return torch.addcmul(c, x, a).to(dtype)
 
 
 def _f64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
