@@ -6,7 +6,11 @@ those its ``MetaFormer`` class is assembled as the release builds them): timm's 
 channels_last (``timm_cl``) and ``torch.compile``d in channels_last (``timm_compiled``), and ours with its
 default dispatch in channels_last (``ours``; ``ours_nchw`` and ``ours_compiled`` on request), bf16
 autocast, batch 128 at 224x224: inference (``torch.no_grad``) and a training step (forward, loss,
-backward, gradients set to None) with its peak memory.
+backward, gradients set to None) with its peak memory. The eager variants' inference is also timed as the
+replay of a captured CUDA graph (``inference_graph``; ``--no-graph`` skips it): the GPU's time alone. At batch
+128 ours is launch-bound on a slow or busy host (its GPU time is a third to a half of timm's, its host time
+about timm's), so the eager figures move with the host's load by tens of percent and the graph replays are
+the comparison of the GPUs' work.
 
 Correctness first, per model, before anything is timed: ours carries timm's weights (converted by
 ``load_state_dict_into``) and its logits must match timm's in fp32 (TF32 off) within 1e-4 of the
@@ -60,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-reserve-s", type=float, default=75.0, help="time a compiled variant needs at least")
     p.add_argument("--no-compile", action="store_true", help="skip every torch.compile variant")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernels' micro-benchmarks")
+    p.add_argument("--no-graph", action="store_true",
+                   help="skip the eager variants' inference as CUDA-graph replays (the GPU's time alone)")
     p.add_argument("--kernels-share", type=float, default=0.25,
                    help="with --budget-s: the kernels' part starts no new case after this share of the budget")
     p.add_argument("--kernels-only", action="store_true", help="skip the models")
@@ -187,6 +193,9 @@ def time_variant(args, name: str, variant: str, x) -> dict:
         if train:
             r["peak_mem_mib"] = _peak_memory_mib(fn, args.device)
         row["train_step" if train else "inference"] = r
+        if not train and args.device.type == "cuda" and not args.no_graph and not variant.endswith("compiled"):
+            g = bench(fn, args.device, args.warmup_ms, args.model_rep_ms, "cudagraph")
+            row["inference_graph"] = {**g, "img_per_s": args.batch / (g["median_ms"] * 1e-3)}
     row["seconds_incl_compile"] = round(time.perf_counter() - t0, 1)
     del model
     if args.device.type == "cuda":
@@ -210,6 +219,9 @@ def ratios(rows: dict) -> dict:
                 out[f"{ours}_vs_timm_compiled_{part}"] = rows["timm_compiled"][part]["median_ms"] / mine["median_ms"]
             if part == "train_step" and best and best.get("peak_mem_mib") and mine.get("peak_mem_mib"):
                 out[f"{ours}_peak_mem_vs_timm_best_eager"] = mine["peak_mem_mib"] / best["peak_mem_mib"]
+    graphs = [rows[v]["inference_graph"]["median_ms"] for v in ("timm_nchw", "timm_cl") if "inference_graph" in rows.get(v, {})]
+    if graphs and "inference_graph" in rows.get("ours", {}):
+        out["ours_vs_timm_best_graph_inference"] = min(graphs) / rows["ours"]["inference_graph"]["median_ms"]
     return out
 
 
@@ -243,7 +255,9 @@ def bench_models(args, results: dict, save, t_end) -> None:
         inf, tr = row["inference"], row["train_step"]
         print(f"  {name:18} {variant:14} inference {inf['median_ms']:8.2f} ms {inf['img_per_s']:7.0f} img/s | "
               f"train {tr['median_ms']:8.2f} ms {tr['img_per_s']:6.0f} img/s"
-              + (f", peak {tr['peak_mem_mib']:.0f} MiB" if tr.get("peak_mem_mib") else ""), flush=True)
+              + (f", peak {tr['peak_mem_mib']:.0f} MiB" if tr.get("peak_mem_mib") else "")
+              + (f" | graph {row['inference_graph']['median_ms']:.2f} ms" if "inference_graph" in row else ""),
+              flush=True)
         save()
 
 
@@ -317,7 +331,8 @@ def profile_models(args, results: dict, save) -> None:
 
 
 def print_table(results: dict) -> None:
-    print("\nmodel               ours vs timm's best eager (inference / train) | vs timm compiled | peak mem vs best")
+    print("\nmodel               ours vs timm's best eager (inference / train) | vs timm compiled | peak mem vs best"
+          " | graph replays")
     for name, m in results.get("models", {}).items():
         r = m.get("ratios", {})
 
@@ -325,7 +340,7 @@ def print_table(results: dict) -> None:
             return f"{r[key]:.2f}x" if key in r else "-"
         print(f"  {name:18} {f('ours_vs_timm_best_eager_inference'):>7} / {f('ours_vs_timm_best_eager_train_step'):>7}"
               f" | {f('ours_vs_timm_compiled_inference'):>7} / {f('ours_vs_timm_compiled_train_step'):>7}"
-              f" | {f('ours_peak_mem_vs_timm_best_eager'):>7}")
+              f" | {f('ours_peak_mem_vs_timm_best_eager'):>7} | {f('ours_vs_timm_best_graph_inference'):>7}")
 
 
 TABLE_VARIANTS = ["timm_nchw", "timm_cl", "timm_compiled", "ours", "ours_compiled"]
@@ -365,7 +380,27 @@ def markdown_tables(files: list) -> str:
                 cells.append(f"{mem['ours'] / mem[best]:.2f}x" if best and all(mem.values()) and len(mem) == 2 else "-")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    graphed = {name: {v: r["inference_graph"]["median_ms"] for v, r in rows.items() if "inference_graph" in r}
+               for name, rows in merged.items()}
+    if any(graphed.values()):
+        head = [v for v in ("timm_nchw", "timm_cl", "ours") if any(v in g for g in graphed.values())]
+        lines += ["**Inference, the GPU's time alone (CUDA-graph replays)**", "",
+                  "| model | " + " | ".join(head) + " | ours / timm best |", "|---" * (len(head) + 2) + "|"]
+        for name, ms in graphed.items():
+            if not ms:
+                continue
+            best = min((ms[v] for v in ("timm_nchw", "timm_cl") if v in ms), default=None)
+            cells = [f"{args_batch(merged[name], v) / (ms[v] * 1e-3):.0f}" if v in ms else "-" for v in head]
+            cells.append(f"{best / ms['ours']:.2f}x" if best and "ours" in ms else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def args_batch(rows: dict, variant: str) -> float:
+    """The batch of a saved row (its img/s times its median time)."""
+    r = rows[variant]["inference"]
+    return r["img_per_s"] * r["median_ms"] * 1e-3
 
 
 def main(argv=None) -> int:

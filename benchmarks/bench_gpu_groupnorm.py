@@ -26,7 +26,7 @@ every round; the summary gives the median and the best round of each policy, and
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +34,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import BenchmarkError, bench, header_lines, machine_info, write_json  # noqa: E402
+from gpu_common import (  # noqa: E402
+    BenchmarkError,
+    bench,
+    fwd_bwd_ms,
+    policy_args,
+    policy_main,
+    policy_models,
+    policy_parser,
+)
 
 MODELS = ["poolformer_s12", "poolformerv2_s12", "identityformer_s12", "randformer_s12"]
 POLICIES = ("aten", "inference", "always")
@@ -42,22 +50,8 @@ STAGES = ((64, 56), (128, 28), (320, 14), (512, 7))  # poolformer_s12's (channel
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", default=["halves", "models"], choices=["halves", "models"])
-    p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three policies per model")
-    p.add_argument("--warmup-ms", type=float, default=25.0)
-    p.add_argument("--rep-ms", type=float, default=150.0, help="halves: timed time per case")
-    p.add_argument("--model-rep-ms", type=float, default=250.0, help="models: timed time per case and round")
-    p.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gpu_groupnorm.json")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: the plumbing only")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.batch, args.rounds, args.warmup_ms, args.rep_ms, args.model_rep_ms = 2, 1, 1.0, 5.0, 5.0
-    args.device = torch.device("cpu" if args.smoke else "cuda")
-    return args
+    output = Path(__file__).parent / "results" / "gpu_groupnorm.json"
+    return policy_args(policy_parser(__doc__, ["halves", "models"], MODELS, output), argv)
 
 
 @contextmanager
@@ -126,108 +120,20 @@ def half_case(args, block, side: int, dtype: torch.dtype) -> dict:
     if r["layout_half_max_rel_diff"] > 2e-2:
         raise BenchmarkError(f"{tuple(x.shape)} {dtype}: the layout-keeping half differs from the plain one by "
                              f"{r['layout_half_max_rel_diff']:.3g} of its largest value")
-    xg = x.detach().clone().requires_grad_(True)
-    gy = torch.randn_like(x)
-
-    def step(fn):
-        def run():
-            with torch.autocast(args.device.type, torch.bfloat16):
-                out = fn(xg)
-            out.backward(gy)
-        return run
-
-    block.train()
-    try:
-        r["plain_half_fwd_bwd_ms"] = bench(step(block.mlp_half), args.device, args.warmup_ms, args.rep_ms)["median_ms"]
-        r["layout_half_fwd_bwd_ms"] = bench(step(layout_half), args.device, args.warmup_ms, args.rep_ms)["median_ms"]
-    finally:
-        block.eval()
+    times = fwd_bwd_ms(block, {"plain": block.mlp_half, "layout": layout_half}, x, args, grad=torch.randn_like(x))
+    r["plain_half_fwd_bwd_ms"], r["layout_half_fwd_bwd_ms"] = times["plain"], times["layout"]
     return r
 
 
 def models(args, results: dict, save) -> None:
     """Part 2: whole models under the three policies, interleaved."""
-    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    for name in args.models:
-        res = results["models"][name] = model_case(args, name, x)
-        for p in POLICIES[1:]:
-            r = res["speedup_vs_aten"][p]
-            print(f"  {name:18} {p:9} vs aten: inference {r['inference']['median_ms']:.2f}x (best round "
-                  f"{r['inference']['best_ms']:.2f}x), train {r['train_step']['median_ms']:.2f}x (best round "
-                  f"{r['train_step']['best_ms']:.2f}x)", flush=True)
-        save()
-        if args.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def model_case(args, name: str, x: torch.Tensor) -> dict:
-    """One model under the three policies: the fp32 logits checked against ``aten``'s, then interleaved rounds."""
-    import metaformer
-
-    torch.manual_seed(0)
-    model = metaformer.create(name).to(args.device).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    model.eval()
-    logits = {}
-    with torch.inference_mode():
-        for p in POLICIES:
-            with policy(p):
-                logits[p] = model(x).float()
-    checks = {p: ((logits[p] - logits["aten"]).abs().max() / logits["aten"].abs().max()).item() for p in POLICIES}
-    if max(checks.values()) > 1e-4:
-        raise BenchmarkError(f"{name}: a policy's fp32 logits differ from ATen's GroupNorm's: {checks}")
-
-    def infer():
-        with torch.inference_mode(), torch.autocast(args.device.type, torch.bfloat16):
-            model(x)
-
-    def train():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(args.device.type, torch.bfloat16):
-            loss = model(x).float().logsumexp(1).mean()
-        loss.backward()
-        opt.step()
-
-    rounds = {p: {"inference": [], "train_step": []} for p in POLICIES}
-    for _ in range(args.rounds):
-        for p in POLICIES:
-            with policy(p):
-                model.eval()
-                rounds[p]["inference"].append(bench(infer, args.device, args.warmup_ms, args.model_rep_ms)["median_ms"])
-                model.train()
-                rounds[p]["train_step"].append(bench(train, args.device, args.warmup_ms, args.model_rep_ms)["median_ms"])
-    summary = {p: {part: {"median_ms": statistics.median(v), "best_ms": min(v)} for part, v in d.items()}
-               for p, d in rounds.items()}
-    ratios = {p: {part: {stat: summary["aten"][part][stat] / summary[p][part][stat] for stat in ("median_ms", "best_ms")}
-                  for part in ("inference", "train_step")} for p in POLICIES[1:]}
-    return {"checks_rel_diff_vs_aten_fp32": checks, "rounds_ms": rounds, "summary": summary, "speedup_vs_aten": ratios}
+    policy_models(args, results, save, {p: functools.partial(policy, p) for p in POLICIES})
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: this benchmark measures GPU speed (use --smoke for the plumbing on CPU)", file=sys.stderr)
-        return 1
-    torch.backends.cudnn.benchmark = True
-    info = machine_info() if args.device.type == "cuda" else {"device": "cpu (smoke)"}
-    print("\n".join(header_lines(info)) if args.device.type == "cuda" else "smoke run on CPU", flush=True)
-    results = {"kind": "gpu_groupnorm", "machine": info, "autocast": "bfloat16",
-               "settings": {k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()},
-               "halves": {}, "models": {}}
-
-    def save():
-        write_json(args.output, results)
-
-    if "halves" in args.parts:
-        print("\npoolformer_s12's MLP half per stage (ms)", flush=True)
-        halves(args, results, save)
-    if "models" in args.parts:
-        print("\nwhole models, policies interleaved", flush=True)
-        models(args, results, save)
-    save()
-    print(f"\nwrote {args.output}")
-    return 0
+    parts = {"halves": ("poolformer_s12's MLP half per stage (ms)", halves),
+             "models": ("whole models, policies interleaved", models)}
+    return policy_main(parse_args(argv), "gpu_groupnorm", parts)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ timing without artefacts, correctness comparisons and the JSON writer."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -106,6 +107,172 @@ def bench(fn, device: torch.device, warmup_ms: float, rep_ms: float, timer: str 
         times.append(1e3 * (time.perf_counter() - t0))
     q = statistics.quantiles(times, n=5)
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[-1]}
+
+
+def policy_rounds(model, x: torch.Tensor, policies: dict, device: torch.device, rounds: int, warmup_ms: float,
+                  rep_ms: float, label: str, tol: float = 1e-4) -> dict:
+    """A model (channels_last, on ``device``) under interchangeable code paths, measured in interleaved rounds.
+
+    ``policies`` maps a name to a context-manager factory that switches the library to that path; the first
+    is the base the others are compared with. Each policy's fp32 logits (TF32 off) are checked against the
+    base's (largest difference over largest magnitude within ``tol``, else :class:`BenchmarkError`), then each round
+    times every policy in turn: inference (``inference_mode``) and a training step (SGD), both under bf16
+    autocast, and on CUDA inference again as the replay of a captured CUDA graph (``inference_graph``: the
+    GPU's time alone, without the host's launch work, which a busy host stretches by tens of percent).
+    Returns the checks, every round, the median and best round per policy, and the base's time over each
+    other policy's (above 1: faster than the base).
+    """
+    names = list(policies)
+    base = names[0]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model.eval()
+    logits = {}
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    # fp32 without TF32: with it every convolution rounds its inputs to 10 bits, and two policies' last-bit
+    # differences grow to 1e-4 of the logits (poolformerv2_s12, H100)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            for p in names:
+                with policies[p]():
+                    logits[p] = model(x).float()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    checks = {p: ((logits[p] - logits[base]).abs().max() / logits[base].abs().max()).item() for p in names}
+    if not max(checks.values()) <= tol:
+        raise BenchmarkError(f"{label}: a policy's fp32 logits differ from {base!r}'s: {checks}")
+
+    def infer():
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16):
+            model(x)
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, torch.bfloat16):
+            loss = model(x).float().logsumexp(1).mean()
+        loss.backward()
+        opt.step()
+
+    parts = ("inference", "train_step") + (("inference_graph",) if device.type == "cuda" else ())
+    times = {p: {part: [] for part in parts} for p in names}
+    for _ in range(rounds):
+        for p in names:
+            with policies[p]():
+                model.eval()
+                times[p]["inference"].append(bench(infer, device, warmup_ms, rep_ms)["median_ms"])
+                if "inference_graph" in parts:
+                    times[p]["inference_graph"].append(bench(infer, device, warmup_ms, rep_ms, "cudagraph")["median_ms"])
+                model.train()
+                times[p]["train_step"].append(bench(train, device, warmup_ms, rep_ms)["median_ms"])
+    model.eval()
+    summary = {p: {part: {"median_ms": statistics.median(v), "best_ms": min(v)} for part, v in d.items()}
+               for p, d in times.items()}
+    ratios = {p: {part: {stat: summary[base][part][stat] / summary[p][part][stat] for stat in ("median_ms", "best_ms")}
+                  for part in parts} for p in names[1:]}
+    return {f"checks_rel_diff_vs_{base}_fp32": checks, "rounds_ms": times, "summary": summary,
+            f"speedup_vs_{base}": ratios}
+
+
+def policy_parser(doc: str, parts: list, models: list, output: Path) -> argparse.ArgumentParser:
+    """The command line of a policy benchmark (``bench_gpu_groupnorm.py``, ``bench_gpu_edge_norms.py``): its
+    ``parts``, the ``models`` of its whole-model part, interleaved rounds, timing and ``--smoke``."""
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--parts", nargs="+", default=parts, choices=parts)
+    p.add_argument("--models", nargs="+", default=models, choices=models)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the policies per model")
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=150.0, help="the first part: timed time per case")
+    p.add_argument("--model-rep-ms", type=float, default=250.0, help="models: timed time per case and round")
+    p.add_argument("--output", type=Path, default=output)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: the plumbing only")
+    return p
+
+
+def policy_args(parser, argv=None):
+    """Parsed arguments of :func:`policy_parser`; ``--smoke``: tiny sizes, on CPU."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch, args.rounds, args.warmup_ms, args.rep_ms, args.model_rep_ms = 2, 1, 1.0, 5.0, 5.0
+    args.device = torch.device("cpu" if args.smoke else "cuda")
+    return args
+
+
+def policy_models(args, results: dict, save, policies: dict) -> None:
+    """The whole-model part of a policy benchmark: each of ``args.models`` (ours, channels_last) under
+    ``policies`` (see :func:`policy_rounds`), its speed-ups printed and saved as it finishes."""
+    import metaformer
+
+    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    base = next(iter(policies))
+    for name in args.models:
+        torch.manual_seed(0)
+        model = metaformer.create(name).to(args.device).to(memory_format=torch.channels_last)
+        res = results["models"][name] = policy_rounds(model, x, policies, args.device, args.rounds, args.warmup_ms,
+                                                      args.model_rep_ms, name)
+        for p, ratios in res[f"speedup_vs_{base}"].items():
+            print(f"  {name:18} {p:9} vs {base}: {policy_line(ratios)}", flush=True)
+        save()
+        del model
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def policy_main(args, kind: str, parts: dict) -> int:
+    """Runs a policy benchmark: ``parts`` maps each part's name to (its title, ``fn(args, results, save)``);
+    the JSON (``kind``, the machine, the settings, one entry per part) is written after each case."""
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: this benchmark measures GPU speed (use --smoke for the plumbing on CPU)", file=sys.stderr)
+        return 1
+    torch.backends.cudnn.benchmark = True
+    info = machine_info() if args.device.type == "cuda" else {"device": "cpu (smoke)"}
+    print("\n".join(header_lines(info)) if args.device.type == "cuda" else "smoke run on CPU", flush=True)
+    results = {"kind": kind, "machine": info, "autocast": "bfloat16",
+               "settings": {k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()},
+               **{name: {} for name in parts}}
+
+    def save():
+        write_json(args.output, results)
+
+    for name, (title, fn) in parts.items():
+        if name in args.parts:
+            print(f"\n{title}", flush=True)
+            fn(args, results, save)
+    save()
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+def fwd_bwd_ms(module, fns: dict, x: torch.Tensor, args, grad: torch.Tensor | None = None) -> dict:
+    """Milliseconds of forward plus backward (bf16 autocast) of each of ``fns`` (name -> ``fn(t)``) on a leaf
+    copy of ``x``, with ``module`` in training mode (back in evaluation after); the backward takes ``grad``,
+    or without it that of the mean square of the fp32 output."""
+    xg = x.detach().clone().requires_grad_(True)
+
+    def step(fn):
+        def run():
+            with torch.autocast(args.device.type, torch.bfloat16):
+                out = fn(xg)
+            if grad is None:
+                out.float().square().mean().backward()
+            else:
+                out.backward(grad)
+        return run
+
+    module.train()
+    try:
+        return {name: bench(step(fn), args.device, args.warmup_ms, args.rep_ms)["median_ms"] for name, fn in fns.items()}
+    finally:
+        module.eval()
+
+
+def policy_line(ratios: dict) -> str:
+    """One policy's speed-ups from :func:`policy_rounds`, in words: median (best round) per part."""
+    return ", ".join(f"{part.replace('_', ' ')} {r['median_ms']:.2f}x (best round {r['best_ms']:.2f}x)"
+                     for part, r in ratios.items())
 
 
 def peak_memory_mib(fn, device: torch.device):

@@ -20,7 +20,10 @@ Steps, each a subprocess with its own log and a share of the time budget (``--bu
 4. ``groupnorm``: bench_gpu_groupnorm.py (ATen's GroupNorm against the layout-keeping one: poolformer_s12's
    MLP half per stage, then the GroupNorm families under the three policies), at most ``--groupnorm-s``,
    writing ``gpu_groupnorm.json`` after each stage and model.
-5. ``families``: bench_gpu_families.py (the LayerNorm / StarReLU kernels, then every family against
+5. ``edges``: bench_gpu_edge_norms.py (the stem's and the downsamplings' LayerNorm, ATen's against the Triton
+   kernel: convformer_s18's modules, then the LayerNorm families under both policies), at most ``--edges-s``,
+   writing ``gpu_edge_norms.json`` after each module and model.
+6. ``families``: bench_gpu_families.py (the LayerNorm / StarReLU kernels, then every family against
    timm NCHW / channels_last eager and compiled, inference and training) with the time left
    (``--families-s`` of the budget is kept for it; run alone, the whole budget), writing ``gpu_families.json`` after each part;
    it stops starting work before its own time is up and records what it skipped.
@@ -48,7 +51,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from gpu_common import write_json  # noqa: E402
 
-STEPS = ("tests", "sweep", "bench", "groupnorm", "families")
+STEPS = ("tests", "sweep", "bench", "groupnorm", "edges", "families")
+# The policy benchmarks: step -> (script, the JSON it writes).
+AB_STEPS = {"groupnorm": ("bench_gpu_groupnorm.py", "gpu_groupnorm.json"),
+            "edges": ("bench_gpu_edge_norms.py", "gpu_edge_norms.json")}
 TESTS = ["tests/test_kernels_cuda.py", "tests/test_kernels_selfcheck.py", "tests/test_kernels_cuda_ln.py",
          "tests/test_kernels_cuda_halves.py"]
 SWEEP_AXES = [("tile", [512, 2048, 4096]), ("num_warps", [2, 8]), ("max_block_c", [32, 128]),
@@ -62,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tests-s", type=float, default=150.0, help="most time for the tests step")
     p.add_argument("--sweep-s", type=float, default=90.0, help="most time for the sweep step")
     p.add_argument("--groupnorm-s", type=float, default=120.0, help="most time for the groupnorm step")
+    p.add_argument("--edges-s", type=float, default=120.0, help="most time for the edges step")
     p.add_argument("--families-s", type=float, default=120.0,
                    help="time kept for the families step when other steps run (alone it gets the whole budget)")
     p.add_argument("--families-args", default="",
@@ -208,12 +215,13 @@ def main(argv=None) -> int:
         mixer = args.out_dir / "gpu_mixer.json"
         step["mixer"] = json.loads(mixer.read_text())["records"] if mixer.exists() else None
         session["steps"]["bench"] = step
-    if "groupnorm" not in args.skip:
-        out = args.out_dir / "gpu_groupnorm.json"
-        step = run_step("groupnorm", _command("groupnorm", args),
-                        min(args.groupnorm_s, left(reserve_after(args, "groupnorm"))), args.out_dir)
-        step["result"] = json.loads(out.read_text()) if out.exists() else None
-        session["steps"]["groupnorm"] = step
+    for name, (_, output) in AB_STEPS.items():
+        if name not in args.skip:
+            out = args.out_dir / output
+            step = run_step(name, _command(name, args),
+                            min(getattr(args, f"{name}_s"), left(reserve_after(args, name))), args.out_dir)
+            step["result"] = json.loads(out.read_text()) if out.exists() else None
+            session["steps"][name] = step
     if "families" not in args.skip:
         out = args.out_dir / "gpu_families.json"
         budget = left(30)  # the benchmark stops starting work at its budget; the step's timeout is the hard stop
@@ -228,8 +236,10 @@ def main(argv=None) -> int:
 
 def reserve_after(args, step: str) -> float:
     """Seconds kept for the steps after ``step`` that run (skipped ones keep nothing): the sweep's 60 s of
-    configurations' overhead, the benchmark's 240 s, ``--groupnorm-s`` and the families' ``--families-s``."""
-    need = {"sweep": 60.0, "bench": 240.0, "groupnorm": args.groupnorm_s, "families": args.families_s}
+    configurations' overhead, the benchmark's 240 s, ``--groupnorm-s``, ``--edges-s`` and the families'
+    ``--families-s``."""
+    need = {"sweep": 60.0, "bench": 240.0, "groupnorm": args.groupnorm_s, "edges": args.edges_s,
+            "families": args.families_s}
     return sum(need[s] for s in STEPS[STEPS.index(step) + 1:] if s not in args.skip)
 
 
@@ -246,8 +256,9 @@ def _command(name: str, args, config: str = "", sweep_s: float | None = None, bu
     if name == "bench":
         return [sys.executable, str(HERE / "bench_pool_mixer_gpu.py"), "--compile-dtypes", "bf16", "--output",
                 str(args.out_dir / "gpu.json"), *(["--triton-config", config] if config else [])]
-    if name == "groupnorm":
-        return [sys.executable, str(HERE / "bench_gpu_groupnorm.py"), "--output", str(args.out_dir / "gpu_groupnorm.json")]
+    if name in AB_STEPS:
+        script, output = AB_STEPS[name]
+        return [sys.executable, str(HERE / script), "--output", str(args.out_dir / output)]
     return [sys.executable, str(HERE / "bench_gpu_families.py"), "--output", str(args.out_dir / "gpu_families.json"),
             "--budget-s", f"{budget_s if budget_s is not None else args.families_s:.0f}", *shlex.split(args.families_args)]
 
@@ -262,12 +273,13 @@ def _targets(session: dict) -> dict:
     bench = (session["steps"].get("bench") or {}).get("result") or {}
     train = bench.get("train_step", {}).get("ours", {})
     families = (session["steps"].get("families") or {}).get("result") or {}
-    groupnorm = (session["steps"].get("groupnorm") or {}).get("result") or {}
+    ab = {name: (session["steps"].get(name) or {}).get("result") or {} for name in AB_STEPS}
     return {**{k: v for k, v in bench.items() if k.startswith(("mixer_", "target_"))},
             "train_step_ours_vs_timm_speed": train.get("speedup_vs_timm"),
             "train_step_ours_vs_timm_peak_memory": train.get("peak_mem_vs_timm"),
             "families": {name: m.get("ratios") for name, m in families.get("models", {}).items()},
-            "groupnorm_speedup_vs_aten": {name: m.get("speedup_vs_aten") for name, m in groupnorm.get("models", {}).items()}}
+            **{f"{step}_speedup_vs_aten": {name: m.get("speedup_vs_aten") for name, m in r.get("models", {}).items()}
+               for step, r in ab.items()}}
 
 
 def _summary(session: dict) -> None:

@@ -32,7 +32,8 @@ def _run(script, *args, timeout=300):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
-@pytest.mark.parametrize("script", ["bench_pool_mixer_gpu.py", "bench_gpu_groupnorm.py", "gpu_session.py"])
+@pytest.mark.parametrize("script", ["bench_pool_mixer_gpu.py", "bench_gpu_groupnorm.py", "bench_gpu_edge_norms.py",
+                                    "gpu_session.py"])
 def test_without_cuda_exits_with_a_message(script, tmp_path):
     out = _run(script, "--output" if script.startswith("bench") else "--out-dir", str(tmp_path / "x"))
     assert out.returncode == 1
@@ -107,21 +108,23 @@ def test_session_step_is_killed_at_its_time_limit(tmp_path):
 
 
 def test_session_keeps_time_only_for_the_steps_that_run():
-    args = gpu_session.parse_args(["--skip", "sweep", "bench", "groupnorm", "--families-s", "120"])
+    args = gpu_session.parse_args(["--skip", "sweep", "bench", "groupnorm", "edges", "--families-s", "120"])
     assert gpu_session.reserve_after(args, "tests") == 120  # the families step alone follows
-    args = gpu_session.parse_args(["--families-s", "100", "--groupnorm-s", "80"])
-    assert gpu_session.reserve_after(args, "tests") == 60 + 240 + 80 + 100
-    assert gpu_session.reserve_after(args, "bench") == 80 + 100
-    assert gpu_session.reserve_after(args, "groupnorm") == 100
-    assert gpu_session.reserve_after(gpu_session.parse_args(["--skip", "groupnorm", "families"]), "bench") == 0
+    args = gpu_session.parse_args(["--families-s", "100", "--groupnorm-s", "80", "--edges-s", "70"])
+    assert gpu_session.reserve_after(args, "tests") == 60 + 240 + 80 + 70 + 100
+    assert gpu_session.reserve_after(args, "bench") == 80 + 70 + 100
+    assert gpu_session.reserve_after(args, "groupnorm") == 70 + 100
+    assert gpu_session.reserve_after(args, "edges") == 100
+    args = gpu_session.parse_args(["--skip", "groupnorm", "edges", "families"])
+    assert gpu_session.reserve_after(args, "bench") == 0
 
 
-def test_session_dry_run_lists_the_groupnorm_step(tmp_path):
+def test_session_dry_run_lists_the_policy_steps(tmp_path):
     out = _run("gpu_session.py", "--dry-run", "--out-dir", str(tmp_path), "--skip", "sweep", "bench")
     assert out.returncode == 0, out.stdout + out.stderr
     steps = [line.split(":")[0] for line in out.stdout.splitlines()]
-    assert steps == ["tests", "groupnorm", "families"], out.stdout
-    assert "bench_gpu_groupnorm.py --output" in out.stdout
+    assert steps == ["tests", "groupnorm", "edges", "families"], out.stdout
+    assert "bench_gpu_groupnorm.py --output" in out.stdout and "bench_gpu_edge_norms.py --output" in out.stdout
 
 
 def test_families_table_merges_runs_and_computes_ratios_from_medians(tmp_path):
@@ -145,6 +148,15 @@ def test_families_table_merges_runs_and_computes_ratios_from_medians(tmp_path):
     # best eager is timm_cl (8 ms): ours 4 ms -> 2.00x; timm compiled 6 ms: ours 1.50x, ours compiled 1.20x
     assert inference.split(" | ")[-3:] == ["2.00x", "1.50x", "1.20x |"]
     assert train.endswith("| 2.00x | 1.50x | 1.20x | 0.50x |")  # peak memory 250 / timm_cl's 500
+    assert "CUDA-graph" not in text  # no graph replays saved: no such table
+    for name, ms in (("timm_nchw", 5.0), ("timm_cl", 6.0), ("ours", 2.0)):
+        first["models"]["m"]["variants"][name]["inference_graph"] = {"median_ms": ms}
+    paths[0].write_text(json.dumps(first))
+    text = bench_gpu_families.markdown_tables(paths)
+    graph = text.split("CUDA-graph replays")[1]
+    # img/s at batch 128 (from the inference row), best timm replay timm_nchw's 5 ms: ours 2 ms -> 2.50x
+    assert "| m | 25600 | 21333 | 64000 | 2.50x |" in graph, graph
+    assert bench_gpu_families.ratios(first["models"]["m"]["variants"])["ours_vs_timm_best_graph_inference"] == 2.5
     (tmp_path / "c.json").write_text(json.dumps({"kind": "pool_mixer_gpu"}))
     with pytest.raises(SystemExit, match="not a bench_gpu_families.py result"):
         bench_gpu_families.markdown_tables([tmp_path / "c.json"])
@@ -166,6 +178,23 @@ def test_families_profile_records_where_the_time_goes(tmp_path):
             names = [r["name"] for r in p["top_cpu_ops"]]
             assert any("convolution" in n for n in names), names  # 1x1 convs run in every model
             assert all(r["self_ms_per_step"] >= 0 and r["calls_per_step"] > 0 for r in p["top_cpu_ops"])
+
+
+def test_edge_norms_smoke_run_checks_the_policies_and_writes_json(tmp_path):
+    """bench_gpu_edge_norms.py: convformer_s18's stem and three downsamplings (plain, through the dispatch, the
+    norm alone) and a whole model under both policies, checked against each other before timing."""
+    path = tmp_path / "edges.json"
+    out = _run("bench_gpu_edge_norms.py", "--smoke", "--models", "convformer_s18", "--size", "64", "--output", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    res = json.loads(path.read_text())
+    assert [k.split()[0] for k in res["modules"]] == ["stem", "downsample1", "downsample2", "downsample3"]
+    for r in res["modules"].values():
+        assert r["max_rel_diff"] <= 2e-2 and not r["kernel_applies"]  # CPU outside the interpreter: ATen's norm
+        assert all(r[k] > 0 for k in ("plain_ms", "forward_ms", "aten_norm_ms", "plain_fwd_bwd_ms", "forward_fwd_bwd_ms"))
+    model = res["models"]["convformer_s18"]
+    assert set(model["rounds_ms"]) == {"aten", "kernel"}
+    assert max(model["checks_rel_diff_vs_aten_fp32"].values()) <= 1e-4
+    assert set(model["speedup_vs_aten"]) == {"kernel"}
 
 
 def test_groupnorm_smoke_run_checks_the_policies_and_writes_json(tmp_path):
