@@ -221,18 +221,27 @@ def policy_models(args, results: dict, save, policies: dict) -> None:
             torch.cuda.empty_cache()
 
 
-def policy_main(args, kind: str, parts: dict) -> int:
-    """Runs a policy benchmark: ``parts`` maps each part's name to (its title, ``fn(args, results, save)``);
-    the JSON (``kind``, the machine, the settings, one entry per part) is written after each case."""
+def begin(args, kind: str, **entries) -> dict | None:
+    """The start of a GPU benchmark run on ``args.device`` (CPU for ``--smoke``): None, with a message, when no
+    CUDA device is there; else cuDNN's autotuner on, the machine's description printed, and the results
+    dict (``kind``, the machine, bf16 autocast, the settings, then ``entries``)."""
     if args.device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: this benchmark measures GPU speed (use --smoke for the plumbing on CPU)", file=sys.stderr)
-        return 1
+        return None
     torch.backends.cudnn.benchmark = True
     info = machine_info() if args.device.type == "cuda" else {"device": "cpu (smoke)"}
     print("\n".join(header_lines(info)) if args.device.type == "cuda" else "smoke run on CPU", flush=True)
-    results = {"kind": kind, "machine": info, "autocast": "bfloat16",
-               "settings": {k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()},
-               **{name: {} for name in parts}}
+    return {"kind": kind, "machine": info, "autocast": "bfloat16",
+            "settings": {k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()},
+            **entries}
+
+
+def policy_main(args, kind: str, parts: dict) -> int:
+    """Runs a policy benchmark: ``parts`` maps each part's name to (its title, ``fn(args, results, save)``);
+    the JSON (``kind``, the machine, the settings, one entry per part) is written after each case."""
+    results = begin(args, kind, **{name: {} for name in parts})
+    if results is None:
+        return 1
 
     def save():
         write_json(args.output, results)

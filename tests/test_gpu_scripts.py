@@ -33,7 +33,7 @@ def _run(script, *args, timeout=300):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 @pytest.mark.parametrize("script", ["bench_pool_mixer_gpu.py", "bench_gpu_groupnorm.py", "bench_gpu_edge_norms.py",
-                                    "gpu_session.py"])
+                                    "bench_gpu_host.py", "gpu_session.py"])
 def test_without_cuda_exits_with_a_message(script, tmp_path):
     out = _run(script, "--output" if script.startswith("bench") else "--out-dir", str(tmp_path / "x"))
     assert out.returncode == 1
@@ -195,6 +195,23 @@ def test_edge_norms_smoke_run_checks_the_policies_and_writes_json(tmp_path):
     assert set(model["rounds_ms"]) == {"aten", "kernel"}
     assert max(model["checks_rel_diff_vs_aten_fp32"].values()) <= 1e-4
     assert set(model["speedup_vs_aten"]) == {"kernel"}
+
+
+def test_host_smoke_run_records_host_and_wall_time_and_profiles_ours(tmp_path):
+    """bench_gpu_host.py: per model and side, inference and a training step's host and wall time and launches;
+    with --profile, cProfile's tables of ours only (on CPU no launches and no graph replay)."""
+    path = tmp_path / "host.json"
+    out = _run("bench_gpu_host.py", "--smoke", "--models", "poolformer_s12", "identityformer_s12", "--profile",
+               "--output", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    models = json.loads(path.read_text())["models"]
+    assert set(models) == {"poolformer_s12 ours", "poolformer_s12 timm", "identityformer_s12 ours"}  # timm: no such model
+    for key, modes in models.items():
+        for r in modes.values():
+            assert 0 < r["host_min_ms"] <= r["host_ms"] <= r["wall_ms"] + 1e-6 and r["launches"] == 0
+            assert "graph_ms" not in r
+            assert ("profile_tottime" in r) == key.endswith("ours")
+    assert "model.py" in models["poolformer_s12 ours"]["inference"]["profile_cumulative"]
 
 
 def test_groupnorm_smoke_run_checks_the_policies_and_writes_json(tmp_path):
