@@ -144,7 +144,8 @@ def group_norm1_pays(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
 
     ATen's CUDA GroupNorm returns a channels_last input's result in NCHW, and the layers after it then run
     in mixed layouts. On an H100 (bf16 autocast, batch 128, channels_last, the best of interleaved rounds)
-    keeping the layout made inference 1.22x faster for poolformer_s12 and 1.32x for identityformer_s12. In
+    keeping the layout made inference 1.22x faster for poolformer_s12 and 1.32x for identityformer_s12; the
+    GPU's time alone (CUDA-graph replays) 1.26x for poolformer_s12 and 1.35x for poolformerv2_s12. In
     training the composition's backward launches more kernels than ATen's and the step was slower (0.71-0.96x
     over the pooling, identity and random-mixing families), so there ATen's GroupNorm runs.
     """
