@@ -54,7 +54,7 @@ from ..tracing import autocast_enabled
 
 # The package defines these before it imports this module (at its end).
 from . import autograd_halves, cpu_eval, cuda_halves, onednn, pool_mixer_residual, sepconv_train, torch_halves
-from .folding import _blocks, _layers, _mixers, half_kind
+from .folding import _blocks, _layers, _mixers, half_kind, norm_kind
 from .guards import fast_paths_active, intercepted, module_hooked, parts_hooked, transformed
 
 __all__ = ["block_forward", "downsample_forward", "fast_paths_active", "in_input_layout", "intercepted",
@@ -186,7 +186,8 @@ def stem_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _edge_norm(module: nn.Module, x: torch.Tensor, conv: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
     """A stem's or a downsampling's ``module.norm(x)`` through the CUDA kernel, or None (the module's parts
     unhooked, see :func:`fast_paths_active`; ``conv``: the convolution that reads the result)."""
-    if not cuda_halves.halves_apply(x) or not fast_paths_active(x, module):
+    # (the cheap tests first: a CPU tensor, or a module without a channel LayerNorm, PoolFormer v1's, stops here)
+    if not cuda_halves.halves_apply(x) or norm_kind(module.norm) != "ln" or not fast_paths_active(x, module):
         return None
     return cuda_halves.edge_norm(module.norm, x, conv)
 
