@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,12 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import (  # noqa: E402
     BenchmarkError,
-    bench,
+    checked_rel_diff,
     fwd_bwd_ms,
     policy_args,
     policy_main,
-    policy_models,
-    policy_parser,
+    replaced,
+    time_cases,
 )
 
 MODELS = ["poolformerv2_s12", "identityformer_s12", "randformer_s12", "convformer_s18", "caformer_s18"]
@@ -50,21 +49,14 @@ POLICIES = ("aten", "kernel")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    output = Path(__file__).parent / "results" / "gpu_edge_norms.json"
-    return policy_args(policy_parser(__doc__, ["modules", "models"], MODELS, output), argv)
+    return policy_args(__doc__, "modules", MODELS, Path(__file__).parent / "results" / "gpu_edge_norms.json", argv)
 
 
-@contextmanager
 def policy(name: str):
     """Runs the stem and the downsamplings with policy ``name`` (see the module's docstring)."""
     from metaformer.kernels import cuda_halves
 
-    default = cuda_halves.edge_norm
-    cuda_halves.edge_norm = {"aten": lambda *a, **k: None, "kernel": default}[name]
-    try:
-        yield
-    finally:
-        cuda_halves.edge_norm = default
+    return replaced({"aten": lambda *a, **k: None, "kernel": cuda_halves.edge_norm}[name], (cuda_halves, "edge_norm"))
 
 
 def modules(args, results: dict, save) -> None:
@@ -107,28 +99,18 @@ def module_case(args, key: str, module, x: torch.Tensor) -> dict:
             out_dtype = None if stem else torch.bfloat16
             cases["kernel_norm"] = lambda: layernorm_channels(y, module.norm.weight, module.norm.bias,
                                                               eps=module.norm.eps, out_dtype=out_dtype)
-        for name, fn in cases.items():
-            r[name + "_ms"] = bench(fn, args.device, args.warmup_ms, args.rep_ms)["median_ms"]
+        r.update(time_cases(cases, args))
         r.setdefault("kernel_norm_ms", float("nan"))
-        want, got = plain(x).float(), module(x).float()
-        r["max_rel_diff"] = ((got - want).abs().max() / want.abs().max()).item()
-    if not r["max_rel_diff"] <= 2e-2:
-        raise BenchmarkError(f"{key}: the module's forward differs from its plain composition by "
-                             f"{r['max_rel_diff']:.3g} of its largest value")
+        r["max_rel_diff"] = checked_rel_diff(module(x), plain(x), f"{key}: the module's forward")
     times = fwd_bwd_ms(module, {"plain": plain, "forward": module}, x, args)
     r["plain_fwd_bwd_ms"], r["forward_fwd_bwd_ms"] = times["plain"], times["forward"]
     return r
 
 
-def models(args, results: dict, save) -> None:
-    """Part 2: whole models under the two policies, interleaved."""
-    policy_models(args, results, save, {p: functools.partial(policy, p) for p in POLICIES})
-
-
 def main(argv=None) -> int:
-    parts = {"modules": ("convformer_s18's stem and downsamplings (ms)", modules),
-             "models": ("whole models, policies interleaved", models)}
-    return policy_main(parse_args(argv), "gpu_edge_norms", parts)
+    policies = {p: functools.partial(policy, p) for p in POLICIES}
+    first = ("modules", "convformer_s18's stem and downsamplings (ms)", modules)
+    return policy_main(parse_args(argv), "gpu_edge_norms", first, policies)
 
 
 if __name__ == "__main__":

@@ -28,20 +28,18 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import (  # noqa: E402
-    BenchmarkError,
-    bench,
+    checked_rel_diff,
     fwd_bwd_ms,
     policy_args,
     policy_main,
-    policy_models,
-    policy_parser,
+    replaced,
+    time_cases,
 )
 
 MODELS = ["poolformer_s12", "poolformerv2_s12", "identityformer_s12", "randformer_s12"]
@@ -50,22 +48,15 @@ STAGES = ((64, 56), (128, 28), (320, 14), (512, 7))  # poolformer_s12's (channel
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    output = Path(__file__).parent / "results" / "gpu_groupnorm.json"
-    return policy_args(policy_parser(__doc__, ["halves", "models"], MODELS, output), argv)
+    return policy_args(__doc__, "halves", MODELS, Path(__file__).parent / "results" / "gpu_groupnorm.json", argv)
 
 
-@contextmanager
 def policy(name: str):
     """Runs the block with GroupNorm policy ``name`` (see the module's docstring)."""
     from metaformer.kernels import cuda_halves, folding
 
-    default = folding.group_norm1_pays
-    chosen = {"aten": lambda *a: False, "inference": default, "always": lambda *a: True}[name]
-    folding.group_norm1_pays = cuda_halves.group_norm1_pays = chosen
-    try:
-        yield
-    finally:
-        folding.group_norm1_pays = cuda_halves.group_norm1_pays = default
+    pays = {"aten": lambda *a: False, "inference": folding.group_norm1_pays, "always": lambda *a: True}[name]
+    return replaced(pays, (folding, "group_norm1_pays"), (cuda_halves, "group_norm1_pays"))
 
 
 def halves(args, results: dict, save) -> None:
@@ -113,27 +104,18 @@ def half_case(args, block, side: int, dtype: torch.dtype) -> dict:
                  "fc1": lambda: mlp.fc1(n), "act": lambda: mlp.act(h), "fc2": lambda: mlp.fc2(g),
                  "scales_residual": lambda: block.res_scale2(x) + block.layer_scale2(y),
                  "layout_half": lambda: layout_half(x)}
-        for key, fn in cases.items():
-            r[key + "_ms"] = bench(fn, args.device, args.warmup_ms, args.rep_ms)["median_ms"]
-        want, got = block.mlp_half(x).float(), layout_half(x).float()
-        r["layout_half_max_rel_diff"] = ((got - want).abs().max() / want.abs().max()).item()
-    if r["layout_half_max_rel_diff"] > 2e-2:
-        raise BenchmarkError(f"{tuple(x.shape)} {dtype}: the layout-keeping half differs from the plain one by "
-                             f"{r['layout_half_max_rel_diff']:.3g} of its largest value")
+        r.update(time_cases(cases, args))
+        r["layout_half_max_rel_diff"] = checked_rel_diff(layout_half(x), block.mlp_half(x),
+                                                         f"{tuple(x.shape)} {dtype}: the layout-keeping half")
     times = fwd_bwd_ms(block, {"plain": block.mlp_half, "layout": layout_half}, x, args, grad=torch.randn_like(x))
     r["plain_half_fwd_bwd_ms"], r["layout_half_fwd_bwd_ms"] = times["plain"], times["layout"]
     return r
 
 
-def models(args, results: dict, save) -> None:
-    """Part 2: whole models under the three policies, interleaved."""
-    policy_models(args, results, save, {p: functools.partial(policy, p) for p in POLICIES})
-
-
 def main(argv=None) -> int:
-    parts = {"halves": ("poolformer_s12's MLP half per stage (ms)", halves),
-             "models": ("whole models, policies interleaved", models)}
-    return policy_main(parse_args(argv), "gpu_groupnorm", parts)
+    policies = {p: functools.partial(policy, p) for p in POLICIES}
+    first = ("halves", "poolformer_s12's MLP half per stage (ms)", halves)
+    return policy_main(parse_args(argv), "gpu_groupnorm", first, policies)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -173,31 +174,40 @@ def policy_rounds(model, x: torch.Tensor, policies: dict, device: torch.device, 
             f"speedup_vs_{base}": ratios}
 
 
-def policy_parser(doc: str, parts: list, models: list, output: Path) -> argparse.ArgumentParser:
+def policy_args(doc: str, first: str, models: list, output: Path, argv=None) -> argparse.Namespace:
     """The command line of a policy benchmark (``bench_gpu_groupnorm.py``, ``bench_gpu_edge_norms.py``): its
-    ``parts``, the ``models`` of its whole-model part, interleaved rounds, timing and ``--smoke``."""
-
+    parts (its own ``first``, then ``models``), the models of the whole-model part, interleaved rounds, timing,
+    and ``--smoke`` (tiny sizes, on CPU)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", default=parts, choices=parts)
+    p.add_argument("--parts", nargs="+", default=[first, "models"], choices=[first, "models"])
     p.add_argument("--models", nargs="+", default=models, choices=models)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the policies per model")
     p.add_argument("--warmup-ms", type=float, default=25.0)
-    p.add_argument("--rep-ms", type=float, default=150.0, help="the first part: timed time per case")
+    p.add_argument("--rep-ms", type=float, default=150.0, help=f"{first}: timed time per case")
     p.add_argument("--model-rep-ms", type=float, default=250.0, help="models: timed time per case and round")
     p.add_argument("--output", type=Path, default=output)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: the plumbing only")
-    return p
-
-
-def policy_args(parser, argv=None):
-    """Parsed arguments of :func:`policy_parser`; ``--smoke``: tiny sizes, on CPU."""
-    args = parser.parse_args(argv)
+    args = p.parse_args(argv)
     if args.smoke:
         args.batch, args.rounds, args.warmup_ms, args.rep_ms, args.model_rep_ms = 2, 1, 1.0, 5.0, 5.0
     args.device = torch.device("cpu" if args.smoke else "cuda")
     return args
+
+
+@contextmanager
+def replaced(value, *targets):
+    """Sets each ``(object, attribute)`` of ``targets`` to ``value`` inside the block (a policy benchmark's
+    switch between code paths), and restores what was there after."""
+    saved = [getattr(obj, attr) for obj, attr in targets]
+    for obj, attr in targets:
+        setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        for (obj, attr), old in zip(targets, saved):
+            setattr(obj, attr, old)
 
 
 def policy_models(args, results: dict, save, policies: dict) -> None:
@@ -236,23 +246,42 @@ def begin(args, kind: str, **entries) -> dict | None:
             **entries}
 
 
-def policy_main(args, kind: str, parts: dict) -> int:
-    """Runs a policy benchmark: ``parts`` maps each part's name to (its title, ``fn(args, results, save)``);
-    the JSON (``kind``, the machine, the settings, one entry per part) is written after each case."""
-    results = begin(args, kind, **{name: {} for name in parts})
+def policy_main(args, kind: str, first: tuple, policies: dict) -> int:
+    """Runs a policy benchmark: its own part ``first`` = (name, title, ``fn(args, results, save)``), then the
+    whole models under ``policies`` (:func:`policy_models`), each as ``args.parts`` asks; the JSON (``kind``,
+    the machine, the settings, one entry per part) is written after each case."""
+    name, title, fn = first
+    parts = {name: (title, fn),
+             "models": ("whole models, policies interleaved", lambda *a: policy_models(*a, policies))}
+    results = begin(args, kind, **{part: {} for part in parts})
     if results is None:
         return 1
 
     def save():
         write_json(args.output, results)
 
-    for name, (title, fn) in parts.items():
-        if name in args.parts:
-            print(f"\n{title}", flush=True)
-            fn(args, results, save)
+    for part, (heading, run) in parts.items():
+        if part in args.parts:
+            print(f"\n{heading}", flush=True)
+            run(args, results, save)
     save()
     print(f"\nwrote {args.output}")
     return 0
+
+
+def time_cases(cases: dict, args) -> dict:
+    """``{name}_ms``: the median milliseconds of each of ``cases`` (name -> a call), timed as ``args`` says."""
+    return {f"{name}_ms": bench(fn, args.device, args.warmup_ms, args.rep_ms)["median_ms"] for name, fn in cases.items()}
+
+
+def checked_rel_diff(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 2e-2) -> float:
+    """The largest difference of ``got`` from ``want`` over ``want``'s largest magnitude (in fp32);
+    :class:`BenchmarkError` naming ``what`` above ``tol`` (NaN too)."""
+    got, want = got.float(), want.float()
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    if not rel <= tol:
+        raise BenchmarkError(f"{what} differs from the plain composition by {rel:.3g} of its largest value")
+    return rel
 
 
 def fwd_bwd_ms(module, fns: dict, x: torch.Tensor, args, grad: torch.Tensor | None = None) -> dict:
