@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time kept for the families step when other steps run (alone it gets the whole budget)")
     p.add_argument("--families-args", default="",
                    help="more arguments for bench_gpu_families.py, e.g. \"--no-compile --models caformer_s18\"")
+    p.add_argument("--policy-args", default="",
+                   help="more arguments for the groupnorm and edges steps' benchmarks, e.g. \"--rounds 2\"")
     p.add_argument("--skip", nargs="*", default=[], choices=list(STEPS))
     p.add_argument("--dry-run", action="store_true", help="print the steps' commands and exit (no GPU needed)")
     p.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)  # the sweep step itself
@@ -258,7 +260,7 @@ def _command(name: str, args, config: str = "", sweep_s: float | None = None, bu
                 str(args.out_dir / "gpu.json"), *(["--triton-config", config] if config else [])]
     if name in AB_STEPS:
         script, output = AB_STEPS[name]
-        return [sys.executable, str(HERE / script), "--output", str(args.out_dir / output)]
+        return [sys.executable, str(HERE / script), "--output", str(args.out_dir / output), *shlex.split(args.policy_args)]
     return [sys.executable, str(HERE / "bench_gpu_families.py"), "--output", str(args.out_dir / "gpu_families.json"),
             "--budget-s", f"{budget_s if budget_s is not None else args.families_s:.0f}", *shlex.split(args.families_args)]
 

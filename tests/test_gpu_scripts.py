@@ -125,6 +125,11 @@ def test_session_dry_run_lists_the_policy_steps(tmp_path):
     steps = [line.split(":")[0] for line in out.stdout.splitlines()]
     assert steps == ["tests", "groupnorm", "edges", "families"], out.stdout
     assert "bench_gpu_groupnorm.py --output" in out.stdout and "bench_gpu_edge_norms.py --output" in out.stdout
+    out = _run("gpu_session.py", "--dry-run", "--out-dir", str(tmp_path), "--skip", "sweep", "bench", "families",
+               "--policy-args", "--rounds 2 --models poolformerv2_s12")
+    lines = {line.split(":")[0]: line for line in out.stdout.splitlines()}
+    for step in ("groupnorm", "edges"):
+        assert lines[step].endswith("--rounds 2 --models poolformerv2_s12"), lines[step]
 
 
 def test_families_table_merges_runs_and_computes_ratios_from_medians(tmp_path):
