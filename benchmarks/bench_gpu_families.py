@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import BenchmarkError, bench, header_lines, machine_info, write_json  # noqa: E402
+from gpu_common import BenchmarkError, bench, header_lines, machine_info, no_tf32, write_json  # noqa: E402
 from gpu_models import _peak_memory_mib, _step  # noqa: E402
 
 MODELS = ["poolformer_s12", "poolformerv2_s12", "identityformer_s12", "randformer_s12", "convformer_s18",
@@ -148,9 +148,7 @@ def _outputs(model, x, autocast: bool) -> dict:
 def check_family(args, name: str, x) -> dict:
     """Ours (timm's weights) against timm: final maps (and logits where the heads agree) in fp32 within 1e-3
     of the largest value (raises), bf16 reported."""
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with no_tf32():
         timm_model = _build(name).to(args.device).eval()
         ours = _build(name, timm_model.state_dict()).to(args.device).eval()
         out = {}
@@ -159,8 +157,6 @@ def check_family(args, name: str, x) -> dict:
             for part in ("features",) if name in _HEAD_DIFFERS else ("features", "logits"):
                 ref = b[part]
                 out[f"{part}_{'bf16' if autocast else 'fp32'}"] = ((a[part] - ref).abs().max() / ref.abs().max()).item()
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     bad = {k: v for k, v in out.items() if k.endswith("fp32") and not v <= 1e-3}
     if bad:
         raise BenchmarkError(f"{name}: ours differs from timm (same weights, fp32): " +

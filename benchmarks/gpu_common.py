@@ -128,17 +128,12 @@ def policy_rounds(model, x: torch.Tensor, policies: dict, device: torch.device, 
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     model.eval()
     logits = {}
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     # fp32 without TF32: with it every convolution rounds its inputs to 10 bits, and two policies' last-bit
     # differences grow to 1e-4 of the logits (poolformerv2_s12, H100)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.inference_mode():
-            for p in names:
-                with policies[p]():
-                    logits[p] = model(x).float()
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    with no_tf32(), torch.inference_mode():
+        for p in names:
+            with policies[p]():
+                logits[p] = model(x).float()
     checks = {p: ((logits[p] - logits[base]).abs().max() / logits[base].abs().max()).item() for p in names}
     if not max(checks.values()) <= tol:
         raise BenchmarkError(f"{label}: a policy's fp32 logits differ from {base!r}'s: {checks}")
@@ -208,6 +203,11 @@ def replaced(value, *targets):
     finally:
         for (obj, attr), old in zip(targets, saved):
             setattr(obj, attr, old)
+
+
+def no_tf32():
+    """fp32 convolutions and matrix products without TF32 inside the block (for comparisons at fp32 tolerances)."""
+    return replaced(False, (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32"))
 
 
 def policy_models(args, results: dict, save, policies: dict) -> None:
