@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import BenchmarkError, bench, header_lines, machine_info, no_tf32, write_json  # noqa: E402
+from gpu_common import BenchmarkError, bench, header_lines, machine_info, no_tf32, rel_diff, write_json  # noqa: E402
 from gpu_models import _peak_memory_mib, _step  # noqa: E402
 
 MODELS = ["poolformer_s12", "poolformerv2_s12", "identityformer_s12", "randformer_s12", "convformer_s18",
@@ -156,7 +156,7 @@ def check_family(args, name: str, x) -> dict:
             a, b = _outputs(ours, x[:8], autocast), _outputs(timm_model, x[:8], autocast)
             for part in ("features",) if name in _HEAD_DIFFERS else ("features", "logits"):
                 ref = b[part]
-                out[f"{part}_{'bf16' if autocast else 'fp32'}"] = ((a[part] - ref).abs().max() / ref.abs().max()).item()
+                out[f"{part}_{'bf16' if autocast else 'fp32'}"] = rel_diff(a[part], ref)
     bad = {k: v for k, v in out.items() if k.endswith("fp32") and not v <= 1e-3}
     if bad:
         raise BenchmarkError(f"{name}: ours differs from timm (same weights, fp32): " +

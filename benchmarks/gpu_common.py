@@ -134,7 +134,7 @@ def policy_rounds(model, x: torch.Tensor, policies: dict, device: torch.device, 
         for p in names:
             with policies[p]():
                 logits[p] = model(x).float()
-    checks = {p: ((logits[p] - logits[base]).abs().max() / logits[base].abs().max()).item() for p in names}
+    checks = {p: rel_diff(logits[p], logits[base]) for p in names}
     if not max(checks.values()) <= tol:
         raise BenchmarkError(f"{label}: a policy's fp32 logits differ from {base!r}'s: {checks}")
 
@@ -274,11 +274,15 @@ def time_cases(cases: dict, args) -> dict:
     return {f"{name}_ms": bench(fn, args.device, args.warmup_ms, args.rep_ms)["median_ms"] for name, fn in cases.items()}
 
 
+def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest difference of ``got`` from ``want`` over ``want``'s largest magnitude."""
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
 def checked_rel_diff(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 2e-2) -> float:
     """The largest difference of ``got`` from ``want`` over ``want``'s largest magnitude (in fp32);
     :class:`BenchmarkError` naming ``what`` above ``tol`` (NaN too)."""
-    got, want = got.float(), want.float()
-    rel = ((got - want).abs().max() / want.abs().max()).item()
+    rel = rel_diff(got.float(), want.float())
     if not rel <= tol:
         raise BenchmarkError(f"{what} differs from the plain composition by {rel:.3g} of its largest value")
     return rel

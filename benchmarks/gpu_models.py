@@ -9,7 +9,7 @@ the Triton path are compared with the same model on the PyTorch path.
 from __future__ import annotations
 
 import torch
-from gpu_common import BenchmarkError, bench
+from gpu_common import BenchmarkError, bench, rel_diff
 
 
 def _step(model, x, train: bool, device):
@@ -44,7 +44,7 @@ def _check_ours(model, x, device) -> float:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
             outs[backend] = model(x).float()
     K.set_backend("auto")
-    err = ((outs["auto"] - outs["torch"]).abs().max() / outs["torch"].abs().max()).item()
+    err = rel_diff(outs["auto"], outs["torch"])
     if not err <= 3e-2:
         raise BenchmarkError(f"our model's logits on the Triton path differ from the PyTorch path by {err:.3g} "
                              "(relative to the largest logit)")
