@@ -42,7 +42,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import BenchmarkError, bench, header_lines, machine_info, no_tf32, rel_diff, write_json  # noqa: E402
+from gpu_common import (  # noqa: E402
+    BenchmarkError,
+    bench,
+    header_lines,
+    machine_info,
+    no_tf32,
+    rel_diff,
+    settings,
+    write_json,
+)
 from gpu_models import _peak_memory_mib, _step  # noqa: E402
 
 MODELS = ["poolformer_s12", "poolformerv2_s12", "identityformer_s12", "randformer_s12", "convformer_s18",
@@ -412,8 +421,7 @@ def main(argv=None) -> int:
     from gpu_glue import bench_glue, weighted
 
     info = machine_info(args.peak_gbps) if args.device.type == "cuda" else {"device": str(args.device), "peak_gbps": None}
-    results = {"kind": "gpu_families", "machine": info, "autocast": "bfloat16", "settings": {
-        k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}}
+    results = {"kind": "gpu_families", "machine": info, "autocast": "bfloat16", "settings": settings(args)}
     for line in header_lines(info) if args.device.type == "cuda" else [f"device: {args.device} (smoke run)"]:
         print(line)
 

@@ -51,6 +51,7 @@ from gpu_common import (  # noqa: E402
     header_lines,
     machine_info,
     peak_memory_mib,
+    settings,
     write_json,
 )
 
@@ -304,8 +305,7 @@ def main(argv=None) -> int:
             return 1
         triton_impl.set_config(**parse_config(args.triton_config))
     info = machine_info(args.peak_gbps) if args.device.type == "cuda" else {"device": str(args.device), "peak_gbps": None}
-    results = {"kind": "pool_mixer_gpu", "machine": info, "settings": {
-        k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()},
+    results = {"kind": "pool_mixer_gpu", "machine": info, "settings": settings(args),
         "triton_config": vars(triton_impl.get_config()) if triton_impl else None}
     for line in header_lines(info) if args.device.type == "cuda" else [f"device: {args.device} (smoke run)"]:
         print(line)

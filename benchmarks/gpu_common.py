@@ -231,6 +231,11 @@ def policy_models(args, results: dict, save, policies: dict) -> None:
             torch.cuda.empty_cache()
 
 
+def settings(args) -> dict:
+    """A run's arguments for its JSON (paths and devices as strings)."""
+    return {k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()}
+
+
 def begin(args, kind: str, **entries) -> dict | None:
     """The start of a GPU benchmark run on ``args.device`` (CPU for ``--smoke``): None, with a message, when no
     CUDA device is there; else cuDNN's autotuner on, the machine's description printed, and the results
@@ -242,7 +247,7 @@ def begin(args, kind: str, **entries) -> dict | None:
     info = machine_info() if args.device.type == "cuda" else {"device": "cpu (smoke)"}
     print("\n".join(header_lines(info)) if args.device.type == "cuda" else "smoke run on CPU", flush=True)
     return {"kind": kind, "machine": info, "autocast": "bfloat16",
-            "settings": {k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()},
+            "settings": settings(args),
             **entries}
 
 
