@@ -27,7 +27,6 @@ percent. The JSON keeps every round; the summary gives medians, best rounds and 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
@@ -102,15 +101,13 @@ def module_case(args, key: str, module, x: torch.Tensor) -> dict:
         r.update(time_cases(cases, args))
         r.setdefault("kernel_norm_ms", float("nan"))
         r["max_rel_diff"] = checked_rel_diff(module(x), plain(x), f"{key}: the module's forward")
-    times = fwd_bwd_ms(module, {"plain": plain, "forward": module}, x, args)
-    r["plain_fwd_bwd_ms"], r["forward_fwd_bwd_ms"] = times["plain"], times["forward"]
+    r.update(fwd_bwd_ms(module, {"plain": plain, "forward": module}, x, args))
     return r
 
 
 def main(argv=None) -> int:
-    policies = {p: functools.partial(policy, p) for p in POLICIES}
     first = ("modules", "convformer_s18's stem and downsamplings (ms)", modules)
-    return policy_main(parse_args(argv), "gpu_edge_norms", first, policies)
+    return policy_main(parse_args(argv), "gpu_edge_norms", first, policy, POLICIES)
 
 
 if __name__ == "__main__":

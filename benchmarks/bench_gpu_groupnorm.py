@@ -26,7 +26,6 @@ every round; the summary gives the median and the best round of each policy, and
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
@@ -107,15 +106,14 @@ def half_case(args, block, side: int, dtype: torch.dtype) -> dict:
         r.update(time_cases(cases, args))
         r["layout_half_max_rel_diff"] = checked_rel_diff(layout_half(x), block.mlp_half(x),
                                                          f"{tuple(x.shape)} {dtype}: the layout-keeping half")
-    times = fwd_bwd_ms(block, {"plain": block.mlp_half, "layout": layout_half}, x, args, grad=torch.randn_like(x))
-    r["plain_half_fwd_bwd_ms"], r["layout_half_fwd_bwd_ms"] = times["plain"], times["layout"]
+    r.update(fwd_bwd_ms(block, {"plain_half": block.mlp_half, "layout_half": layout_half}, x, args,
+                        grad=torch.randn_like(x)))
     return r
 
 
 def main(argv=None) -> int:
-    policies = {p: functools.partial(policy, p) for p in POLICIES}
     first = ("halves", "poolformer_s12's MLP half per stage (ms)", halves)
-    return policy_main(parse_args(argv), "gpu_groupnorm", first, policies)
+    return policy_main(parse_args(argv), "gpu_groupnorm", first, policy, POLICIES)
 
 
 if __name__ == "__main__":

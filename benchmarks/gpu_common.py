@@ -4,6 +4,7 @@ timing without artefacts, correctness comparisons and the JSON writer."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -251,11 +252,13 @@ def begin(args, kind: str, **entries) -> dict | None:
             **entries}
 
 
-def policy_main(args, kind: str, first: tuple, policies: dict) -> int:
+def policy_main(args, kind: str, first: tuple, policy, names: tuple) -> int:
     """Runs a policy benchmark: its own part ``first`` = (name, title, ``fn(args, results, save)``), then the
-    whole models under ``policies`` (:func:`policy_models`), each as ``args.parts`` asks; the JSON (``kind``,
-    the machine, the settings, one entry per part) is written after each case."""
+    whole models under the policies ``names`` (``policy(name)`` switches to one; :func:`policy_models`), each
+    as ``args.parts`` asks; the JSON (``kind``, the machine, the settings, one entry per part) is written after
+    each case."""
     name, title, fn = first
+    policies = {p: functools.partial(policy, p) for p in names}
     parts = {name: (title, fn),
              "models": ("whole models, policies interleaved", lambda *a: policy_models(*a, policies))}
     results = begin(args, kind, **{part: {} for part in parts})
@@ -294,9 +297,9 @@ def checked_rel_diff(got: torch.Tensor, want: torch.Tensor, what: str, tol: floa
 
 
 def fwd_bwd_ms(module, fns: dict, x: torch.Tensor, args, grad: torch.Tensor | None = None) -> dict:
-    """Milliseconds of forward plus backward (bf16 autocast) of each of ``fns`` (name -> ``fn(t)``) on a leaf
-    copy of ``x``, with ``module`` in training mode (back in evaluation after); the backward takes ``grad``,
-    or without it that of the mean square of the fp32 output."""
+    """``{name}_fwd_bwd_ms``: the milliseconds of forward plus backward (bf16 autocast) of each of ``fns``
+    (name -> ``fn(t)``) on a leaf copy of ``x``, with ``module`` in training mode (back in evaluation after); the
+    backward takes ``grad``, or without it that of the mean square of the fp32 output."""
     xg = x.detach().clone().requires_grad_(True)
 
     def step(fn):
@@ -311,7 +314,8 @@ def fwd_bwd_ms(module, fns: dict, x: torch.Tensor, args, grad: torch.Tensor | No
 
     module.train()
     try:
-        return {name: bench(step(fn), args.device, args.warmup_ms, args.rep_ms)["median_ms"] for name, fn in fns.items()}
+        return {f"{name}_fwd_bwd_ms": bench(step(fn), args.device, args.warmup_ms, args.rep_ms)["median_ms"]
+                for name, fn in fns.items()}
     finally:
         module.eval()
 
