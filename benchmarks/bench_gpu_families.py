@@ -395,17 +395,11 @@ def markdown_tables(files: list) -> str:
             if not ms:
                 continue
             best = min((ms[v] for v in ("timm_nchw", "timm_cl") if v in ms), default=None)
-            cells = [f"{args_batch(merged[name], v) / (ms[v] * 1e-3):.0f}" if v in ms else "-" for v in head]
+            cells = [f"{merged[name][v]['inference_graph']['img_per_s']:.0f}" if v in ms else "-" for v in head]
             cells.append(f"{best / ms['ours']:.2f}x" if best and "ours" in ms else "-")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-def args_batch(rows: dict, variant: str) -> float:
-    """The batch of a saved row (its img/s times its median time)."""
-    r = rows[variant]["inference"]
-    return r["img_per_s"] * r["median_ms"] * 1e-3
 
 
 def main(argv=None) -> int:

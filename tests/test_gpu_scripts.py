@@ -155,11 +155,11 @@ def test_families_table_merges_runs_and_computes_ratios_from_medians(tmp_path):
     assert train.endswith("| 2.00x | 1.50x | 1.20x | 0.50x |")  # peak memory 250 / timm_cl's 500
     assert "CUDA-graph" not in text  # no graph replays saved: no such table
     for name, ms in (("timm_nchw", 5.0), ("timm_cl", 6.0), ("ours", 2.0)):
-        first["models"]["m"]["variants"][name]["inference_graph"] = {"median_ms": ms}
+        first["models"]["m"]["variants"][name]["inference_graph"] = {"median_ms": ms, "img_per_s": 128 / (ms * 1e-3)}
     paths[0].write_text(json.dumps(first))
     text = bench_gpu_families.markdown_tables(paths)
     graph = text.split("CUDA-graph replays")[1]
-    # img/s at batch 128 (from the inference row), best timm replay timm_nchw's 5 ms: ours 2 ms -> 2.50x
+    # img/s at batch 128, best timm replay timm_nchw's 5 ms: ours 2 ms -> 2.50x
     assert "| m | 25600 | 21333 | 64000 | 2.50x |" in graph, graph
     assert bench_gpu_families.ratios(first["models"]["m"]["variants"])["ours_vs_timm_best_graph_inference"] == 2.5
     (tmp_path / "c.json").write_text(json.dumps({"kind": "pool_mixer_gpu"}))
