@@ -33,6 +33,10 @@ PAIRS = {  # ours -> the block's own composition
 }
 # The dispatch (the block's own forward) picks these halves on CUDA, here under the interpreter.
 DISPATCH = {"block_forward": (lambda b, x: b(x), lambda b, x: b.mlp_half(b.mixer_half(x)))}
+# A Stem's and a Downsample's own forward (kernels.stem_forward, downsample_forward) -> their plain composition.
+EDGES = {"stem": (lambda m, x: m(x), lambda m, x: m.norm(m.conv(x))),
+         "downsample": (lambda m, x: m(x), lambda m, x: m.conv(m.norm(x)))}
+FUNCTIONS = {**PAIRS, **DISPATCH, **EDGES}  # what check() and check_inference() can compare
 SEED = 3  # draws a drop-path mask of 4 samples with some dropped and some kept (asserted)
 
 
@@ -69,7 +73,7 @@ def check(block, x, which=tuple(PAIRS), label="", modes=(False, True)):
     for training in modes:
         block.train(training)
         for name in which:
-            ours, plain = {**PAIRS, **DISPATCH}[name]
+            ours, plain = FUNCTIONS[name]
             got, got_g = run(ours, block, x)
             want, want_g = run(plain, block, x)
             where = f"{label} {name} {'train' if training else 'eval'}"
@@ -168,7 +172,7 @@ def check_inference(block, x, which, label=""):
     block.eval()
     with torch.no_grad():
         for name in which:
-            ours, plain = {**PAIRS, **DISPATCH}[name]
+            ours, plain = FUNCTIONS[name]
             got, want = ours(block, x), plain(block, x)
             assert got is not None, (label, name)
             assert got.dtype == want.dtype, (label, name, got.dtype, want.dtype)
@@ -233,7 +237,6 @@ def group_edge_norms() -> None:
     no bias)."""
     from metaformer.layers import Downsample, Stem
 
-    plain = {"stem": lambda m, t: m.norm(m.conv(t)), "downsample": lambda m, t: m.conv(m.norm(t))}
     for kind, make, shape in (("stem", lambda nl: Stem(3, 8, norm_layer=nl), (2, 3, 13, 10)),
                               ("downsample", lambda nl: Downsample(8, 16, norm_layer=nl), (2, 8, 7, 5))):
         for bias in (True, False):
@@ -242,18 +245,11 @@ def group_edge_norms() -> None:
                 x = torch.randn(shape, dtype=dtype) * 2.0 + 0.5
                 for layout in (torch.contiguous_format, torch.channels_last):
                     xl = x.contiguous(memory_format=layout)
-                    tol = TOL[dtype]
+                    check(module, xl, which=(kind,), label=f"{kind} bias={bias} {dtype} {layout}")
                     for training in (False, True):
                         module.train(training)
-                        where = f"{kind} bias={bias} {dtype} {layout} {'train' if training else 'eval'}"
-                        got, got_g = run(lambda m, t: m(t), module, xl)
-                        want, want_g = run(plain[kind], module, xl)
-                        assert got.stride() == want.stride(), (where, got.stride(), want.stride())
-                        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, w=where: f"{w}: {m}")
-                        for key, w in want_g.items():
-                            atol = tol * max(1.0, w.abs().max().item())
-                            torch.testing.assert_close(got_g[key], w, rtol=tol, atol=atol,
-                                                       msg=lambda m, k=f"{where} d {key}": f"{k}: {m}")
+                        got, want = module(xl), EDGES[kind][1](module, xl)
+                        assert got.stride() == want.stride(), (kind, bias, dtype, layout, training, got.stride())
                     name = type(_kernel_node(module(xl.clone().requires_grad_(True)), kind)).__name__
                     assert ("Permute" in name) == (layout == torch.contiguous_format), (kind, layout, name)
                     assert ("LayerNorm" in name) == (layout == torch.channels_last), (kind, layout, name)
@@ -286,13 +282,7 @@ def group_edge_norms() -> None:
         assert type(module.norm) is LayerNorm2d, (kind, module.norm)
         randomize_(module)
         x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-        for training in (False, True):
-            module.train(training)
-            got, got_g = run(lambda m, t: m(t), module, x)
-            want, want_g = run(plain[kind], module, x)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-            for key, w in want_g.items():
-                torch.testing.assert_close(got_g[key], w, rtol=1e-5, atol=1e-5 * max(1.0, w.abs().max().item()))
+        check(module, x, which=(kind,), label=f"convformer_s18 {kind}")
         assert "LayerNorm" in type(_kernel_node(module(x.clone().requires_grad_(True)), kind)).__name__, kind
 
 
