@@ -7,6 +7,8 @@ under Triton's interpreter in test_kernels_triton_ln.py and on GPUs in test_kern
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from ln_checks import EPS, check_layernorm, check_residual, check_star, draw
@@ -146,12 +148,37 @@ def test_guarded_policy_names_the_kernels():
     selfcheck.reset()
     try:
         kwargs = dict(forced=False, do_check=True, device="cpu", what="the Triton LayerNorm / StarReLU kernels",
-                      description="cpu layernorm_channels C=8")
+                      description=lambda: "cpu layernorm_channels C=8")
         with pytest.warns(RuntimeWarning, match="LayerNorm / StarReLU kernels failed for cpu layernorm_channels C=8"):
             assert selfcheck.guarded("k1", call=lambda: 1, check=lambda: "output 0: wrong", **kwargs) is None
         assert selfcheck.guarded("k1", call=lambda: 1, check=lambda: None, **kwargs) is None  # stays off
         assert selfcheck.guarded("k2", call=lambda: 2, check=lambda: None, **kwargs) == 2
-        with pytest.raises(RuntimeError, match="LayerNorm / StarReLU kernels failed earlier"):
+        with pytest.raises(RuntimeError, match="StarReLU kernels failed earlier for cpu layernorm_channels C=8"):
             selfcheck.guarded("k1", call=lambda: 1, check=lambda: None, **{**kwargs, "forced": True})
+        described = []  # the description is built for messages only, not at every call
+        kwargs["description"] = lambda: described.append(1) or "d"
+        assert [selfcheck.guarded("k2", call=lambda: 2, check=lambda: None, **kwargs) for _ in range(3)] == [2] * 3
+        assert described == []
     finally:
         selfcheck.reset()
+
+
+def test_host_side_sizes_match_tritons_and_follow_the_configuration():
+    """The launch code's own ceil-division and next power of two equal Triton's, and the cached launch sizes
+    are fresh dicts that change with the tile configuration."""
+    triton = pytest.importorskip("triton")
+    from metaformer.kernels import tile_config, triton_impl, triton_ln
+
+    for n in range(-3, 5000):
+        assert tile_config.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 1000):
+            assert tile_config.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    for family, small in ((triton_ln, dict(tile=64, bwd_iters=1)), (triton_impl, dict(tile=64, bwd_iters=1))):
+        shape = (2, 24, 9, 11)
+        default = family.launch_sizes(shape, True)
+        default["block_p"] = -1  # the caller's copy: the next call is not affected
+        assert family.launch_sizes(torch.Size(shape), True)["block_p"] > 0
+        with family.configured(**small):
+            changed = family.launch_sizes(shape, True)
+        assert changed != family.launch_sizes(shape, True) == family.launch_sizes(shape, True, family.get_config())
+        assert changed == family.launch_sizes(shape, True, dataclasses.replace(family.get_config(), **small))

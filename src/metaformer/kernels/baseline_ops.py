@@ -183,8 +183,11 @@ def _run_triton(op, x, y, flags, tensors, dtypes, call, check):
     shape = tuple(x.shape) if op == "star_relu" else (x.shape[1], *_hw_class(x.shape[2] * x.shape[3]))
     key = (op, str(x.device), *(t.dtype if t is not None else None for t in tensors), *dtypes, layout_name(x), layout_name(y),
            flags, grads, shape if op != "star_relu" else x.numel() % 16 == 0, triton_ln.get_config())
-    description = (f"{x.device} {op} on {str(x.dtype).replace('torch.', '')} {layout_name(x)} "
-                   f"{'C=' + str(x.shape[1]) if op != 'star_relu' else ''}")
+
+    def description():
+        return (f"{x.device} {op} on {str(x.dtype).replace('torch.', '')} {layout_name(x)} "
+                f"{'C=' + str(x.shape[1]) if op != 'star_relu' else ''}")
+
     return selfcheck.guarded(key, call=call, check=lambda: check(tensors, dtypes, grads), forced=forced,
                              do_check=x.is_cuda and not _interpreting(), device=x.device,
                              what="the Triton LayerNorm / StarReLU kernels", description=description)

@@ -139,7 +139,7 @@ def _fail(key, problem: str, forced: bool, err: BaseException | None = None, *, 
 
 
 def guarded(key, *, call: Callable, check: Callable, forced: bool, do_check: bool, device, what: str,
-            description: str, stacklevel: int = 4):
+            description: Callable[[], str], stacklevel: int = 4):
     """``call()`` under the self-check policy for configuration ``key``; None means: use the PyTorch path.
 
     Args:
@@ -150,11 +150,11 @@ def guarded(key, *, call: Callable, check: Callable, forced: bool, do_check: boo
         do_check: Run the self-check on first use (real GPUs only).
         device: The inputs' device (no check can run while a CUDA graph is being captured on it).
         what: The kernels' name in messages (``"the Triton LayerNorm kernels"``).
-        description: The configuration in words.
+        description: Gives the configuration in words (called only for a message: building the string at
+            every call cost the host more than some of the kernels it launches cost the GPU).
         stacklevel: Of the warning under ``"auto"``, counted with this function as 1 (the default 4 is
             the caller of a public function that calls a helper that calls this).
     """
-    fail = dict(what=what, description=description, stacklevel=stacklevel + 1)
     verdict = _verdicts.get(key, _UNCHECKED)
     if verdict is _UNCHECKED and do_check:
         if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -167,22 +167,24 @@ def guarded(key, *, call: Callable, check: Callable, forced: bool, do_check: boo
         except Exception as e:
             if _is_oom(e):
                 raise
-            _fail(key, f"the self-check raised {type(e).__name__}: {e}", forced, e, **fail)
+            _fail(key, f"the self-check raised {type(e).__name__}: {e}", forced, e, what=what,
+                  description=description(), stacklevel=stacklevel + 1)
             return None
         if verdict is not None:
-            _fail(key, f"the self-check found wrong results: {verdict}", forced, **fail)
+            _fail(key, f"the self-check found wrong results: {verdict}", forced, what=what, description=description(),
+                  stacklevel=stacklevel + 1)
             return None
         _verdicts[key] = None
     elif verdict is not _UNCHECKED and verdict is not None:
         if forced:
-            raise RuntimeError(f"metaformer: {what} failed earlier for {description}: {verdict}")
+            raise RuntimeError(f"metaformer: {what} failed earlier for {description()}: {verdict}")
         return None
     try:
         return call()
     except Exception as e:
         if _is_oom(e) or forced:
             raise
-        _fail(key, f"{type(e).__name__}: {e}", forced, **fail)
+        _fail(key, f"{type(e).__name__}: {e}", forced, what=what, description=description(), stacklevel=stacklevel + 1)
         return None
 
 
@@ -205,4 +207,4 @@ def run_checked(x: torch.Tensor, weight: torch.Tensor, kwargs: dict, *, kernel: 
                           pool_size=kwargs["pool_size"], has_r=key[4], has_s=key[5], eps=kwargs["eps"])
 
     return guarded(key, call=lambda: kernel(x, weight, **kwargs), check=run_check, forced=forced, do_check=check,
-                   device=x.device, what="the Triton pooling kernels", description=_describe(key), stacklevel=5)
+                   device=x.device, what="the Triton pooling kernels", description=lambda: _describe(key), stacklevel=5)

@@ -8,7 +8,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-__all__ = ["ConfigSlot", "validate"]
+__all__ = ["ConfigSlot", "cdiv", "next_power_of_2", "validate"]
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive integers: ``triton.cdiv`` on the host.
+
+    Triton 3.5 and later wrap ``triton.cdiv`` and ``triton.next_power_of_2`` as constexpr functions, whose
+    host-side call unwraps every argument (about 5 us a call on a desktop CPU); the launch code computes
+    tens of these per block, so it uses these plain ones.
+    """
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two at least ``n`` (0 for ``n`` <= 0): ``triton.next_power_of_2`` on the host."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 def validate(config, powers_of_two=()) -> None:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import numpy as np
 import torch
-import triton
 import triton.language as tl
 
 from . import triton_kernels as tk
-from .tile_config import ConfigSlot, validate
+from .tile_config import ConfigSlot, cdiv, next_power_of_2, validate
 from .torch_impl import wants_grad
 
 __all__ = ["TritonConfig", "configured", "get_config", "launch_sizes", "pool_mixer_residual_triton", "set_config",
@@ -101,23 +101,28 @@ def launch_sizes(shape, channels_last: bool, config: TritonConfig | None = None)
         ``pixel_tiles``, ``channel_blocks``, ``stats_parts``, ``stats_iters`` (blocks per part),
         ``bwd_splits``, ``bwd_iters`` (pixel tiles per backward-reduction program).
     """
-    cfg = config or _slot.current
+    return dict(_launch_sizes(tuple(shape), bool(channels_last), config or _slot.current))
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_sizes(shape: tuple, channels_last: bool, cfg: TritonConfig) -> dict:
+    """:func:`launch_sizes`, cached per shape, layout and configuration (every block's launch asks it)."""
     _, C, H, W = shape
     HW = H * W
     if channels_last:
-        block_c = min(triton.next_power_of_2(C), cfg.max_block_c)
-        block_p = max(1, min(cfg.tile // block_c, triton.next_power_of_2(HW)))
+        block_c = min(next_power_of_2(C), cfg.max_block_c)
+        block_p = max(1, min(cfg.tile // block_c, next_power_of_2(HW)))
     else:
-        block_p = min(triton.next_power_of_2(HW), cfg.tile)
-        block_c = max(1, min(cfg.tile // block_p, triton.next_power_of_2(C)))
-    npt, ncb = triton.cdiv(HW, block_p), triton.cdiv(C, block_c)
-    blocks = triton.cdiv(C * HW, cfg.stats_block)
-    stats_iters = triton.cdiv(blocks, min(blocks, cfg.max_stats_parts))
-    nsplit = min(triton.cdiv(npt, cfg.bwd_iters), max(1, cfg.max_bwd_parts // ncb))
-    bwd_iters = triton.cdiv(npt, nsplit)
+        block_p = min(next_power_of_2(HW), cfg.tile)
+        block_c = max(1, min(cfg.tile // block_p, next_power_of_2(C)))
+    npt, ncb = cdiv(HW, block_p), cdiv(C, block_c)
+    blocks = cdiv(C * HW, cfg.stats_block)
+    stats_iters = cdiv(blocks, min(blocks, cfg.max_stats_parts))
+    nsplit = min(cdiv(npt, cfg.bwd_iters), max(1, cfg.max_bwd_parts // ncb))
+    bwd_iters = cdiv(npt, nsplit)
     return dict(block_c=block_c, block_p=block_p, pixel_tiles=npt, channel_blocks=ncb,
-                stats_parts=triton.cdiv(blocks, stats_iters), stats_iters=stats_iters,
-                bwd_splits=triton.cdiv(npt, bwd_iters), bwd_iters=bwd_iters)
+                stats_parts=cdiv(blocks, stats_iters), stats_iters=stats_iters,
+                bwd_splits=cdiv(npt, bwd_iters), bwd_iters=bwd_iters)
 
 
 def unsupported_reason(x: torch.Tensor, pool_size: int) -> str | None:
@@ -131,7 +136,10 @@ def unsupported_reason(x: torch.Tensor, pool_size: int) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
 def _eps_parts(eps: float):
+    """``eps`` as an fp32 pair ``hi + lo`` (the kernels add both; cached: a model has a few values, and the
+    numpy conversions cost the host a few microseconds per launch)."""
     hi = float(np.float32(eps))
     return hi, float(np.float32(eps - hi))
 
@@ -163,7 +171,7 @@ def _forward(x, weight, res_scale, sample_scale, eps, pool_size):
         sample_scale if sample_scale is not None else weight, pmean, pm2, mean, rstd,
         C, H, W, N, nparts, iters * cfg.stats_block, eps_hi, eps_lo, npt, ncb, sb, sc, sw,
         K=pool_size, HAS_R=res_scale is not None, HAS_S=sample_scale is not None,
-        BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_R=triton.next_power_of_2(nparts), ACC=tl_acc,
+        BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_R=next_power_of_2(nparts), ACC=tl_acc,
         num_warps=cfg.num_warps,
     )
     return x, y, mean, rstd
@@ -209,7 +217,7 @@ def _backward(x, mean, rstd, weight, res_scale, sample_scale, grad_y, pool_size,
             x, grad_y, grad_x, weight, res_scale if res_scale is not None else weight, s_arg, twb, mean, rstd,
             C, H, W, N, npt, ncb, ntw, sb, sc, sw, *g_strides,
             K=pool_size, HAS_R=res_scale is not None, HAS_S=has_s, BLOCK_C=block_c, BLOCK_P=block_p,
-            BLOCK_T=min(triton.next_power_of_2(ntw), 1024), ACC=tl_acc, num_warps=cfg.num_warps,
+            BLOCK_T=min(next_power_of_2(ntw), 1024), ACC=tl_acc, num_warps=cfg.num_warps,
         )
     return grad_x, grad_w, grad_r, grad_s
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import torch
-import triton
 
 from . import triton_ln_kernels as tk
-from .tile_config import ConfigSlot, validate
+from .tile_config import ConfigSlot, cdiv, next_power_of_2, validate
 from .torch_impl import wants_grad
 from .triton_impl import _acc, _dense, _eps_parts, _strides
 
@@ -80,24 +80,29 @@ def launch_sizes(shape, channels_last: bool, config: LNConfig | None = None) -> 
         A dict: ``block_c`` (padded channels), ``block_p`` (positions per tile), ``pos_tiles`` (per
         sample), ``bwd_splits`` (backward programs per sample) and ``bwd_iters`` (tiles per program).
     """
-    cfg = config or _slot.current
+    return dict(_launch_sizes(tuple(shape), bool(channels_last), config or _slot.current))
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_sizes(shape: tuple, channels_last: bool, cfg: LNConfig) -> dict:
+    """:func:`launch_sizes`, cached per shape, layout and configuration (every launch asks it)."""
     _, C, H, W = shape
     HW = H * W
-    block_c = triton.next_power_of_2(C)
+    block_c = next_power_of_2(C)
     block_p = max(1, cfg.tile // block_c)
     if not channels_last:
         block_p = max(block_p, cfg.nchw_min_positions)
-    block_p = min(block_p, triton.next_power_of_2(HW))
-    npt = triton.cdiv(HW, block_p)
-    nsplit = triton.cdiv(npt, cfg.bwd_iters)
-    iters = triton.cdiv(npt, nsplit)
-    return dict(block_c=block_c, block_p=block_p, pos_tiles=npt, bwd_splits=triton.cdiv(npt, iters), bwd_iters=iters)
+    block_p = min(block_p, next_power_of_2(HW))
+    npt = cdiv(HW, block_p)
+    nsplit = cdiv(npt, cfg.bwd_iters)
+    iters = cdiv(npt, nsplit)
+    return dict(block_c=block_c, block_p=block_p, pos_tiles=npt, bwd_splits=cdiv(npt, iters), bwd_iters=iters)
 
 
 def unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the LayerNorm kernels cannot take ``x`` (too many channels, a sample past int32 offsets), or None."""
     B, C, H, W = x.shape
-    if triton.next_power_of_2(C) > _slot.current.max_block_c:
+    if next_power_of_2(C) > _slot.current.max_block_c:
         return (f"{C} channels are more than the Triton LayerNorm kernels hold in registers "
                 f"(LNConfig.max_block_c = {_slot.current.max_block_c})")
     if C * H * W > _INT32_MAX:
@@ -251,7 +256,7 @@ def _star_forward(x, scale, bias, out_dtype):
     x = _flat_dense(x)
     out = torch.empty_like(x, dtype=out_dtype)
     N, block = x.numel(), _slot.current.ew_block
-    tk.star_relu_fwd_kernel[(triton.cdiv(N, block),)](x, out, scale, bias, N, BLOCK=block, ACC=_acc(x.dtype)[0],
+    tk.star_relu_fwd_kernel[(cdiv(N, block),)](x, out, scale, bias, N, BLOCK=block, ACC=_acc(x.dtype)[0],
                                                        num_warps=_slot.current.ew_num_warps)
     return x, out
 
@@ -261,7 +266,7 @@ def _star_backward(x, scale, g, needs):
     if g.stride() != x.stride():  # e.g. a broadcast or transposed gradient: one copy into x's layout
         g = g.contiguous(memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
     N, block, iters = x.numel(), _slot.current.ew_block, _slot.current.ew_bwd_iters
-    nprog = triton.cdiv(N, block * iters)
+    nprog = cdiv(N, block * iters)
     _, acc = _acc(x.dtype)
     dx = torch.empty_like(x) if need_x else None
     ps = torch.empty(nprog, device=x.device, dtype=acc) if need_s else None
