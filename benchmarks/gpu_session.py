@@ -23,7 +23,10 @@ Steps, each a subprocess with its own log and a share of the time budget (``--bu
 5. ``edges``: bench_gpu_edge_norms.py (the stem's and the downsamplings' LayerNorm, ATen's against the Triton
    kernel: convformer_s18's modules, then the LayerNorm families under both policies), at most ``--edges-s``,
    writing ``gpu_edge_norms.json`` after each module and model.
-6. ``families``: bench_gpu_families.py (the LayerNorm / StarReLU kernels, then every family against
+6. ``pointwise``: bench_gpu_pointwise.py (the block halves' 1x1 convolutions, cuDNN's against a matrix product of
+   the channels_last view: convformer_s18's fc1 per stage, then five families under both policies), at most
+   ``--pointwise-s``, writing ``gpu_pointwise.json`` after each layer and model.
+7. ``families``: bench_gpu_families.py (the LayerNorm / StarReLU kernels, then every family against
    timm NCHW / channels_last eager and compiled, inference and training) with the time left
    (``--families-s`` of the budget is kept for it; run alone, the whole budget), writing ``gpu_families.json`` after each part;
    it stops starting work before its own time is up and records what it skipped.
@@ -51,10 +54,11 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from gpu_common import write_json  # noqa: E402
 
-STEPS = ("tests", "sweep", "bench", "groupnorm", "edges", "families")
+STEPS = ("tests", "sweep", "bench", "groupnorm", "edges", "pointwise", "families")
 # The policy benchmarks: step -> (script, the JSON it writes).
 AB_STEPS = {"groupnorm": ("bench_gpu_groupnorm.py", "gpu_groupnorm.json"),
-            "edges": ("bench_gpu_edge_norms.py", "gpu_edge_norms.json")}
+            "edges": ("bench_gpu_edge_norms.py", "gpu_edge_norms.json"),
+            "pointwise": ("bench_gpu_pointwise.py", "gpu_pointwise.json")}
 TESTS = ["tests/test_kernels_cuda.py", "tests/test_kernels_selfcheck.py", "tests/test_kernels_cuda_ln.py",
          "tests/test_kernels_cuda_halves.py"]
 SWEEP_AXES = [("tile", [512, 2048, 4096]), ("num_warps", [2, 8]), ("max_block_c", [32, 128]),
@@ -69,12 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-s", type=float, default=90.0, help="most time for the sweep step")
     p.add_argument("--groupnorm-s", type=float, default=120.0, help="most time for the groupnorm step")
     p.add_argument("--edges-s", type=float, default=120.0, help="most time for the edges step")
+    p.add_argument("--pointwise-s", type=float, default=120.0, help="most time for the pointwise step")
     p.add_argument("--families-s", type=float, default=120.0,
                    help="time kept for the families step when other steps run (alone it gets the whole budget)")
     p.add_argument("--families-args", default="",
                    help="more arguments for bench_gpu_families.py, e.g. \"--no-compile --models caformer_s18\"")
     p.add_argument("--policy-args", default="",
-                   help="more arguments for the groupnorm and edges steps' benchmarks, e.g. \"--rounds 2\"")
+                   help="more arguments for the groupnorm, edges and pointwise steps' benchmarks, e.g. \"--rounds 2\"")
     p.add_argument("--skip", nargs="*", default=[], choices=list(STEPS))
     p.add_argument("--dry-run", action="store_true", help="print the steps' commands and exit (no GPU needed)")
     p.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)  # the sweep step itself
@@ -238,10 +243,10 @@ def main(argv=None) -> int:
 
 def reserve_after(args, step: str) -> float:
     """Seconds kept for the steps after ``step`` that run (skipped ones keep nothing): the sweep's 60 s of
-    configurations' overhead, the benchmark's 240 s, ``--groupnorm-s``, ``--edges-s`` and the families'
-    ``--families-s``."""
+    configurations' overhead, the benchmark's 240 s, ``--groupnorm-s``, ``--edges-s``, ``--pointwise-s`` and the
+    families' ``--families-s``."""
     need = {"sweep": 60.0, "bench": 240.0, "groupnorm": args.groupnorm_s, "edges": args.edges_s,
-            "families": args.families_s}
+            "pointwise": args.pointwise_s, "families": args.families_s}
     return sum(need[s] for s in STEPS[STEPS.index(step) + 1:] if s not in args.skip)
 
 
@@ -280,8 +285,13 @@ def _targets(session: dict) -> dict:
             "train_step_ours_vs_timm_speed": train.get("speedup_vs_timm"),
             "train_step_ours_vs_timm_peak_memory": train.get("peak_mem_vs_timm"),
             "families": {name: m.get("ratios") for name, m in families.get("models", {}).items()},
-            **{f"{step}_speedup_vs_aten": {name: m.get("speedup_vs_aten") for name, m in r.get("models", {}).items()}
-               for step, r in ab.items()}}
+            **{f"{step}_{key}": {name: m.get(key) for name, m in r.get("models", {}).items()}
+               for step, r in ab.items() for key in _speedup_keys(r)}}
+
+
+def _speedup_keys(result: dict) -> list:
+    """A policy benchmark's ratio entries (``speedup_vs_`` its base policy: ``aten``, ``conv``)."""
+    return sorted({k for m in result.get("models", {}).values() for k in m if k.startswith("speedup_vs_")})
 
 
 def _summary(session: dict) -> None:

@@ -36,7 +36,10 @@ DISPATCH = {"block_forward": (lambda b, x: b(x), lambda b, x: b.mlp_half(b.mixer
 # A Stem's and a Downsample's own forward (kernels.stem_forward, downsample_forward) -> their plain composition.
 EDGES = {"stem": (lambda m, x: m(x), lambda m, x: m.norm(m.conv(x))),
          "downsample": (lambda m, x: m(x), lambda m, x: m.conv(m.norm(x)))}
-FUNCTIONS = {**PAIRS, **DISPATCH, **EDGES}  # what check() and check_inference() can compare
+# A 1x1 convolution and a SepConv mixer through the halves' own forms (cuda_halves._pointwise, _mix).
+PARTS = {"pointwise": (lambda m, x: H._pointwise(m, x), lambda m, x: m(x)),
+         "mix": (lambda m, x: H._mix(m, x), lambda m, x: m(x))}
+FUNCTIONS = {**PAIRS, **DISPATCH, **EDGES, **PARTS}  # what check() and check_inference() can compare
 SEED = 3  # draws a drop-path mask of 4 samples with some dropped and some kept (asserted)
 
 
@@ -286,6 +289,52 @@ def group_edge_norms() -> None:
         assert "LayerNorm" in type(_kernel_node(module(x.clone().requires_grad_(True)), kind)).__name__, kind
 
 
+def _graph_names(out) -> list:
+    """The names of every autograd node in ``out``'s graph."""
+    names, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return names
+
+
+def group_pointwise() -> None:
+    """The 1x1 convolutions as matrix products of a channels_last map's (B, H, W, C) view (``_pointwise``), and
+    a SepConv mixer through them and the StarReLU kernel (``_mix``): the output (values, dtype and strides) and
+    the gradients of the input and every parameter equal the convolution's, fp32 (1e-5) and fp64 (1e-9), with
+    and without a bias; the graph has a matrix product and no convolution (a SepConv: only its depthwise one).
+    An NCHW map, a strided, grouped, 3x3 or padded convolution and a Conv2d subclass keep the convolution."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        for bias in (True, False):
+            conv = randomize_(torch.nn.Conv2d(8, 12, 1, bias=bias)).to(dtype)
+            x = torch.randn(2, 8, 3, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            check(conv, x, which=("pointwise",), label=f"1x1 {dtype} bias={bias}")
+            out = H._pointwise(conv, x.clone().requires_grad_(True))
+            names = _graph_names(out)
+            assert out.stride() == conv(x).stride() and out.is_contiguous(memory_format=torch.channels_last)
+            assert not any("Convolution" in n for n in names) and any("mm" in n.lower() for n in names), names
+    for dtype in (torch.float32, torch.float64):
+        mixer = randomize_(SepConv(8)).to(dtype)
+        x = torch.randn(2, 8, 5, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        check(mixer, x, which=("mix",), label=f"SepConv {dtype}")
+        names = _graph_names(H._mix(mixer, x.clone().requires_grad_(True)))
+        assert sum("Convolution" in n for n in names) == 1 and any("StarReLU" in n for n in names), names
+    x = torch.randn(2, 8, 6, 6)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    own = type("OwnConv", (torch.nn.Conv2d,), {})(8, 8, 1)
+    for conv, t in ((torch.nn.Conv2d(8, 8, 1), x), (torch.nn.Conv2d(8, 8, 1, stride=2), cl),
+                    (torch.nn.Conv2d(8, 8, 1, groups=2), cl), (torch.nn.Conv2d(8, 8, 3, padding=1), cl),
+                    (torch.nn.Conv2d(8, 8, 1, padding=1), cl), (own, cl)):
+        out = H._pointwise(conv, t.clone().requires_grad_(True))
+        assert any("Convolution" in n for n in _graph_names(out)), conv
+        torch.testing.assert_close(out, conv(t), rtol=0, atol=0)
+
+
 def group_not_applicable() -> None:
     """None for other backends, integer or 3-D inputs; True for the forced backend in the interpreter."""
     block = hand_block()
@@ -300,8 +349,8 @@ def group_not_applicable() -> None:
             K.set_backend("triton")
 
 
-GROUPS = [group_not_applicable, group_partial_cover, group_groupnorm, group_edge_norms, group_hand_blocks,
-          group_real_block, group_dispatch]
+GROUPS = [group_not_applicable, group_partial_cover, group_groupnorm, group_edge_norms, group_pointwise,
+          group_hand_blocks, group_real_block, group_dispatch]
 
 if __name__ == "__main__":
     assert K.TRITON_AVAILABLE, K.TRITON_IMPORT_ERROR

@@ -1,5 +1,6 @@
 """The CPU benchmarks' plumbing: bench_cpu_chunks.py, bench_cpu_allocator.py, bench_cpu_hook_check.py,
-bench_cpu_layernorm.py, bench_cpu_shapes.py, and bench_cpu.py's floor and updates (timings are never asserted)."""
+bench_cpu_layernorm.py, bench_cpu_shapes.py, bench_host_dispatch.py, and bench_cpu.py's floor and updates
+(timings are never asserted)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import bench_cpu_chunks  # noqa: E402
 import bench_cpu_hook_check  # noqa: E402
 import bench_cpu_layernorm  # noqa: E402
 import bench_cpu_shapes  # noqa: E402
+import bench_host_dispatch  # noqa: E402
 import cpu_models  # noqa: E402
 
 
@@ -290,3 +292,26 @@ def test_an_update_replaces_only_the_rows_it_measures(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SystemExit):
         bench_cpu.parse_args(["--output", str(tmp_path / "bad.json"), "--update"])
+
+
+def test_host_dispatch_benchmark_profiles_each_tree_with_the_launches_stubbed(tmp_path, capsys):
+    """Two trees (the package and a copy) in alternating subprocesses: the CUDA halves ran (the dispatch's
+    functions show in the profile) and no Triton kernel was launched (under the interpreter a launch takes
+    seconds)."""
+    import shutil
+
+    pytest.importorskip("triton", reason="the CUDA halves run on CPU only under Triton's interpreter")
+    src, copy = str(ROOT / "src"), tmp_path / "copy"
+    shutil.copytree(ROOT / "src" / "metaformer", copy / "metaformer")
+    out = tmp_path / "host.json"
+    assert bench_host_dispatch.main(["--src", src, str(copy), "--models", "convformer_s18", "--calls", "2",
+                                     "--rounds", "2", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {k: len(r) for k, r in data["rounds"].items()} == {src: 2, str(copy): 2}
+    for tree in (src, str(copy)):
+        for case in ("convformer_s18 inference", "convformer_s18 train"):
+            row = data["summary"][tree][case]
+            assert row["ours_us"] > 0 and row["calls"] > 100 and 0 < row["wall_ms"] < 1000, (tree, case, row)
+    assert "convformer_s18 train" in capsys.readouterr().out
+    assert bench_host_dispatch.main(["--src", str(tmp_path), "--output", str(out)]) == 2  # no package there
+    assert bench_host_dispatch.main(["--src", src, src, "--output", str(out)]) == 2  # a tree twice

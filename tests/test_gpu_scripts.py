@@ -108,14 +108,15 @@ def test_session_step_is_killed_at_its_time_limit(tmp_path):
 
 
 def test_session_keeps_time_only_for_the_steps_that_run():
-    args = gpu_session.parse_args(["--skip", "sweep", "bench", "groupnorm", "edges", "--families-s", "120"])
+    args = gpu_session.parse_args(["--skip", "sweep", "bench", "groupnorm", "edges", "pointwise", "--families-s", "120"])
     assert gpu_session.reserve_after(args, "tests") == 120  # the families step alone follows
-    args = gpu_session.parse_args(["--families-s", "100", "--groupnorm-s", "80", "--edges-s", "70"])
-    assert gpu_session.reserve_after(args, "tests") == 60 + 240 + 80 + 70 + 100
-    assert gpu_session.reserve_after(args, "bench") == 80 + 70 + 100
-    assert gpu_session.reserve_after(args, "groupnorm") == 70 + 100
-    assert gpu_session.reserve_after(args, "edges") == 100
-    args = gpu_session.parse_args(["--skip", "groupnorm", "edges", "families"])
+    args = gpu_session.parse_args(["--families-s", "100", "--groupnorm-s", "80", "--edges-s", "70", "--pointwise-s", "50"])
+    assert gpu_session.reserve_after(args, "tests") == 60 + 240 + 80 + 70 + 50 + 100
+    assert gpu_session.reserve_after(args, "bench") == 80 + 70 + 50 + 100
+    assert gpu_session.reserve_after(args, "groupnorm") == 70 + 50 + 100
+    assert gpu_session.reserve_after(args, "edges") == 50 + 100
+    assert gpu_session.reserve_after(args, "pointwise") == 100
+    args = gpu_session.parse_args(["--skip", "groupnorm", "edges", "pointwise", "families"])
     assert gpu_session.reserve_after(args, "bench") == 0
 
 
@@ -123,12 +124,13 @@ def test_session_dry_run_lists_the_policy_steps(tmp_path):
     out = _run("gpu_session.py", "--dry-run", "--out-dir", str(tmp_path), "--skip", "sweep", "bench")
     assert out.returncode == 0, out.stdout + out.stderr
     steps = [line.split(":")[0] for line in out.stdout.splitlines()]
-    assert steps == ["tests", "groupnorm", "edges", "families"], out.stdout
-    assert "bench_gpu_groupnorm.py --output" in out.stdout and "bench_gpu_edge_norms.py --output" in out.stdout
+    assert steps == ["tests", "groupnorm", "edges", "pointwise", "families"], out.stdout
+    for script in ("bench_gpu_groupnorm.py", "bench_gpu_edge_norms.py", "bench_gpu_pointwise.py"):
+        assert f"{script} --output" in out.stdout, script
     out = _run("gpu_session.py", "--dry-run", "--out-dir", str(tmp_path), "--skip", "sweep", "bench", "families",
                "--policy-args", "--rounds 2 --models poolformerv2_s12")
     lines = {line.split(":")[0]: line for line in out.stdout.splitlines()}
-    for step in ("groupnorm", "edges"):
+    for step in ("groupnorm", "edges", "pointwise"):
         assert lines[step].endswith("--rounds 2 --models poolformerv2_s12"), lines[step]
 
 
@@ -234,3 +236,20 @@ def test_groupnorm_smoke_run_checks_the_policies_and_writes_json(tmp_path):
     assert set(model["rounds_ms"]) == {"aten", "inference", "always"}
     assert max(model["checks_rel_diff_vs_aten_fp32"].values()) <= 1e-4
     assert set(model["speedup_vs_aten"]) == {"inference", "always"}
+
+
+def test_pointwise_smoke_run_checks_the_policies_and_writes_json(tmp_path):
+    """bench_gpu_pointwise.py: convformer_s18's fc1 per stage as the convolution and as the product (host and
+    GPU time, forward plus backward) and a whole model under both policies, checked against each other first."""
+    path = tmp_path / "pw.json"
+    out = _run("bench_gpu_pointwise.py", "--smoke", "--models", "convformer_s18", "--size", "64", "--output", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    res = json.loads(path.read_text())
+    assert [k.split()[0] for k in res["layers"]] == ["stage0", "stage1", "stage2", "stage3"]
+    for r in res["layers"].values():
+        assert r["max_rel_diff"] <= 2e-2
+        assert all(r[f"{p}_{k}"] > 0 for p in ("conv", "linear") for k in ("host_us", "ms", "fwd_bwd_ms"))
+    model = res["models"]["convformer_s18"]
+    assert set(model["rounds_ms"]) == {"conv", "linear"}
+    assert max(model["checks_rel_diff_vs_conv_fp32"].values()) <= 1e-4
+    assert set(model["speedup_vs_conv"]) == {"linear"}

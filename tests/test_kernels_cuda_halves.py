@@ -130,12 +130,14 @@ def test_group_norm1_on_cuda_keeps_channels_last_and_autocasts_as_group_norm():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name, stage, shape", [("caformer_s18", 2, (8, 320, 14, 14)),
+                                                ("convformer_s18", 0, (8, 64, 28, 28)),
                                                 ("poolformer_s12", 0, (8, 64, 28, 28)),
                                                 ("poolformerv2_s12", 1, (8, 128, 14, 14)),
                                                 ("identityformer_s12", 1, (8, 128, 14, 14))])
 def test_real_block_on_cuda(backend, name, stage, shape):
-    """A real block on a GPU through the dispatch (the block's forward: ``ln_block`` for caformer_s18, the
-    GroupNorm halves for the pooling models, the identity half with ``group_norm1``) against its plain halves,
+    """A real block on a GPU through the dispatch (the block's forward: ``ln_block`` for caformer_s18 and, with
+    its SepConv through ``_mix``, convformer_s18; the GroupNorm halves for the pooling models, the identity half
+    with ``group_norm1``) against its plain halves,
     channels_last, in training and in inference: fp32 (TF32 off) within 1e-5, bf16 autocast within 2e-2; in
     inference the norm keeps channels_last."""
     import metaformer
@@ -147,6 +149,41 @@ def test_real_block_on_cuda(backend, name, stage, shape):
         n = H._normalised(block.norm2, x)
         assert n is not None and n.is_contiguous(memory_format=torch.channels_last), (type(block.norm2), n.stride())
     _forward_matches_plain(block, x, lambda b, t: b.mlp_half(b.mixer_half(t)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pointwise_on_cuda_is_a_matrix_product_where_the_precision_agrees(backend):
+    """A 1x1 convolution of a channels_last CUDA map (``_pointwise``): under bf16 autocast, and in fp32 with TF32
+    off for both cuDNN and matrix products, a matrix product (the graph has no convolution) with the
+    convolution's values (2e-2, 1e-5), dtype and strides; in fp32 with PyTorch's default TF32 settings (cuDNN
+    on, matrix products off) the convolution itself."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 256, 1).cuda()
+    x = torch.randn(4, 64, 14, 10, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_(True)
+
+    def convolves(out):
+        names, stack = [], [out.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None:
+                names.append(type(node).__name__)
+                stack.extend(n for n, _ in node.next_functions)
+        return any("Convolution" in n for n in names)
+
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        assert convolves(H._pointwise(conv, x))
+        torch.backends.cudnn.allow_tf32 = False
+        for autocast, tol in ((False, 1e-5), (True, 2e-2)):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                got, want = H._pointwise(conv, x), conv(x)
+            assert not convolves(got) and convolves(want)
+            assert got.dtype == want.dtype and got.stride() == want.stride(), (got.dtype, got.stride(), want.stride())
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def _forward_matches_plain(module, x, plain, strides: bool = False) -> None:

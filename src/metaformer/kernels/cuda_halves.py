@@ -9,12 +9,15 @@ block's own half:
   path and the scales are the block's own modules.
 - :func:`starrelu_mlp_half`: ``block.mlp_half(x)`` with ``norm2`` (a ``LayerNorm2d`` as the Triton
   kernel, a ``GroupNorm1`` in inference in the input's layout) and the MLP's ``StarReLU`` as Triton
-  kernels (either one suffices); the convolutions, dropouts, drop path and scales are the block's own
-  modules.
+  kernels (either one suffices); the dropouts, drop path and scales are the block's own modules.
 - :func:`ln_block`: ``block.mlp_half(block.mixer_half(x))`` with the mixer half's residual update
   (res scale, drop path, layer scale) fused with ``norm2`` (``residual_layernorm``: one pass writes
   the residual stream and its normalised copy); the drop-path mask is drawn as ``DropPath`` draws it,
   so the random stream and the values are those of the plain block.
+
+In all three the MLP's 1x1 convolutions, and a ``SepConv`` mixer's (whose ``StarReLU`` runs as the kernel
+too), run on a channels_last map as matrix products of its (B, H, W, C) view (``_pointwise``): the same
+values, and cuBLAS's launch costs the host much less than cuDNN's convolution.
 
 Where autograd needs no graph (inference), ``GroupNorm1`` runs as
 :func:`metaformer.kernels.folding.group_norm1`: the values of ATen's GroupNorm in the input's memory
@@ -35,10 +38,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers import DropPath, Mlp, StarReLU
-from ..mixers import check_mixer_output
+from ..mixers import SepConv, check_mixer_output
 from ..tracing import autocast_dtype, autocast_enabled
 from . import _interpreting, resolve_backend
 from .baseline_ops import layernorm_channels, residual_layernorm, star_relu
@@ -86,7 +90,7 @@ def ln_mixer_half(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     n = _normalised(getattr(block, "norm1", None), x)
     if n is None:
         return None
-    mixed = block.token_mixer(n)
+    mixed = _mix(block.token_mixer, n)
     check_mixer_output(block.token_mixer, x, mixed)
     return block.res_scale1(x) + block.layer_scale1(block.drop_path1(mixed))
 
@@ -131,7 +135,7 @@ def ln_block(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     if norm1 is None or norm2 is None or mlp is None or not halves_apply(x) \
             or half_kind(block.norm1, block.drop_path1, block.layer_scale1, block.res_scale1) is None:
         return None
-    mixed = block.token_mixer(layernorm_channels(x, norm1.weight, norm1.bias, eps=norm1.eps))
+    mixed = _mix(block.token_mixer, layernorm_channels(x, norm1.weight, norm1.bias, eps=norm1.eps))
     check_mixer_output(block.token_mixer, x, mixed)
     z, n = residual_layernorm(x, mixed, norm2.weight, norm2.bias, eps=norm2.eps, res_scale=_scale(block.res_scale1),
                               layer_scale=_scale(block.layer_scale1), sample_scale=_drop_mask(block.drop_path1, mixed),
@@ -215,8 +219,9 @@ def _cast_dtype(x: torch.Tensor, conv: nn.Module) -> Optional[torch.dtype]:
 
 
 def _mlp_tail(block, mlp, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """``res_scale2(x) + layer_scale2(drop_path2(fc2(act(fc1(n)))))`` with the dropouts; StarReLU as the kernel."""
-    h = mlp.fc1(n)
+    """``res_scale2(x) + layer_scale2(drop_path2(fc2(act(fc1(n)))))`` with the dropouts; StarReLU as the kernel,
+    the 1x1 convolutions as :func:`_pointwise`."""
+    h = _pointwise(mlp.fc1, n)
     if _is_star(mlp.act):
         # Under autocast fc2 casts StarReLU's fp32 output; writing that dtype directly is the same value
         # unless a dropout sits between them (it would scale in the other dtype).
@@ -224,5 +229,51 @@ def _mlp_tail(block, mlp, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         h = star_relu(h, mlp.act.scale, mlp.act.bias, out_dtype=None if active_drop else _cast_dtype(h, mlp.fc2))
     else:
         h = mlp.act(h)
-    y = mlp.drop2(mlp.fc2(mlp.drop1(h)))
+    y = mlp.drop2(_pointwise(mlp.fc2, mlp.drop1(h)))
     return block.res_scale2(x) + block.layer_scale2(block.drop_path2(y))
+
+
+def _pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1x1 convolution; on a channels_last CUDA map as ``F.linear`` on its (B, H, W, C) view.
+
+    The same product (a 1x1 convolution is a matrix product over the channels) without copies: the view
+    of a channels_last map is contiguous, and so is the product, whose (B, C, H, W) view is channels_last
+    again. It runs as a cuBLAS GEMM, as timm's MetaFormer runs these layers (``nn.Linear`` on (B, H, W, C)),
+    where cuDNN's convolution costs the host several times a GEMM's launch: on the H100 of the fourth
+    session a ``conv2d`` call took about 100 us of host time under cProfile, and convformer_s18 has 94
+    of them per forward, 72 of them 1x1. Anything else (another layer, a stride, groups, an NCHW map, a
+    CPU tensor outside Triton's interpreter) is ``conv(x)``, and so is an fp32 product outside autocast where PyTorch's TF32 settings
+    for matrix products and for cuDNN differ (by default cuDNN's convolutions use TF32 and matrix products
+    do not: the layer keeps the precision and speed its convolution has).
+    """
+    if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.groups == 1 and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1)
+            and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and ((x.is_cuda and _gemm_precision_agrees(x)) or _interpreting())):
+        weight = conv.weight
+        y = F.linear(x.permute(0, 2, 3, 1), weight.view(weight.shape[0], weight.shape[1]), conv.bias)
+        return y.permute(0, 3, 1, 2)
+    return conv(x)
+
+
+def _gemm_precision_agrees(x: torch.Tensor) -> bool:
+    """Whether a matrix product of ``x`` runs in the precision cuDNN's convolution would: always under
+    autocast and for fp16, bf16 and fp64; for fp32 when both or neither may use TF32."""
+    if x.dtype != torch.float32 or autocast_enabled("cuda"):
+        return True
+    return torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32
+
+
+def _mix(mixer: nn.Module, n: torch.Tensor) -> torch.Tensor:
+    """``mixer(n)``; exactly a :class:`~metaformer.mixers.SepConv` runs its 1x1 convolutions as
+    :func:`_pointwise` and a ``StarReLU`` after the first as the kernel (written in the dtype the depthwise
+    convolution casts to under autocast when nothing sits between them)."""
+    if type(mixer) is not SepConv:
+        return mixer(n)
+    h = _pointwise(mixer.pwconv1, n)
+    if _is_star(mixer.act1):
+        direct = type(mixer.act2) is nn.Identity
+        h = star_relu(h, mixer.act1.scale, mixer.act1.bias, out_dtype=_cast_dtype(h, mixer.dwconv) if direct else None)
+    else:
+        h = mixer.act1(h)
+    return _pointwise(mixer.pwconv2, mixer.act2(mixer.dwconv(h)))
