@@ -190,18 +190,11 @@ def test_families_profile_records_where_the_time_goes(tmp_path):
 def test_edge_norms_smoke_run_checks_the_policies_and_writes_json(tmp_path):
     """bench_gpu_edge_norms.py: convformer_s18's stem and three downsamplings (plain, through the dispatch, the
     norm alone) and a whole model under both policies, checked against each other before timing."""
-    path = tmp_path / "edges.json"
-    out = _run("bench_gpu_edge_norms.py", "--smoke", "--models", "convformer_s18", "--size", "64", "--output", str(path))
-    assert out.returncode == 0, out.stdout + out.stderr
-    res = json.loads(path.read_text())
+    res = _policy_smoke(tmp_path, "bench_gpu_edge_norms.py", "convformer_s18", ("aten", "kernel"))
     assert [k.split()[0] for k in res["modules"]] == ["stem", "downsample1", "downsample2", "downsample3"]
     for r in res["modules"].values():
         assert r["max_rel_diff"] <= 2e-2 and not r["kernel_applies"]  # CPU outside the interpreter: ATen's norm
         assert all(r[k] > 0 for k in ("plain_ms", "forward_ms", "aten_norm_ms", "plain_fwd_bwd_ms", "forward_fwd_bwd_ms"))
-    model = res["models"]["convformer_s18"]
-    assert set(model["rounds_ms"]) == {"aten", "kernel"}
-    assert max(model["checks_rel_diff_vs_aten_fp32"].values()) <= 1e-4
-    assert set(model["speedup_vs_aten"]) == {"kernel"}
 
 
 def test_host_smoke_run_records_host_and_wall_time_and_profiles_ours(tmp_path):
@@ -224,32 +217,33 @@ def test_host_smoke_run_records_host_and_wall_time_and_profiles_ours(tmp_path):
 def test_groupnorm_smoke_run_checks_the_policies_and_writes_json(tmp_path):
     """bench_gpu_groupnorm.py: the MLP half per stage (plain, its operations, the layout-keeping half) and the
     whole model under the three GroupNorm policies, checked against each other before timing."""
-    path = tmp_path / "gn.json"
-    out = _run("bench_gpu_groupnorm.py", "--smoke", "--models", "poolformer_s12", "--size", "64", "--output", str(path))
-    assert out.returncode == 0, out.stdout + out.stderr
-    res = json.loads(path.read_text())
+    res = _policy_smoke(tmp_path, "bench_gpu_groupnorm.py", "poolformer_s12", ("aten", "inference", "always"))
     assert len(res["halves"]) == 8  # four stages, fp32 and bf16 inputs
     for r in res["halves"].values():
         assert r["layout_norm_channels_last_out"] and r["layout_half_max_rel_diff"] <= 2e-2
         assert all(r[k] > 0 for k in r if k.endswith("_ms"))
-    model = res["models"]["poolformer_s12"]
-    assert set(model["rounds_ms"]) == {"aten", "inference", "always"}
-    assert max(model["checks_rel_diff_vs_aten_fp32"].values()) <= 1e-4
-    assert set(model["speedup_vs_aten"]) == {"inference", "always"}
 
 
 def test_pointwise_smoke_run_checks_the_policies_and_writes_json(tmp_path):
     """bench_gpu_pointwise.py: convformer_s18's fc1 per stage as the convolution and as the product (host and
     GPU time, forward plus backward) and a whole model under both policies, checked against each other first."""
-    path = tmp_path / "pw.json"
-    out = _run("bench_gpu_pointwise.py", "--smoke", "--models", "convformer_s18", "--size", "64", "--output", str(path))
-    assert out.returncode == 0, out.stdout + out.stderr
-    res = json.loads(path.read_text())
+    res = _policy_smoke(tmp_path, "bench_gpu_pointwise.py", "convformer_s18", ("conv", "linear"))
     assert [k.split()[0] for k in res["layers"]] == ["stage0", "stage1", "stage2", "stage3"]
     for r in res["layers"].values():
         assert r["max_rel_diff"] <= 2e-2
         assert all(r[f"{p}_{k}"] > 0 for p in ("conv", "linear") for k in ("host_us", "ms", "fwd_bwd_ms"))
-    model = res["models"]["convformer_s18"]
-    assert set(model["rounds_ms"]) == {"conv", "linear"}
-    assert max(model["checks_rel_diff_vs_conv_fp32"].values()) <= 1e-4
-    assert set(model["speedup_vs_conv"]) == {"linear"}
+
+
+def _policy_smoke(tmp_path, script: str, model: str, policies: tuple) -> dict:
+    """A policy benchmark's smoke run on ``model`` (64x64): it succeeds, and its whole-model part has every
+    policy's rounds, their fp32 logits within 1e-4 of the first's, and each other policy's ratio to it."""
+    path = tmp_path / "policy.json"
+    out = _run(script, "--smoke", "--models", model, "--size", "64", "--output", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    res = json.loads(path.read_text())
+    base, others = policies[0], set(policies[1:])
+    entry = res["models"][model]
+    assert set(entry["rounds_ms"]) == set(policies)
+    assert max(entry[f"checks_rel_diff_vs_{base}_fp32"].values()) <= 1e-4
+    assert set(entry[f"speedup_vs_{base}"]) == others
+    return res
