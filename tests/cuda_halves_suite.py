@@ -318,6 +318,10 @@ def group_pointwise() -> None:
             names = _graph_names(out)
             assert out.stride() == conv(x).stride() and out.is_contiguous(memory_format=torch.channels_last)
             assert not any("Convolution" in n for n in names) and any("mm" in n.lower() for n in names), names
+    conv = torch.nn.Conv2d(8, 12, 1)  # a weight of transposed strides (a model's .to(channels_last) changes them too)
+    conv.weight = torch.nn.Parameter(torch.randn(8, 12, 1, 1).transpose(0, 1))
+    check(conv, torch.randn(2, 8, 3, 5).contiguous(memory_format=torch.channels_last), which=("pointwise",),
+          label="1x1, transposed weight")
     for dtype in (torch.float32, torch.float64):
         mixer = randomize_(SepConv(8)).to(dtype)
         x = torch.randn(2, 8, 5, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)

@@ -242,15 +242,15 @@ def _pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     where cuDNN's convolution costs the host several times a GEMM's launch: on the H100 of the fourth
     session a ``conv2d`` call took about 100 us of host time under cProfile, and convformer_s18 has 94
     of them per forward, 72 of them 1x1. Anything else (another layer, a stride, groups, an NCHW map, a
-    CPU tensor outside Triton's interpreter) is ``conv(x)``, and so is an fp32 product outside autocast where PyTorch's TF32 settings
-    for matrix products and for cuDNN differ (by default cuDNN's convolutions use TF32 and matrix products
-    do not: the layer keeps the precision and speed its convolution has).
+    CPU tensor outside Triton's interpreter) is ``conv(x)``, and so is an fp32 product outside autocast
+    where PyTorch's TF32 settings for matrix products and for cuDNN differ (by default cuDNN's convolutions
+    use TF32 and matrix products do not: the layer keeps the precision and speed its convolution has).
     """
     if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
             and conv.groups == 1 and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1)
             and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
             and ((x.is_cuda and _gemm_precision_agrees(x)) or _interpreting())):
-        weight = conv.weight
+        weight = conv.weight  # (out, in, 1, 1): a view as (out, in) whatever its strides (the last two are 1)
         y = F.linear(x.permute(0, 2, 3, 1), weight.view(weight.shape[0], weight.shape[1]), conv.bias)
         return y.permute(0, 3, 1, 2)
     return conv(x)
