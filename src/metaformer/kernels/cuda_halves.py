@@ -18,8 +18,8 @@ block's own half:
 In all three the MLP's 1x1 convolutions, and a ``SepConv`` mixer's (whose ``StarReLU`` runs as the kernel
 too), run on a channels_last map as matrix products of its (B, H, W, C) view (``_pointwise``): the same
 values, and cuBLAS's launch costs the host much less than cuDNN's convolution. A half's residual update with a
-layer scale, ``res_scale(x) + layer_scale(y)``, is one ``torch.addcmul`` (``_residual``) where the block's
-own modules would write and read the product.
+scale, ``res_scale(x) + layer_scale(y)``, is one ``torch.addcmul`` (``_residual``) where the block's own
+modules would write and read the product.
 
 Where autograd needs no graph (inference), ``GroupNorm1`` runs as
 :func:`metaformer.kernels.folding.group_norm1`: the values of ATen's GroupNorm in the input's memory
@@ -236,13 +236,16 @@ def _mlp_tail(block, mlp, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def _residual(res_scale: nn.Module, layer_scale: nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``res_scale(x) + layer_scale(y)``; a layer scale that is exactly a :class:`~metaformer.layers.Scale`
-    and the addition as one ``torch.addcmul``: one pass and one launch fewer per half (on the GPU the pass
-    writes and reads the residual stream in fp32), the same values to rounding and the same dtype (addcmul
-    promotes as the product and the sum do, also under autocast)."""
-    if type(layer_scale) is not Scale:
-        return res_scale(x) + layer_scale(y)
-    return torch.addcmul(res_scale(x), y, layer_scale.scale.view(1, -1, 1, 1))
+    """``res_scale(x) + layer_scale(y)`` with one scale that is exactly a :class:`~metaformer.layers.Scale`
+    (PoolFormer's layer scale, the baselines' res scale) and the addition as one ``torch.addcmul``: one pass
+    and one launch fewer per half (on the GPU the pass writes and reads the residual stream in fp32), the
+    same values to rounding and the same dtype (addcmul promotes as the product and the sum do, also under
+    autocast)."""
+    if type(layer_scale) is Scale:
+        return torch.addcmul(res_scale(x), y, layer_scale.scale.view(1, -1, 1, 1))
+    if type(res_scale) is Scale:
+        return torch.addcmul(layer_scale(y), x, res_scale.scale.view(1, -1, 1, 1))
+    return res_scale(x) + layer_scale(y)
 
 
 def _pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
