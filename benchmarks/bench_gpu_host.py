@@ -15,6 +15,11 @@ and a training step's forward and backward:
   GPU's time alone;
 - ours only, ``--profile``: cProfile of three calls (the top functions by their own time and by cumulative time).
 
+``--trees A B ...`` compares ours from several source trees (each a directory holding the ``metaformer``
+package, e.g. an older commit's ``src`` from ``git archive``): each tree runs in its own subprocess with
+``PYTHONPATH`` set to it, the trees alternating over ``--rounds``, and the summary gives each tree's median
+host, wall and graph time per model and mode, and its ratio to the first tree's (above 1: faster).
+
 When ``host_ms`` is about ``wall_ms`` the call is launch-bound: the GPU waits for the host, and the eager
 figures move with the host's speed and load. ``graph_ms`` against timm's is then the comparison of the work
 on the GPU.
@@ -25,6 +30,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
+import os
 import pstats
 import statistics
 import sys
@@ -34,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import begin, bench, write_json  # noqa: E402
+from gpu_common import begin, bench, settings, write_json  # noqa: E402
 
 MODELS = ["poolformer_s12", "poolformerv2_s12", "identityformer_s12", "convformer_s18", "caformer_s18"]
 TIMM = {"poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18"}  # timm registers these
@@ -51,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="cProfile ours (three calls per case)")
     p.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gpu_host.json")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: the plumbing only")
+    p.add_argument("--trees", nargs="+", type=Path, help="source trees to compare (ours only), in subprocesses")
+    p.add_argument("--rounds", type=int, default=2, help="with --trees: rounds, the trees alternating")
     args = p.parse_args(argv)
     if args.smoke:
         args.batch, args.size, args.calls = 2, 64, 2
@@ -128,11 +137,90 @@ def build(side: str, name: str):
     return timm.create_model(name)
 
 
+def compare_trees(args, argv) -> int:
+    """``--trees``: this script on ours alone, once per tree and round in a subprocess (the trees alternating),
+    then the medians per tree and their ratios to the first tree."""
+    import subprocess
+    import tempfile
+
+    trees = [str(t.resolve()) for t in args.trees]
+    for tree in trees:
+        if not (Path(tree) / "metaformer" / "__init__.py").is_file():
+            print(f"bench_gpu_host: {tree} holds no metaformer package (expected {tree}/metaformer/__init__.py)",
+                  file=sys.stderr)
+            return 2
+    if len(set(trees)) != len(trees):
+        print("bench_gpu_host: --trees names a tree twice; give each tree once", file=sys.stderr)
+        return 2
+    child = [a for a in (argv if argv is not None else sys.argv[1:])]
+    child = _without(child, ("--trees", "--rounds", "--output", "--sides"))
+    rounds = {tree: [] for tree in trees}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for i, tree in enumerate(trees if r % 2 == 0 else trees[::-1]):
+                out = Path(tmp) / f"round{r}_{i}.json"
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
+                proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *child, "--sides", "ours",
+                                       "--output", str(out)], env=env, text=True, capture_output=True)
+                if proc.returncode != 0:
+                    print(proc.stdout[-2000:] + proc.stderr[-3000:], file=sys.stderr)
+                    print(f"bench_gpu_host: the run of {tree} failed", file=sys.stderr)
+                    return 1
+                run = json.loads(out.read_text())
+                if Path(run["metaformer_path"]).parent != Path(tree):
+                    print(f"bench_gpu_host: the run of {tree} imported metaformer from {run['metaformer_path']}; "
+                          "put the tree first on the path (an installed copy may shadow it)", file=sys.stderr)
+                    return 1
+                rounds[tree].append(run)
+                print(f"  round {r + 1}: {tree} done", flush=True)
+    first = rounds[trees[0]][0]
+    keys = ("host_ms", "wall_ms", "graph_ms")
+    summary = {}
+    for tree, runs in rounds.items():
+        summary[tree] = {}
+        for model in first["models"]:
+            summary[tree][model] = {mode: {k: statistics.median(run["models"][model][mode][k] for run in runs)
+                                           for k in keys if k in first["models"][model][mode]}
+                                    for mode in first["models"][model]}
+    print(f"\n{'model, mode':30} {'tree':>4} {'host ms':>8} {'wall ms':>8} {'graph ms':>9}   host vs tree 1")
+    for model in first["models"]:
+        for mode in first["models"][model]:
+            base = summary[trees[0]][model][mode]
+            for i, tree in enumerate(trees, 1):
+                s = summary[tree][model][mode]
+                graph = f"{s['graph_ms']:9.2f}" if "graph_ms" in s else f"{'-':>9}"
+                print(f"{model + ', ' + mode:30} {i:>4} {s['host_ms']:8.2f} {s['wall_ms']:8.2f} {graph}   "
+                      f"{base['host_ms'] / s['host_ms']:.2f}x")
+    write_json(args.output, {"kind": "gpu_host_trees", "machine": first["machine"], "settings": settings(args),
+                             "trees": trees, "rounds": rounds, "summary": summary})
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+def _without(argv: list, options: tuple) -> list:
+    """``argv`` without ``options`` and the values that follow each."""
+    out, skipping = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skipping = a.split("=")[0] in options
+            if skipping:
+                continue
+        elif skipping:
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.trees:
+        return compare_trees(args, argv)
     results = begin(args, "gpu_host", models={})
     if results is None:
         return 1
+    import metaformer
+
+    results["metaformer_path"] = str(Path(metaformer.__file__).resolve().parent)  # which tree ran
     for name in args.models:
         for side in args.sides:
             if side == "timm" and name not in TIMM:

@@ -214,6 +214,31 @@ def test_host_smoke_run_records_host_and_wall_time_and_profiles_ours(tmp_path):
     assert "model.py" in models["poolformer_s12 ours"]["inference"]["profile_cumulative"]
 
 
+def test_host_smoke_run_compares_source_trees_in_subprocesses(tmp_path):
+    """bench_gpu_host.py --trees: ours from each tree in its own subprocess (each run records the package it
+    imported: the tree's own), the medians per tree and mode; a directory without the package, or a tree named
+    twice, is refused."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "src" / "metaformer", copy / "metaformer")
+    path = tmp_path / "trees.json"
+    src = str((ROOT / "src").resolve())
+    out = _run("bench_gpu_host.py", "--smoke", "--models", "identityformer_s12", "--trees", src, str(copy),
+               "--rounds", "1", "--output", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    res = json.loads(path.read_text())
+    assert res["trees"] == [src, str(copy.resolve())]
+    for tree, runs in res["rounds"].items():
+        assert [r["metaformer_path"] for r in runs] == [str(Path(tree) / "metaformer")]
+        assert set(runs[0]["models"]) == {"identityformer_s12 ours"}  # ours only
+        for mode in ("inference", "train"):
+            row = res["summary"][tree]["identityformer_s12 ours"][mode]
+            assert 0 < row["host_ms"] <= row["wall_ms"] + 1e-6
+    assert _run("bench_gpu_host.py", "--smoke", "--trees", str(tmp_path), "--output", str(path)).returncode == 2
+    assert _run("bench_gpu_host.py", "--smoke", "--trees", src, src, "--output", str(path)).returncode == 2
+
+
 def test_groupnorm_smoke_run_checks_the_policies_and_writes_json(tmp_path):
     """bench_gpu_groupnorm.py: the MLP half per stage (plain, its operations, the layout-keeping half) and the
     whole model under the three GroupNorm policies, checked against each other before timing."""
