@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import begin, bench, settings, write_json  # noqa: E402
+from gpu_common import alternating, begin, bench, settings, tree_problem, write_json  # noqa: E402
 
 MODELS = ["poolformer_s12", "poolformerv2_s12", "identityformer_s12", "convformer_s18", "caformer_s18"]
 TIMM = {"poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18"}  # timm registers these
@@ -144,35 +144,29 @@ def compare_trees(args, argv) -> int:
     import tempfile
 
     trees = [str(t.resolve()) for t in args.trees]
-    for tree in trees:
-        if not (Path(tree) / "metaformer" / "__init__.py").is_file():
-            print(f"bench_gpu_host: {tree} holds no metaformer package (expected {tree}/metaformer/__init__.py)",
-                  file=sys.stderr)
-            return 2
-    if len(set(trees)) != len(trees):
-        print("bench_gpu_host: --trees names a tree twice; give each tree once", file=sys.stderr)
+    problem = tree_problem(trees)
+    if problem:
+        print(f"bench_gpu_host: --trees: {problem}", file=sys.stderr)
         return 2
-    child = [a for a in (argv if argv is not None else sys.argv[1:])]
-    child = _without(child, ("--trees", "--rounds", "--output", "--sides"))
+    child = _without(list(argv if argv is not None else sys.argv[1:]), ("--trees", "--rounds", "--output", "--sides"))
     rounds = {tree: [] for tree in trees}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for i, tree in enumerate(trees if r % 2 == 0 else trees[::-1]):
-                out = Path(tmp) / f"round{r}_{i}.json"
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
-                proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *child, "--sides", "ours",
-                                       "--output", str(out)], env=env, text=True, capture_output=True)
-                if proc.returncode != 0:
-                    print(proc.stdout[-2000:] + proc.stderr[-3000:], file=sys.stderr)
-                    print(f"bench_gpu_host: the run of {tree} failed", file=sys.stderr)
-                    return 1
-                run = json.loads(out.read_text())
-                if Path(run["metaformer_path"]).parent != Path(tree):
-                    print(f"bench_gpu_host: the run of {tree} imported metaformer from {run['metaformer_path']}; "
-                          "put the tree first on the path (an installed copy may shadow it)", file=sys.stderr)
-                    return 1
-                rounds[tree].append(run)
-                print(f"  round {r + 1}: {tree} done", flush=True)
+        for i, (r, tree) in enumerate(alternating(trees, args.rounds)):
+            out = Path(tmp) / f"run{i}.json"
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *child, "--sides", "ours",
+                                   "--output", str(out)], env=env, text=True, capture_output=True)
+            if proc.returncode != 0:
+                print(proc.stdout[-2000:] + proc.stderr[-3000:], file=sys.stderr)
+                print(f"bench_gpu_host: the run of {tree} failed", file=sys.stderr)
+                return 1
+            run = json.loads(out.read_text())
+            if Path(run["metaformer_path"]).parent != Path(tree):
+                print(f"bench_gpu_host: the run of {tree} imported metaformer from {run['metaformer_path']}; "
+                      "put the tree first on the path (an installed copy may shadow it)", file=sys.stderr)
+                return 1
+            rounds[tree].append(run)
+            print(f"  round {r + 1}: {tree} done", flush=True)
     first = rounds[trees[0]][0]
     keys = ("host_ms", "wall_ms", "graph_ms")
     summary = {}

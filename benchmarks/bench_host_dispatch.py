@@ -33,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from gpu_common import write_json  # noqa: E402
+from gpu_common import alternating, tree_problem, write_json  # noqa: E402
 
 MODELS = ["poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18"]
 MODES = ("inference", "train")
@@ -124,20 +124,14 @@ def run_tree(src: str, args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if len(set(args.src)) != len(args.src):
-        print(f"bench_host_dispatch: --src names a tree twice ({' '.join(args.src)}); give each tree once",
-              file=sys.stderr)
+    problem = tree_problem(args.src)
+    if problem:
+        print(f"bench_host_dispatch: --src: {problem}", file=sys.stderr)
         return 2
-    for src in args.src:
-        if not (Path(src) / "metaformer" / "__init__.py").is_file():
-            print(f"bench_host_dispatch: {src} holds no metaformer package (expected {src}/metaformer/__init__.py)",
-                  file=sys.stderr)
-            return 2
     rounds = {src: [] for src in args.src}
-    for r in range(args.rounds):
-        for src in args.src if r % 2 == 0 else args.src[::-1]:
-            rounds[src].append(run_tree(src, args))
-            print(f"  round {r + 1}: {src} done", flush=True)
+    for r, src in alternating(args.src, args.rounds):
+        rounds[src].append(run_tree(src, args))
+        print(f"  round {r + 1}: {src} done", flush=True)
     cases = list(rounds[args.src[0]][0])
     summary = {src: {case: {k: statistics.median(rd[case][k] for rd in rs) for k in rs[0][case]} for case in cases}
                for src, rs in rounds.items()}

@@ -355,6 +355,24 @@ def compare(name: str, got: dict, want: dict, tol: float) -> dict:
     return errors
 
 
+def tree_problem(trees: list) -> str | None:
+    """Why source ``trees`` (directories holding the ``metaformer`` package, compared in subprocesses by
+    ``bench_gpu_host.py --trees`` and ``bench_host_dispatch.py --src``) cannot be compared, or None."""
+    if len({str(Path(t).resolve()) for t in trees}) != len(trees):
+        return f"a tree is named twice ({' '.join(map(str, trees))}); give each tree once"
+    for tree in trees:
+        if not (Path(tree) / "metaformer" / "__init__.py").is_file():
+            return f"{tree} holds no metaformer package (expected {tree}/metaformer/__init__.py)"
+    return None
+
+
+def alternating(trees: list, rounds: int):
+    """(round, tree) for every tree in every round, in turn forwards and backwards (neither tree always first)."""
+    for r in range(rounds):
+        for tree in trees if r % 2 == 0 else trees[::-1]:
+            yield r, tree
+
+
 def write_json(path: Path, results: dict) -> None:
     from metaformer.files import write_text
 
