@@ -48,7 +48,7 @@ from ..mixers import SepConv, check_mixer_output
 from ..tracing import autocast_dtype, autocast_enabled
 from . import _interpreting, resolve_backend
 from .baseline_ops import layernorm_channels, residual_layernorm, star_relu
-from .folding import group_norm1, group_norm1_pays, half_kind, norm_kind
+from .folding import group_norm1, group_norm1_pays, half_kind, norm_kind, plain_1x1
 
 __all__ = ["edge_norm", "halves_apply", "ln_block", "ln_mixer_half", "starrelu_mlp_half"]
 
@@ -261,9 +261,7 @@ def _pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     where PyTorch's TF32 settings for matrix products and for cuDNN differ (by default cuDNN's convolutions
     use TF32 and matrix products do not: the layer keeps the precision and speed its convolution has).
     """
-    if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-            and conv.groups == 1 and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1)
-            and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    if (plain_1x1(conv) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
             and ((x.is_cuda and _gemm_precision_agrees(x)) or _interpreting())):
         weight = conv.weight  # (out, in, 1, 1): a view as (out, in) whatever its strides (the last two are 1)
         y = F.linear(x.permute(0, 2, 3, 1), weight.view(weight.shape[0], weight.shape[1]), conv.bias)
