@@ -16,6 +16,7 @@ import sys
 import time
 
 import torch
+from helpers import graph_node_names
 
 import metaformer
 import metaformer.kernels as K
@@ -289,19 +290,6 @@ def group_edge_norms() -> None:
         assert "LayerNorm" in type(_kernel_node(module(x.clone().requires_grad_(True)), kind)).__name__, kind
 
 
-def _graph_names(out) -> list:
-    """The names of every autograd node in ``out``'s graph."""
-    names, stack, seen = [], [out.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return names
-
-
 def group_pointwise() -> None:
     """The 1x1 convolutions as matrix products of a channels_last map's (B, H, W, C) view (``_pointwise``), and
     a SepConv mixer through them and the StarReLU kernel (``_mix``): the output (values, dtype and strides) and
@@ -315,7 +303,7 @@ def group_pointwise() -> None:
             x = torch.randn(2, 8, 3, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
             check(conv, x, which=("pointwise",), label=f"1x1 {dtype} bias={bias}")
             out = H._pointwise(conv, x.clone().requires_grad_(True))
-            names = _graph_names(out)
+            names = graph_node_names(out)
             assert out.stride() == conv(x).stride() and out.is_contiguous(memory_format=torch.channels_last)
             assert not any("Convolution" in n for n in names) and any("mm" in n.lower() for n in names), names
     conv = torch.nn.Conv2d(8, 12, 1)  # a weight of transposed strides (a model's .to(channels_last) changes them too)
@@ -326,7 +314,7 @@ def group_pointwise() -> None:
         mixer = randomize_(SepConv(8)).to(dtype)
         x = torch.randn(2, 8, 5, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)
         check(mixer, x, which=("mix",), label=f"SepConv {dtype}")
-        names = _graph_names(H._mix(mixer, x.clone().requires_grad_(True)))
+        names = graph_node_names(H._mix(mixer, x.clone().requires_grad_(True)))
         assert sum("Convolution" in n for n in names) == 1 and any("StarReLU" in n for n in names), names
     x = torch.randn(2, 8, 6, 6)
     cl = x.contiguous(memory_format=torch.channels_last)
@@ -335,7 +323,7 @@ def group_pointwise() -> None:
                     (torch.nn.Conv2d(8, 8, 1, groups=2), cl), (torch.nn.Conv2d(8, 8, 3, padding=1), cl),
                     (torch.nn.Conv2d(8, 8, 1, padding=1), cl), (own, cl)):
         out = H._pointwise(conv, t.clone().requires_grad_(True))
-        assert any("Convolution" in n for n in _graph_names(out)), conv
+        assert any("Convolution" in n for n in graph_node_names(out)), conv
         torch.testing.assert_close(out, conv(t), rtol=0, atol=0)
 
 

@@ -27,6 +27,19 @@ def built_model(name: str, **kwargs):
     return model
 
 
+def graph_node_names(out) -> list:
+    """The class names of every autograd node in ``out``'s graph (``ConvolutionBackward0``, ``MmBackward0``...)."""
+    names, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return names
+
+
 def input_size_for(name: str):
     """Small inputs for speed; models with fixed-size parts need their 224x224."""
 
