@@ -669,6 +669,29 @@ def test_the_channel_layernorm_runs_with_a_weight(family, mode):
     assert not no_weight, f"{len(no_weight)} of {len(calls)} LayerNorm calls without a weight: {no_weight[:3]}"
 
 
+def test_the_layernorm_weight_of_ones_is_made_once_and_serves_training_too():
+    """``ln_weight``'s ones are made once per width and dtype and shared, as an ordinary tensor even where the
+    first call came under ``torch.inference_mode`` (an inference tensor could not be saved for a later training
+    step's backward); the norm equals PyTorch's without a weight, bit for bit."""
+    from metaformer.kernels import folding
+
+    folding._ONES.clear()
+    x = torch.randn(2, 8, 5, 7).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        first = folding.ln_weight(None, x, 8)
+        n = folding.normalise("ln", x, 1e-6)
+    assert folding.ln_weight(None, x, 8) is first and not first.is_inference() and not first.requires_grad
+    assert torch.equal(first, torch.ones(8)) and folding.ln_weight(None, x.double(), 8).dtype == torch.float64
+    plain = F.layer_norm(x.permute(0, 2, 3, 1), (8,), None, None, 1e-6).permute(0, 3, 1, 2)
+    assert torch.equal(n, plain)
+    model = copy.deepcopy(tiny("convformer")).train()  # its MLP node saves the ones for its backward
+    folding._ONES.clear()
+    with torch.inference_mode():
+        model.eval()(torch.randn(1, 3, *SIZE))
+    model.train()(torch.randn(2, 3, *SIZE)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("family", ["poolformerv2", "convformer"])
 def test_the_mlp_half_backward_takes_no_square_root(family):
     """PyTorch's CPU ``sqrt`` runs 7-10x slower than a multiply: the StarReLU MLP half's node keeps ``relu(h)``
@@ -798,14 +821,15 @@ def test_data_gradients_through_onednn_match_reference(family, drop_path, monkey
 @pytest.mark.parametrize("family", ["poolformer", "convformer"])
 def test_the_downsampling_convolution_runs_on_a_packed_weight(family):
     """In evaluation on CPU each downsampling convolution runs as a oneDNN primitive on a weight packed once
-    (``F.conv2d`` reordered it on every call); the values are the plain composition's, a weight changed in
+    (``F.conv2d`` reordered it on every call), and so does the stem's before a channel LayerNorm (the
+    baselines'; PoolFormer v1's stem has no norm); the values are the plain composition's, a weight changed in
     place is used at the next call, a hook on the convolution runs, and with gradients on it gets one."""
     model = copy.deepcopy(tiny(family)).eval()
     x = torch.randn(2, 3, *SIZE)
     with torch.no_grad():
         y, events = _profiled(lambda: model(x))
         convs = [e for e in events if e.name == "aten::mkldnn_convolution"]
-        assert len(convs) == 1  # the stem's; the three downsampling convolutions take the primitive
+        assert len(convs) == (1 if family == "poolformer" else 0)  # PoolFormer v1's stem: F.conv2d
         torch.testing.assert_close(y, _run(model, x, "reference", grad=False)[0], rtol=1e-5, atol=1e-5)
         conv = model.stages[2].downsample.conv
         conv.weight.mul_(-0.5)  # in place: the packed weight must follow
@@ -822,6 +846,31 @@ def test_the_downsampling_convolution_runs_on_a_packed_weight(family):
     model.stages[1].downsample.conv = nn.Sequential(model.stages[1].downsample.conv)  # one's own module there
     with torch.no_grad():
         torch.testing.assert_close(model(x), _run(model, x, "reference", grad=False)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("batch,size", [(2, (45, 61)), (1, (224, 224)), (3, (9, 8))])
+def test_the_stem_on_a_packed_weight_returns_the_plain_stems_values_and_layout(layout, batch, size):
+    """The stem called on its own, before a channel LayerNorm, in evaluation: the packed primitive's result is
+    the plain stem's to float32 rounding with the same strides (channels_last, which the plain norm returns
+    for NCHW images too); with a hook on its convolution, or gradients on, the plain stem runs."""
+    stem = copy.deepcopy(tiny("convformer")).eval().stem
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(batch, 3, *size).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        (got, events), want = _profiled(lambda: stem(x)), _with_backend("reference", lambda: stem(x))
+    assert not [e for e in events if e.name == "aten::mkldnn_convolution"], "the stem ran F.conv2d"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.stride() == want.stride(), f"strides {got.stride()}, the plain stem's {want.stride()}"
+    seen = []
+    handle = stem.conv.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(stem(x), want, rtol=1e-5, atol=1e-5)
+    handle.remove()
+    assert len(seen) == 1
+    stem(x).sum().backward()
+    assert stem.conv.weight.grad is not None
 
 
 # ---------------------------------------------------------------------------- function transforms, forward AD

@@ -335,8 +335,9 @@ def run_attention(x: torch.Tensor, kind: str, eps: float, p: Folded, mixer: nn.M
 
 # ------------------------------------------------------------------------------------------ downsampling
 def downsample_conv(conv: nn.Conv2d, owner: nn.Module, n: torch.Tensor) -> Optional[torch.Tensor]:
-    """``conv(n)``, the downsampling ``nn.Conv2d`` on its (normalised) 4-D input, as a oneDNN primitive on a
-    weight packed once per input shape (cached with ``owner``); None where it does not apply.
+    """``conv(n)``, a downsampling's ``nn.Conv2d`` on its (normalised) 4-D input or the stem's on the image, as a
+    oneDNN primitive on a weight packed once per input shape (cached with ``owner``); None where it does not
+    apply. The result is channels_last, also for an NCHW input.
 
     ``F.conv2d`` reorders the weight on every call (for a channels_last input, first into channels_last with a
     copy): at batch 1 that was 3% of a poolformer_s12 forward.

@@ -161,14 +161,8 @@ def downsample_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     n = _edge_norm(module, x, module.conv)
     n = module.norm(x) if n is None else n
-    conv = module.conv
-    # (onednn_usable: an fp32 CPU tensor, eager, nothing needing a gradient)
-    if (type(conv) is nn.Conv2d and fast_paths_active(n, module) and cpu_eval.channels_last_only(n)
-            and onednn.onednn_usable(n, (conv.weight, conv.bias)) and not _cpu_autocast()):
-        y = cpu_eval.downsample_conv(conv, module, n)
-        if y is not None:
-            return y
-    return conv(n)
+    y = _packed_conv(module, n) if cpu_eval.channels_last_only(n) else None
+    return module.conv(n) if y is None else y
 
 
 def stem_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -177,10 +171,29 @@ def stem_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     On CUDA (the ``"auto"`` or ``"triton"`` backend, eager), for a channels_last map, a ``LayerNorm2d`` runs as
     the Triton LayerNorm kernel (:func:`metaformer.kernels.cuda_halves.edge_norm`): the values and the layout
     of the plain norm, to rounding, with autograd.
+
+    On CPU in evaluation (as for :func:`downsample_forward`), before a ``LayerNorm2d`` the convolution runs as a
+    oneDNN primitive on a weight packed once: its result is channels_last, as the plain norm's is (it works on
+    the channels-last view); the same values to float32 rounding. (Without that norm the plain stem returns an
+    NCHW input's layout, and ``F.conv2d`` runs.) convformer_s18 at batch 16: the stem 7.9 against 6.5 ms.
     """
-    y = module.conv(x)
+    y = _packed_conv(module, x) if norm_kind(module.norm) == "ln" else None
+    y = module.conv(x) if y is None else y
     n = _edge_norm(module, y)
     return module.norm(y) if n is None else n
+
+
+def _packed_conv(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``module.conv(x)`` (a stem's or a downsampling's) as a oneDNN primitive on a weight packed once
+    (:func:`metaformer.kernels.cpu_eval.downsample_conv`; its result is channels_last), or None where that does
+    not apply: fp32 on CPU in eager mode with nothing needing a gradient (:func:`onednn.onednn_usable`), an
+    ``nn.Conv2d`` itself, the module's parts unhooked, no CPU autocast."""
+    conv = module.conv
+    # (fast_paths_active first: it refuses what is not a real tensor, an FX proxy)
+    if (type(conv) is nn.Conv2d and fast_paths_active(x, module) and x.dim() == 4
+            and onednn.onednn_usable(x, (conv.weight, conv.bias)) and not _cpu_autocast()):
+        return cpu_eval.downsample_conv(conv, module, x)
+    return None
 
 
 def _edge_norm(module: nn.Module, x: torch.Tensor, conv: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
