@@ -331,3 +331,45 @@ def test_autocast_state_per_device_on_old_and_new_torch(monkeypatch):
     with monkeypatch.context() as m:
         old_torch(m)
         assert states()[:2] == (False, False) and autocast_dtype("cuda") == cuda_dtype
+
+
+def test_group_norm_avoids_the_crash_of_old_pytorch(monkeypatch):
+    """PyTorch < 2.14 crashes (SIGSEGV) in the CPU backward of F.group_norm on a channels_last input that needs no
+    gradient while the weight does: fine-tuning later stages of a partly frozen model, whose blocks run in
+    channels_last on CPU. tracing.group_norm then normalises a contiguous copy. With that branch forced on
+    (it runs on PyTorch < 2.14 only): the same values, gradients and layout as F.group_norm, and the branch taken
+    only for that case."""
+    from torch.nn import functional as F
+
+    from metaformer import tracing
+    from metaformer.layers import GroupNorm1
+
+    assert tracing.GROUP_NORM_BACKWARD_CRASHES == (tracing._release(torch.__version__) < (2, 14))
+    assert tracing._release("2.13.0+cpu") == (2, 13) and tracing._release("2.15.0a0+git1234") == (2, 15)
+    seen, plain = [], F.group_norm
+
+    def recording(x, *args):
+        seen.append(x.is_contiguous())
+        return plain(x, *args)
+
+    monkeypatch.setattr(tracing, "GROUP_NORM_BACKWARD_CRASHES", True)
+    monkeypatch.setattr(tracing.F, "group_norm", recording)
+    norm = GroupNorm1(6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 6, 5, 7)
+    y = norm(x)
+    assert seen == [True] and y.is_contiguous(memory_format=torch.channels_last)
+    got = torch.autograd.grad(y, (norm.weight, norm.bias), g)
+    want_y = plain(x.contiguous(), 1, norm.weight, norm.bias, 1e-5)
+    want = torch.autograd.grad(want_y, (norm.weight, norm.bias), g)
+    torch.testing.assert_close(y, want_y, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    seen.clear()
+    norm(x.requires_grad_())  # the input needs a gradient: PyTorch's own call
+    with torch.no_grad():
+        norm(x)  # no backward
+    norm(x.detach().contiguous())  # NCHW
+    assert seen == [False, False, True]

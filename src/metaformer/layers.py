@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .tracing import group_norm
 
 __all__ = [
     "GroupNorm1",
@@ -129,6 +130,8 @@ class GroupNorm1(_ChannelAffineNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # F.group_norm, avoiding a crash of PyTorch < 2.14 (tracing.group_norm)
+            return group_norm(x, 1, self.weight, self.bias, self.eps)
         return F.group_norm(x, 1, self.weight, self.bias, self.eps)
 
 

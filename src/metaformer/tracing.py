@@ -7,15 +7,18 @@ through ``torch.jit.is_scripting()`` at the call site.
 
 Whether autocast is on, and its dtype, per device, on every PyTorch the library supports (the device
 argument of ``torch.is_autocast_enabled`` and ``torch.get_autocast_dtype`` is new in 2.4).
+
+:func:`group_norm`: ``F.group_norm``, working around a crash of PyTorch's CPU GroupNorm backward before 2.14.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["is_eager", "autocast_enabled", "autocast_dtype", "fp32_list_dtype"]
+__all__ = ["is_eager", "autocast_enabled", "autocast_dtype", "fp32_list_dtype", "group_norm"]
 
 
 def is_eager(x: Any) -> bool:
@@ -46,3 +49,34 @@ def fp32_list_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     if device_type == "cuda" and dtype != torch.float64 and autocast_enabled("cuda"):
         return torch.float32
     return dtype
+
+
+def _release(version: str) -> tuple:
+    """``(major, minor)`` of a PyTorch version string (``"2.13.0+cpu"``, ``"2.15.0a0+git..."``)."""
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+# PyTorch before 2.14 crashes the process (SIGSEGV) in the CPU backward of ``F.group_norm`` on a channels_last
+# input that needs no gradient while the weight or bias needs one (measured: 2.3.1, 2.4.1, 2.5.1, 2.6.0, 2.9.1
+# and 2.13.0 crash; 2.14.0 and 2.14.1 do not). Fine-tuning the later stages of a model whose earlier ones are
+# frozen meets exactly that, and on CPU the fast paths run the blocks in channels_last.
+GROUP_NORM_BACKWARD_CRASHES = _release(torch.__version__) < (2, 14)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float) -> torch.Tensor:
+    """``F.group_norm(x, num_groups, weight, bias, eps)``; on a PyTorch whose CPU backward would crash for it
+    (:data:`GROUP_NORM_BACKWARD_CRASHES`: a 4-D CPU ``x`` that is not contiguous and needs no gradient, with a
+    weight or bias that needs one), computed on a contiguous copy of ``x`` and returned channels_last where ``x``
+    is: the same values, and the same layout as ``F.group_norm`` gives."""
+    if (GROUP_NORM_BACKWARD_CRASHES and isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"
+            and not x.is_contiguous() and torch.is_grad_enabled() and not x.requires_grad
+            and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))):
+        y = F.group_norm(x.contiguous(), num_groups, weight, bias, eps)
+        cl = x.is_contiguous(memory_format=torch.channels_last)
+        return y.contiguous(memory_format=torch.channels_last) if cl else y
+    return F.group_norm(x, num_groups, weight, bias, eps)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tracing import fp32_list_dtype
+from ..tracing import fp32_list_dtype, group_norm
 from .torch_impl import wants_grad, writable_temporary
 
 __all__ = ["norm_kind", "act_kind", "scale_of", "half_kind", "normalise", "group_norm1", "group_norm1_pays", "ln_weight",
@@ -144,7 +144,7 @@ def normalise(kind: str, x: torch.Tensor, eps: float, weight: Optional[torch.Ten
     if kind == "gn":
         if x.is_cuda and group_norm1_pays(x, weight, bias):
             return group_norm1(x, weight, bias, eps)
-        return F.group_norm(x, 1, weight, bias, eps)
+        return group_norm(x, 1, weight, bias, eps)
     c = x.shape[1]
     y = F.layer_norm(x.permute(0, 2, 3, 1), (c,), ln_weight(weight, x, c), bias, eps)
     return y.permute(0, 3, 1, 2)
