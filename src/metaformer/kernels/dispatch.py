@@ -161,7 +161,7 @@ def downsample_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     n = _edge_norm(module, x, module.conv)
     n = module.norm(x) if n is None else n
-    y = _packed_conv(module, n) if cpu_eval.channels_last_only(n) else None
+    y = _packed_conv(module, n, channels_last=True)
     return module.conv(n) if y is None else y
 
 
@@ -183,14 +183,16 @@ def stem_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.norm(y) if n is None else n
 
 
-def _packed_conv(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+def _packed_conv(module: nn.Module, x: torch.Tensor, channels_last: bool = False) -> Optional[torch.Tensor]:
     """``module.conv(x)`` (a stem's or a downsampling's) as a oneDNN primitive on a weight packed once
     (:func:`metaformer.kernels.cpu_eval.downsample_conv`; its result is channels_last), or None where that does
     not apply: fp32 on CPU in eager mode with nothing needing a gradient (:func:`onednn.onednn_usable`), an
-    ``nn.Conv2d`` itself, the module's parts unhooked, no CPU autocast."""
+    ``nn.Conv2d`` itself, the module's parts unhooked, no CPU autocast; with ``channels_last``, only for a
+    channels_last ``x``."""
     conv = module.conv
     # (fast_paths_active first: it refuses what is not a real tensor, an FX proxy)
     if (type(conv) is nn.Conv2d and fast_paths_active(x, module) and x.dim() == 4
+            and (not channels_last or cpu_eval.channels_last_only(x))
             and onednn.onednn_usable(x, (conv.weight, conv.bias)) and not _cpu_autocast()):
         return cpu_eval.downsample_conv(conv, module, x)
     return None
