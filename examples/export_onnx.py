@@ -18,6 +18,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import tempfile
 import time
@@ -39,9 +40,11 @@ def export(model: torch.nn.Module, path: str, image_size: int, opset: int = 17, 
                               opset_version=opset, dynamo=True,
                               dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
         else:
+            # (dynamo=False picks the TorchScript-based exporter where PyTorch has both: 2.5 and later)
+            legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
             torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"],
-                              opset_version=opset, dynamo=False,
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+                              opset_version=opset, dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                              **legacy)
 
 
 def main(argv=None) -> float:

@@ -109,3 +109,14 @@ def docs_hook(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def onnx_torchscript_exporter() -> dict:
+    """The keyword that picks ``torch.onnx.export``'s TorchScript-based exporter where it has a choice: ``dynamo=False``
+    (the argument is new in PyTorch 2.5; before, that exporter is the only one)."""
+    import inspect
+
+    import torch
+
+    return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import onnx_torchscript_exporter
 
 import metaformer
 
@@ -124,7 +125,7 @@ def test_onnx_export_matches_onnxruntime(name, optimized):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         # dynamo=False: the TorchScript-based exporter needs only `onnx` (dynamo=True also needs onnxscript).
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["images"],
+        torch.onnx.export(model, (x,), buf, **onnx_torchscript_exporter(), opset_version=17, input_names=["images"],
                           output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
     session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     x3 = torch.randn(3, 3, *SIZE)  # another batch size: the batch axis is dynamic

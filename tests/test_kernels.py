@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import onnx_torchscript_exporter
 from kernel_checks import EPS, check, check_large_mean, fused, inputs, ref
 
 import metaformer.kernels as K
@@ -131,7 +132,7 @@ def test_torch_onnx_export_matches_onnxruntime(backend):
             return K.pool_mixer_residual(x, self.w, eps=EPS, pool_size=5, res_scale=self.r)
 
     buf = io.BytesIO()
-    torch.onnx.export(M(), (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
+    torch.onnx.export(M(), (x,), buf, **onnx_torchscript_exporter(), opset_version=17, input_names=["x"])
     sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {"x": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(y), ref(x, w, r, k=5), rtol=1e-5, atol=1e-3)

@@ -307,7 +307,10 @@ def test_autocast_state_per_device_on_old_and_new_torch(monkeypatch):
     """tracing.autocast_enabled / autocast_dtype answer per device on this PyTorch, and through the per-device
     functions of PyTorch < 2.4, whose is_autocast_enabled takes no device and which has no get_autocast_dtype
     (the CUDA halves and the input checks ask them; pyproject allows torch >= 2.3)."""
+    from metaformer import tracing
     from metaformer.tracing import autocast_dtype, autocast_enabled
+
+    assert tracing.PER_DEVICE_AUTOCAST == (tracing._release(torch.__version__) >= (2, 4))
 
     def states():
         return autocast_enabled("cpu"), autocast_enabled("cuda"), autocast_dtype("cpu")
@@ -316,14 +319,17 @@ def test_autocast_state_per_device_on_old_and_new_torch(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         new = states()
     assert new == (True, False, torch.bfloat16)
-    cuda_dtype = torch.get_autocast_dtype("cuda")
+    cuda_dtype = torch.get_autocast_dtype("cuda") if tracing.PER_DEVICE_AUTOCAST else torch.get_autocast_gpu_dtype()
     assert autocast_dtype("cuda") == cuda_dtype
+    if not tracing.PER_DEVICE_AUTOCAST:
+        return  # this PyTorch has the old API itself: nothing to imitate
 
     cuda_enabled = torch.is_autocast_enabled  # the old API: no device argument, the plain function is CUDA's
 
     def old_torch(m):  # (torch.autocast itself calls the new API: patched only inside its context)
         m.setattr(torch, "is_autocast_enabled", lambda: cuda_enabled("cuda"))
         m.delattr(torch, "get_autocast_dtype")
+        m.setattr(tracing, "PER_DEVICE_AUTOCAST", False)  # what tracing decides on PyTorch < 2.4
 
     with torch.autocast("cpu", dtype=torch.bfloat16), monkeypatch.context() as m:
         old_torch(m)

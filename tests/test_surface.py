@@ -25,7 +25,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import FAMILY_REPS, built_model, input_size_for
+from helpers import FAMILY_REPS, built_model, input_size_for, onnx_torchscript_exporter
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import metaformer
@@ -295,7 +295,7 @@ def _onnx_run(model, x, dynamo):
         if dynamo:  # the default exporter of recent PyTorch (torch.export, then onnxscript)
             data = torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto.SerializeToString()
         else:
-            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
+            torch.onnx.export(model, (x,), buf, **onnx_torchscript_exporter(), opset_version=17)
             data = buf.getvalue()
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     return [torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: x.numpy()})]

@@ -21,6 +21,22 @@ import torch.nn.functional as F
 __all__ = ["is_eager", "autocast_enabled", "autocast_dtype", "fp32_list_dtype", "group_norm"]
 
 
+def _release(version: str) -> tuple:
+    """``(major, minor)`` of a PyTorch version string (``"2.13.0+cpu"``, ``"2.15.0a0+git..."``)."""
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+# Decided once from the release rather than by catching an error: under torch.compile a call that PyTorch 2.3
+# refuses raises Dynamo's own error, not the TypeError that an eager call raises.
+# torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device): new in 2.4.
+PER_DEVICE_AUTOCAST = _release(torch.__version__) >= (2, 4)
+# torch.compile reads a module's instance __dict__ (guards.module_hooked): from 2.4.
+DYNAMO_READS_DICT = _release(torch.__version__) >= (2, 4)
+
+
 def is_eager(x: Any) -> bool:
     """True unless ``x`` is an FX proxy or a jit trace, an ONNX export or torch.compile is running."""
     return not (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
@@ -29,18 +45,17 @@ def is_eager(x: Any) -> bool:
 
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (``"cuda"`` or ``"cpu"``)."""
-    try:
+    if PER_DEVICE_AUTOCAST:
         return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: one function per device, the plain one for CUDA
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    # torch < 2.4: one function per device, the plain one for CUDA
+    return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def autocast_dtype(device_type: str) -> torch.dtype:
     """The dtype autocast casts to on ``device_type`` (``"cuda"`` or ``"cpu"``)."""
-    try:
+    if PER_DEVICE_AUTOCAST:
         return torch.get_autocast_dtype(device_type)
-    except (AttributeError, TypeError):  # torch < 2.4
-        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
 
 
 def fp32_list_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
@@ -50,14 +65,6 @@ def fp32_list_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
         return torch.float32
     return dtype
 
-
-def _release(version: str) -> tuple:
-    """``(major, minor)`` of a PyTorch version string (``"2.13.0+cpu"``, ``"2.15.0a0+git..."``)."""
-    parts = []
-    for part in version.split(".")[:2]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
 
 
 # PyTorch before 2.14 crashes the process (SIGSEGV) in the CPU backward of ``F.group_norm`` on a channels_last

@@ -102,14 +102,24 @@ def get_backend() -> str:
     """
     global _backend
     if _backend is None:
-        _backend = _check_backend(
-            os.environ.get(ENV_VAR, "auto") or "auto", f"environment variable {ENV_VAR}"
-        )
+        # (a first call while torch.compile traces takes the value the variable had at import: before PyTorch 2.4
+        # it cannot trace a read of os.environ)
+        value = _ENV_AT_IMPORT if torch.compiler.is_compiling() else os.environ.get(ENV_VAR)
+        _backend = _check_backend(value or "auto", f"environment variable {ENV_VAR}")
     return _backend
 
 
+_ENV_AT_IMPORT = os.environ.get(ENV_VAR)
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels through its interpreter (``TRITON_INTERPRET=1``). Read once, when this module
+    is imported: Triton reads it when its kernels are defined, so it does not change later in a process, and
+    torch.compile before PyTorch 2.4 cannot trace a read of ``os.environ`` (a model's blocks ask this)."""
+    return _INTERPRETING
+
+
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(x: torch.Tensor) -> str:

@@ -41,7 +41,8 @@ def _module(name: str):
     if module is None:
         from .. import blocks, layers, mixers
 
-        _MODULES.update(layers=layers, mixers=mixers, blocks=blocks)
+        # (item by item: torch.compile before PyTorch 2.4 cannot trace dict.update on a global)
+        _MODULES["layers"], _MODULES["mixers"], _MODULES["blocks"] = layers, mixers, blocks
         module = _MODULES[name]
     return module
 

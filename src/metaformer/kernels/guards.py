@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..tracing import DYNAMO_READS_DICT
+
 # The package defines it before it imports this module (through dispatch, at its end).
 from . import get_backend
 
@@ -74,6 +76,11 @@ _GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, f"_global{name}", None) f
 def module_hooked(module: nn.Module) -> bool:
     """Whether ``module`` has a hook of its own (forward, forward pre-, backward) or an instance-level
     ``forward`` (a wrapper such as accelerate's)."""
+    if not DYNAMO_READS_DICT and torch.compiler.is_compiling():
+        # PyTorch 2.3's torch.compile cannot read an instance's __dict__: the hooks alone, as attributes (an
+        # instance-level forward is not seen there)
+        return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                    or module._backward_pre_hooks)
     d = module.__dict__
     # (written out rather than any() over _MODULE_HOOKS: every block's forward asks this of each of its parts)
     return bool("forward" in d or d.get("_forward_hooks") or d.get("_forward_pre_hooks")
