@@ -95,7 +95,8 @@ def set_backend(name: str) -> None:
 def get_backend() -> str:
     """Returns the selected backend name (not resolved for a tensor; may be ``"auto"``).
 
-    The first call without a prior ``set_backend`` reads ``METAFORMER_BACKEND`` (default ``"auto"``).
+    The first call without a prior ``set_backend`` reads ``METAFORMER_BACKEND`` (default ``"auto"``); a first call
+    made while torch.compile traces takes the value the variable had when ``metaformer`` was imported.
 
     Raises:
         ValueError: If ``METAFORMER_BACKEND`` holds an invalid value.
