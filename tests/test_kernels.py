@@ -188,6 +188,24 @@ def test_input_validation():
         K.pool_mixer_residual(x[0], torch.ones(3), eps=EPS)
 
 
+def test_a_triton_older_than_3_is_not_used(tmp_path):
+    """Triton 2.x (PyTorch 2.3's) refuses the kernels: the kernels switch Triton off at import and say why, and
+    the PyTorch paths run (a stand-in package that reports version 2.3.1)."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("__version__ = '2.3.1'\n")
+    code = (
+        "import torch, metaformer.kernels as K\n"
+        "assert not K.TRITON_AVAILABLE and 'older than 3.0' in str(K.TRITON_IMPORT_ERROR), K.TRITON_IMPORT_ERROR\n"
+        "x = torch.randn(1, 2, 3, 3)\n"
+        "assert K.resolve_backend(x) == 'torch'\n"
+        "K.pool_mixer_residual(x, torch.ones(2), eps=1e-5)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(_SRC), os.environ.get("PYTHONPATH", "")])}
+    env.pop("METAFORMER_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
 def test_import_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"

@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from ..tracing import _release
 from . import selfcheck
 from .pool_autograd import pool_half_autograd
 from .torch_impl import pool_mixer_residual_reference, pool_mixer_residual_torch
@@ -55,7 +56,16 @@ __all__ = [
 BACKENDS = ("auto", "torch", "triton", "reference")
 ENV_VAR = "METAFORMER_BACKEND"
 
-try:  # Triton is optional: any failure (missing, broken install, no driver) disables it.
+# The oldest Triton the kernels are written for: Triton 2.x (PyTorch 2.3's) refuses them (``tl.arange`` of a
+# constexpr function's result, measured under its interpreter), and the PyTorch paths then run instead.
+TRITON_MIN_VERSION = (3, 0)
+
+try:  # Triton is optional: any failure (missing, broken install, no driver, too old) disables it.
+    import triton as _triton
+
+    if _release(getattr(_triton, "__version__", "0")) < TRITON_MIN_VERSION:
+        raise ImportError(f"Triton {_triton.__version__} is older than 3.0, which metaformer's kernels need (it "
+                          "comes with PyTorch 2.4 and later); the PyTorch paths run instead")
     from . import triton_impl
     from .triton_impl import pool_mixer_residual_triton
 
