@@ -22,19 +22,21 @@ __all__ = ["is_eager", "autocast_enabled", "autocast_dtype", "fp32_list_dtype", 
 
 
 def _release(version: str) -> tuple:
-    """``(major, minor)`` of a PyTorch version string (``"2.13.0+cpu"``, ``"2.15.0a0+git..."``)."""
+    """``(major, minor)`` of a version string (PyTorch's ``"2.13.0+cpu"``, ``"2.15.0a0+git..."``; Triton's)."""
     parts = []
     for part in version.split(".")[:2]:
         digits = "".join(ch for ch in part if ch.isdigit())
         parts.append(int(digits) if digits else 0)
     return tuple(parts)
 
+
+_TORCH_RELEASE = _release(torch.__version__)
 # Decided once from the release rather than by catching an error: under torch.compile a call that PyTorch 2.3
 # refuses raises Dynamo's own error, not the TypeError that an eager call raises.
 # torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device): new in 2.4.
-PER_DEVICE_AUTOCAST = _release(torch.__version__) >= (2, 4)
+PER_DEVICE_AUTOCAST = _TORCH_RELEASE >= (2, 4)
 # torch.compile reads a module's instance __dict__ (guards.module_hooked): from 2.4.
-DYNAMO_READS_DICT = _release(torch.__version__) >= (2, 4)
+DYNAMO_READS_DICT = _TORCH_RELEASE >= (2, 4)
 
 
 def is_eager(x: Any) -> bool:
@@ -66,12 +68,11 @@ def fp32_list_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     return dtype
 
 
-
 # PyTorch before 2.14 crashes the process (SIGSEGV) in the CPU backward of ``F.group_norm`` on a channels_last
 # input that needs no gradient while the weight or bias needs one (measured: 2.3.1, 2.4.1, 2.5.1, 2.6.0, 2.9.1
 # and 2.13.0 crash; 2.14.0 and 2.14.1 do not). Fine-tuning the later stages of a model whose earlier ones are
 # frozen meets exactly that, and on CPU the fast paths run the blocks in channels_last.
-GROUP_NORM_BACKWARD_CRASHES = _release(torch.__version__) < (2, 14)
+GROUP_NORM_BACKWARD_CRASHES = _TORCH_RELEASE < (2, 14)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],

@@ -213,8 +213,7 @@ def _unreadable(path: str, e: Exception) -> CheckpointError:
     text = str(e)
     # torch words it "Unsupported global: GLOBAL x.y" or, for a blocked module, "unsupported GLOBAL x.y"; before
     # 2.4, "Unsupported class x.y"
-    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text) or re.search(
-        r"Unsupported class ([\w.]+)", text)
+    found = re.search(r"(?:[Uu]nsupported (?:global: )?GLOBAL|Unsupported class) ([\w.]+)", text)
     if found:
         return CheckpointError(
             f"{path} holds a pickled Python object ({found.group(1)}), not only tensors; metaformer reads weights "
