@@ -120,3 +120,15 @@ def onnx_torchscript_exporter() -> dict:
 
     return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
+
+def require_triton_kernels(reason: str) -> None:
+    """Skips the calling test unless triton is installed (``reason`` says why the test needs it) and the kernels
+    took it: not a Triton older than 3.0 (``metaformer.kernels.TRITON_MIN_VERSION``), nor a broken install."""
+    import pytest
+
+    pytest.importorskip("triton", reason=reason)
+    import metaformer.kernels as K
+
+    if not K.TRITON_AVAILABLE:
+        pytest.skip(f"the Triton kernels are off: {K.TRITON_IMPORT_ERROR}")
+

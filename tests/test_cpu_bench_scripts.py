@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import docs_hook
+from helpers import docs_hook, require_triton_kernels
 from torch import nn
 
 import metaformer
@@ -300,11 +300,7 @@ def test_host_dispatch_benchmark_profiles_each_tree_with_the_launches_stubbed(tm
     seconds)."""
     import shutil
 
-    pytest.importorskip("triton", reason="the CUDA halves run on CPU only under Triton's interpreter")
-    import metaformer.kernels as K
-
-    if not K.TRITON_AVAILABLE:  # a Triton the kernels do not take (older than 3.0), or a broken install
-        pytest.skip(f"the Triton kernels are off: {K.TRITON_IMPORT_ERROR}")
+    require_triton_kernels("the CUDA halves run on CPU only under Triton's interpreter")
     src, copy = str(ROOT / "src"), tmp_path / "copy"
     shutil.copytree(ROOT / "src" / "metaformer", copy / "metaformer")
     out = tmp_path / "host.json"

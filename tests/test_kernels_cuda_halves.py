@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import graph_node_names
+from helpers import graph_node_names, require_triton_kernels
 
 import metaformer.kernels as K
 
@@ -35,9 +35,7 @@ def backend():
 def test_halves_equal_the_block_under_the_interpreter():
     """Outputs and the gradients of the input and every parameter against mixer_half / mlp_half (fp32 1e-5,
     fp64 1e-9), eval and training, drop path on and off, a real caformer_s18 block and hand-built ones."""
-    pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
-    if not K.TRITON_AVAILABLE:  # a Triton the kernels do not take (older than 3.0), or a broken install
-        pytest.skip(f"the Triton kernels are off: {K.TRITON_IMPORT_ERROR}")
+    require_triton_kernels("triton is not installed: the Triton kernels cannot be tested")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_SRC), str(_TESTS), os.environ.get("PYTHONPATH", "")]),
            "TRITON_INTERPRET": "1"}
     env.pop("METAFORMER_BACKEND", None)
