@@ -2,6 +2,7 @@
 files that ask for too much, weights and arguments that would be silently wrong, and errors that say
 what to do. One test per case of the robustness report; each failed on metaformer 0.1.0."""
 
+import inspect
 import json
 import os
 import signal
@@ -358,7 +359,9 @@ def test_group_norm_avoids_the_crash_of_old_pytorch(monkeypatch):
         seen.append(x.is_contiguous())
         return plain(x, *args)
 
-    monkeypatch.setattr(tracing, "GROUP_NORM_BACKWARD_CRASHES", True)
+    # the flag is group_norm's default `guard` (TorchScript reads no global): force the branch there
+    assert inspect.signature(tracing.group_norm).parameters["guard"].default is tracing.GROUP_NORM_BACKWARD_CRASHES
+    monkeypatch.setattr(tracing.group_norm, "__defaults__", (True,))
     monkeypatch.setattr(tracing.F, "group_norm", recording)
     norm = GroupNorm1(6)
     with torch.no_grad():
@@ -379,3 +382,28 @@ def test_group_norm_avoids_the_crash_of_old_pytorch(monkeypatch):
         norm(x)  # no backward
     norm(x.detach().contiguous())  # NCHW
     assert seen == [False, False, True]
+
+
+def test_scripted_group_norm_avoids_the_crash_of_old_pytorch():
+    """The same case through TorchScript: a scripted GroupNorm1 (a scripted PoolFormer's) on a channels_last input
+    that needs no gradient, with a weight that needs one, then its backward. On PyTorch < 2.14 the scripted code
+    takes tracing.group_norm's contiguous copy too (before, it called F.group_norm and the backward crashed the
+    process); on any release, the values, gradients and layout of F.group_norm on the NCHW copy."""
+    from torch.nn import functional as F
+
+    from metaformer.layers import GroupNorm1
+
+    norm = GroupNorm1(6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    scripted = torch.jit.script(norm)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 6, 5, 7)
+    y = scripted(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    got = torch.autograd.grad(y, (norm.weight, norm.bias), g)
+    want_y = F.group_norm(x.contiguous(), 1, norm.weight, norm.bias, 1e-5)
+    want = torch.autograd.grad(want_y, (norm.weight, norm.bias), g)
+    torch.testing.assert_close(y, want_y, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

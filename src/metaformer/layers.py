@@ -130,9 +130,8 @@ class GroupNorm1(_ChannelAffineNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # F.group_norm, avoiding a crash of PyTorch < 2.14 (tracing.group_norm)
-            return group_norm(x, 1, self.weight, self.bias, self.eps)
-        return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+        # F.group_norm, avoiding a crash of PyTorch < 2.14 (tracing.group_norm), also in TorchScript
+        return group_norm(x, 1, self.weight, self.bias, self.eps)
 
 
 class LayerNorm2d(_ChannelAffineNorm):

@@ -76,12 +76,16 @@ GROUP_NORM_BACKWARD_CRASHES = _TORCH_RELEASE < (2, 14)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               eps: float) -> torch.Tensor:
+               eps: float, guard: bool = GROUP_NORM_BACKWARD_CRASHES) -> torch.Tensor:
     """``F.group_norm(x, num_groups, weight, bias, eps)``; on a PyTorch whose CPU backward would crash for it
     (:data:`GROUP_NORM_BACKWARD_CRASHES`: a 4-D CPU ``x`` that is not contiguous and needs no gradient, with a
     weight or bias that needs one), computed on a contiguous copy of ``x`` and returned channels_last where ``x``
-    is: the same values, and the same layout as ``F.group_norm`` gives."""
-    if (GROUP_NORM_BACKWARD_CRASHES and isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"
+    is: the same values, and the same layout as ``F.group_norm`` gives.
+
+    TorchScript compiles it too: ``guard`` (the flag, as a default argument, because TorchScript reads no global
+    variable) is a constant of the scripted code.
+    """
+    if (guard and isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"
             and not x.is_contiguous() and torch.is_grad_enabled() and not x.requires_grad
             and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))):
         y = F.group_norm(x.contiguous(), num_groups, weight, bias, eps)
