@@ -1,7 +1,10 @@
 """CPU evaluation with and without cache-sized chunks (see ``docs/kernels.md``).
 
 In evaluation a block whose MLP hidden tensor would exceed ``metaformer.kernels.cpu_eval._CHUNK_ABOVE``
-runs a few samples at a time (``default``); ``no_chunks`` raises that threshold out of reach.
+runs a few samples at a time, unless the process keeps freed blocks of that size
+(``cpu_eval.KEPT_BLOCK_BYTES``, from glibc's settings at start): ``default`` is that rule, ``chunks`` chunks
+whatever the settings, ``no_chunks`` raises the threshold out of reach. Run it once as it is and once with
+``MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000`` to see both sides of the rule.
 
 One process; every model is timed in interleaved rounds, each round calling both variants once in an
 order alternated from round to round, so load drifts affect them alike. Medians, img/s, and the ratio to
@@ -30,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_models import write_results  # noqa: E402
 
 MODELS = ("poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18")
-VARIANTS = {"default": True, "no_chunks": False}  # name -> chunks on
+# name -> (chunk threshold, kept block bytes); None: the library's own
+VARIANTS = {"default": (None, None), "chunks": (None, 0), "no_chunks": (1 << 62, None)}
 
 
 def parse_args(argv=None):
@@ -50,7 +54,7 @@ def time_model(name: str, batch: int, size: int, rounds: int) -> dict:
     """Median seconds per forward of each variant, timed in interleaved rounds."""
     model = metaformer.create(name).eval()
     x = torch.randn(batch, 3, size, size)
-    chunk_above = cpu_eval._CHUNK_ABOVE
+    chunk_above, kept = cpu_eval._CHUNK_ABOVE, cpu_eval.KEPT_BLOCK_BYTES
     times = {k: [] for k in VARIANTS}
     try:
         with torch.inference_mode():
@@ -58,13 +62,15 @@ def time_model(name: str, batch: int, size: int, rounds: int) -> dict:
                 order = list(VARIANTS)
                 order = order[i % len(order):] + order[:i % len(order)]
                 for key in order:
-                    cpu_eval._CHUNK_ABOVE = chunk_above if VARIANTS[key] else 1 << 62
+                    above, kept_bytes = VARIANTS[key]
+                    cpu_eval._CHUNK_ABOVE = chunk_above if above is None else above
+                    cpu_eval.KEPT_BLOCK_BYTES = kept if kept_bytes is None else kept_bytes
                     model(x)  # weights packed for this variant's shapes, outside the timing
                     start = time.perf_counter()
                     model(x)
                     times[key].append(time.perf_counter() - start)
     finally:
-        cpu_eval._CHUNK_ABOVE = chunk_above
+        cpu_eval._CHUNK_ABOVE, cpu_eval.KEPT_BLOCK_BYTES = chunk_above, kept
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -79,7 +85,8 @@ def main(argv=None) -> int:
                          for k, v in med.items()}
         print(f"{name:20s} " + "  ".join(f"{k} {args.batch / v:6.2f} ({med['default'] / v:.2f}x)"
                                          for k, v in med.items()), flush=True)
-    write_results(args.output, {"batch": args.batch, "size": args.size, "rounds": args.rounds}, results)
+    write_results(args.output, {"batch": args.batch, "size": args.size, "rounds": args.rounds,
+                                "kept_block_bytes": cpu_eval.KEPT_BLOCK_BYTES}, results)
     return 0
 
 

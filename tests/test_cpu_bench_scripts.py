@@ -69,14 +69,14 @@ def test_shapes_benchmark_times_both_sides_steady_and_in_turn(tmp_path, capsys):
         bench_cpu_shapes.main(["--batches", "4"])
 
 
-def test_chunks_benchmark_writes_both_variants_and_restores_the_threshold(tmp_path, capsys):
-    before = cpu_eval._CHUNK_ABOVE
+def test_chunks_benchmark_writes_every_variant_and_restores_the_threshold(tmp_path, capsys):
+    before = cpu_eval._CHUNK_ABOVE, cpu_eval.KEPT_BLOCK_BYTES
     out = tmp_path / "chunks.json"
     assert bench_cpu_chunks.main(["--models", "poolformer_s12", "--batch", "2", "--size", "64", "--rounds", "1",
                                   "--output", str(out)]) == 0
-    assert cpu_eval._CHUNK_ABOVE == before
+    assert (cpu_eval._CHUNK_ABOVE, cpu_eval.KEPT_BLOCK_BYTES) == before
     data = json.loads(out.read_text())
-    assert data["setup"]["batch"] == 2
+    assert data["setup"]["batch"] == 2 and data["setup"]["kept_block_bytes"] == before[1]
     row = data["results"]["poolformer_s12"]
     assert set(row) == set(bench_cpu_chunks.VARIANTS)
     assert all(r["median_s"] > 0 and r["img_per_s"] > 0 for r in row.values())

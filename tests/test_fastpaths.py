@@ -13,8 +13,13 @@ from __future__ import annotations
 import copy
 import functools
 import gc
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +31,8 @@ from metaformer import MetaFormer
 from metaformer.kernels import cache, onednn
 from metaformer.mixers import Attention, Identity, Pooling, RandomMixing, SepConv
 from metaformer.zoo import get_variant
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 P = functools.partial
 ATTN_V1 = P(Attention, head_dim=16, proj_bias=True)
@@ -375,10 +382,19 @@ def test_packed_weights_follow_the_batch_size(optimized, capfd):
     assert _weight_reorders(text) == []
 
 
+@pytest.fixture
+def glibc_defaults(monkeypatch):
+    """The chunking rule of a process under glibc's default settings, whatever the environment running the tests
+    (one started with settings that keep freed memory runs whole batches: see the tests below)."""
+    from metaformer.kernels import cpu_eval
+
+    monkeypatch.setattr(cpu_eval, "KEPT_BLOCK_BYTES", 0)
+
+
 @pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
 @pytest.mark.parametrize("family,batch,rows", [("poolformer", 12, 4), ("poolformer", 11, 1), ("convformer", 12, 4),
                                                ("caformer", 9, 3)])
-def test_blocks_in_chunks_match_reference(family, batch, rows, capfd):
+def test_blocks_in_chunks_match_reference(family, batch, rows, capfd, glibc_defaults):
     """A batch whose MLP hidden tensor outgrows the cache runs each block a few samples at a time (the
     oneDNN convolutions see ``rows`` samples); the result is the plain composition's, in the default path
     and in the optimized copy."""
@@ -417,7 +433,7 @@ def test_blocks_in_chunks_match_reference(family, batch, rows, capfd):
 @pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
 @pytest.mark.parametrize("mixer,batch,rows", [("pooling", 12, 4), ("pooling", 11, 1), ("identity", 12, 4),
                                               ("random", 9, 3)])
-def test_chunks_of_a_light_mixer_write_over_its_output(mixer, batch, rows):
+def test_chunks_of_a_light_mixer_write_over_its_output(mixer, batch, rows, glibc_defaults):
     """In chunks, a pooling, identity or random-mixing block runs its mixer half whole and the MLP half writes
     each chunk's result over the mixer half's output: no chunk is copied into a block output (the copies made
     kept memory 0.8-3.2% slower than the whole batch). The result is the plain composition's, in the default
@@ -446,6 +462,61 @@ def test_chunks_of_a_light_mixer_write_over_its_output(mixer, batch, rows):
         assert chunk_copies == [], what
         _close(got, expected, what=what)
     assert torch.equal(x, given)
+
+
+def test_kept_block_bytes_reads_glibc_settings():
+    """The largest freed block glibc keeps: the smaller of its mmap and trim thresholds where both are set (by
+    GLIBC_TUNABLES, else by the MALLOC_*_THRESHOLD_ variables), 0 under the defaults, with one of them alone, with a
+    value glibc would not read, and off Linux."""
+    from metaformer.kernels.cpu_eval import kept_block_bytes
+
+    kept = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
+    assert kept_block_bytes({}, "linux") == 0
+    assert kept_block_bytes(kept, "linux") == 4_000_000_000
+    assert kept_block_bytes(kept, "darwin") == 0
+    assert kept_block_bytes({"MALLOC_MMAP_THRESHOLD_": "4000000000"}, "linux") == 0
+    assert kept_block_bytes({**kept, "MALLOC_TRIM_THRESHOLD_": "33554432"}, "linux") == 32 << 20
+    assert kept_block_bytes({**kept, "MALLOC_TRIM_THRESHOLD_": "lots"}, "linux") == 0
+    tunables = "glibc.malloc.mmap_threshold=0x4000000:glibc.malloc.trim_threshold=4000000000"
+    assert kept_block_bytes({"GLIBC_TUNABLES": tunables}, "linux") == 64 << 20
+    assert kept_block_bytes({**kept, "GLIBC_TUNABLES": tunables}, "linux") == 64 << 20  # the tunables first
+    assert kept_block_bytes({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}, "linux") == 0
+
+
+@pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE or not sys.platform.startswith("linux"),
+                    reason="oneDNN and glibc's settings")
+def test_a_process_that_keeps_freed_memory_runs_whole_batches():
+    """Started with the settings docs/kernels.md recommends (freed memory kept), a process runs the first stage's
+    blocks on the whole batch: the chunks saved the page faults of fresh blocks, which it no longer pays (whole
+    models 1-5% faster there, 6-9% slower under the defaults). A fresh process either way, as glibc reads the
+    settings at start; the block's oneDNN convolutions see the whole batch, and its result is the plain
+    composition's."""
+    script = textwrap.dedent("""
+        import re, sys, torch
+        from functools import partial
+        from metaformer.blocks import MetaFormerBlock
+        from metaformer.kernels import cpu_eval, set_backend
+        from metaformer.layers import LayerNorm2d, StarReLU
+        from metaformer.mixers import SepConv
+        block = MetaFormerBlock(64, token_mixer=SepConv, norm_layer=partial(LayerNorm2d, eps=1e-6, bias=False),
+                                act_layer=StarReLU, mlp_bias=False, layer_scale_init_value=None).eval()
+        x = torch.randn(16, 64, 56, 56)
+        with torch.inference_mode():
+            got = block(x)
+            set_backend("reference")
+            want = block(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        print(cpu_eval.KEPT_BLOCK_BYTES, cpu_eval.chunk_rows(x, 256), cpu_eval.block_chunk_rows(block, x))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    outputs = []
+    for extra in ({}, {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}):
+        done = subprocess.run([sys.executable, "-c", script], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout.split())
+    assert outputs == [["0", "4", "4"], ["4000000000", "16", "None"]]
 
 
 # ------------------------------------------------------------------------------------------------ hooks

@@ -19,7 +19,9 @@ folds are those of :mod:`metaformer.kernels.folding`:
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+import sys
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,7 @@ from .folding import (
 
 __all__ = ["channels_last_only", "downsample_conv", "mlp_half", "sepconv_half", "attention_half", "run_mlp", "run_sepconv", "run_attention",
            "packed_pair", "attention_weights", "hidden_shape", "chunk_rows", "block_chunk_rows", "in_chunks",
-           "in_place_chunks"]
+           "in_place_chunks", "kept_block_bytes", "KEPT_BLOCK_BYTES"]
 
 _RELU_FIRST = {"relu": "relu", "star": "relu", "square": "relu", "gelu": "gelu", "gelu_tanh": "gelu"}
 
@@ -99,16 +101,50 @@ def _mlp_parts(block: nn.Module):
 # and re-allocated block) answered differently with the order of its sizes, so the rule stays the defaults'.
 # Pooling, identity and random-mixing blocks now chunk their MLP half alone, writing over the mixer half's
 # output (in_place_chunks): with freed memory kept their chunks then cost nothing against the whole batch.
+# Where the process was started with glibc settings that keep freed blocks (KEPT_BLOCK_BYTES, the settings
+# docs/kernels.md recommends) the whole batch ran faster for all six families (interleaved per-round ratios,
+# Xeon AVX-512, 2 cores, 25 rounds: whole / chunks 0.95-0.99), and under the defaults slower (1.06-1.09): a block
+# whose hidden tensor glibc would keep runs whole.
 _CHUNK_ABOVE = 16 << 20
 _CHUNK_BYTES = 16 << 20
 
 
+def kept_block_bytes(environ: Mapping[str, str] = os.environ, platform: str = sys.platform) -> int:
+    """The largest block that glibc's ``malloc`` keeps for reuse when it is freed, under the settings in
+    ``environ`` (the process's environment at start, which glibc read): the smaller of the mmap threshold
+    (larger blocks are mapped on their own and unmapped when freed) and the trim threshold (free memory above
+    it at the top of the heap goes back to the system), from ``GLIBC_TUNABLES`` (``glibc.malloc.mmap_threshold``,
+    ``glibc.malloc.trim_threshold``) or else ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``; 0 unless
+    both are set (glibc's defaults adapt the thresholds and give large blocks back), and 0 off Linux. Other
+    allocators (an ``LD_PRELOAD``-ed jemalloc or tcmalloc) are not recognised: 0."""
+    if not platform.startswith("linux"):
+        return 0
+    tunables = {}
+    for item in environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = item.partition("=")
+        tunables[name.strip()] = value.strip()
+    sizes = []
+    for kind in ("mmap", "trim"):
+        value = tunables.get(f"glibc.malloc.{kind}_threshold", environ.get(f"MALLOC_{kind.upper()}_THRESHOLD_"))
+        try:
+            sizes.append(int(value, 0) if value else 0)
+        except ValueError:  # glibc would not take it either
+            return 0
+    return max(0, min(sizes))
+
+
+# glibc reads its settings when the process starts; the environment at import is that one, in practice.
+KEPT_BLOCK_BYTES = kept_block_bytes()
+
+
 def chunk_rows(x: torch.Tensor, hidden: int) -> int:
     """How many samples of ``x`` a block whose MLP has ``hidden`` channels runs at a time in evaluation:
-    the whole batch, or a divisor of it where the hidden tensor would not fit in cache."""
+    the whole batch, or a divisor of it where the hidden tensor would not fit in cache (unless the process keeps
+    freed blocks of that size, :data:`KEPT_BLOCK_BYTES`: then what the chunks saved, mostly the page faults of
+    a fresh block, is not paid and the whole batch is faster)."""
     b, c = x.shape[0], x.shape[1]
     per_sample = hidden * (x[0].numel() // c) * x.element_size()
-    if b < 2 or per_sample * b <= _CHUNK_ABOVE:
+    if b < 2 or per_sample * b <= _CHUNK_ABOVE or per_sample * b <= KEPT_BLOCK_BYTES:
         return b
     rows = max(1, _CHUNK_BYTES // per_sample)
     while b % rows:
