@@ -41,6 +41,10 @@ compiled ones) for ``--train-models``. Peak memory of a training step is measure
 variants, each in a fresh process: the peak resident set (``VmHWM``) minus the resident set after
 building the model, optimiser and batch, i.e. what the steps themselves took at their peak.
 
+Beside the ratio of medians (``vs_timm_best``), each row has ``vs_timm_best_paired``: the median over rounds of
+timm's best layout's time over the variant's in the same round (two calls seconds apart), which a load swing
+lasting some rounds moves less; the console shows it as ``paired``.
+
 GEMM-peak share: img/s x FLOPs per image / the machine's fp32 GEMM rate, where the FLOPs are twice the
 multiply-accumulates of every convolution, linear map, matrix product and attention product
 (``torch.utils.flop_counter`` on the plain composition, batch 1) and the GEMM rate is the best of the
@@ -180,15 +184,22 @@ def run_pass(name: str, train: bool, variants, args, gemm_times: list) -> dict:
 
 
 def summarise(name, pass_name, times, flops, peak, batch, memory) -> list:
+    """One row per variant: medians, img/s, ratios to timm's best eager layout and compiled, GEMM-peak share.
+
+    ``vs_timm_best_paired`` is the median over rounds of timm's best layout's time in that round over the
+    variant's: each ratio compares two calls seconds apart, so a load swing that lasts some rounds moves it
+    less than it moves a ratio of medians (on a noisy host the two can differ; quote both)."""
     rows = []
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    best_timm = min(med["timm_nchw"], med["timm_cl"])
+    best_layout = min(("timm_nchw", "timm_cl"), key=lambda v: med[v])
+    best_timm = med[best_layout]
     compiled = [med[v] for v in ("timm_compiled", "timm_compiled_cl") if v in med]
     factor = 3 if pass_name == "train" else 1
     for v, m in med.items():
         ips = batch / m
+        paired = statistics.median(t / u for t, u in zip(times[best_layout], times[v]))
         row = {"model": name, "pass": pass_name, "variant": v, "img_per_s": ips, "median_ms": m * 1e3,
-               "min_ms": min(times[v]) * 1e3, "vs_timm_best": best_timm / m,
+               "min_ms": min(times[v]) * 1e3, "vs_timm_best": best_timm / m, "vs_timm_best_paired": paired,
                "gemm_peak_share": ips * factor * flops / peak}
         if compiled:
             row["vs_timm_compiled"] = min(compiled) / m
@@ -278,13 +289,13 @@ def _updated(old: dict, new: dict) -> dict:
 
 
 def _print(rows) -> None:
-    print(f"  {'variant':<16}{'ms':>9}{'img/s':>9}{'vs timm best':>14}{'vs compiled':>13}{'GEMM peak':>11}"
-          f"{'train MiB':>11}")
+    print(f"  {'variant':<16}{'ms':>9}{'img/s':>9}{'vs timm best':>14}{'paired':>9}{'vs compiled':>13}"
+          f"{'GEMM peak':>11}{'train MiB':>11}")
     for r in rows:
         comp = f"{r['vs_timm_compiled']:.2f}x" if "vs_timm_compiled" in r else "-"
         mem = f"{r['train_peak_mib']:.0f}" if "train_peak_mib" in r else "-"
         print(f"  {r['variant']:<16}{r['median_ms']:>9.0f}{r['img_per_s']:>9.2f}{r['vs_timm_best']:>13.2f}x"
-              f"{comp:>13}{100 * r['gemm_peak_share']:>10.1f}%{mem:>11}", flush=True)
+              f"{r['vs_timm_best_paired']:>8.2f}x{comp:>13}{100 * r['gemm_peak_share']:>10.1f}%{mem:>11}", flush=True)
 
 
 def markdown(rows) -> str:

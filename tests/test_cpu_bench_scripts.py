@@ -266,6 +266,19 @@ def test_allocator_benchmark_measures_in_a_child_process_with_the_settings():
         bench_cpu_allocator.parse_args(["--calls", "0"])
 
 
+def test_summary_pairs_each_round_with_timms_best_layout():
+    """vs_timm_best divides medians; vs_timm_best_paired takes the median of the per-round ratios against timm's
+    best layout (the faster median, here NCHW). A slow round of timm's (the third) and one of ours (the first)
+    move the ratio of medians, not the paired one. Worked by hand."""
+    times = {"timm_nchw": [1.0, 1.0, 4.0], "timm_cl": [2.0, 2.0, 2.0], "ours": [0.5, 2.0, 2.0]}
+    rows = {r["variant"]: r for r in bench_cpu.summarise("m", "inference", times, 1e9, 1e12, 2, {})}
+    assert rows["ours"]["vs_timm_best"] == pytest.approx(1.0 / 2.0)
+    assert rows["ours"]["vs_timm_best_paired"] == pytest.approx(2.0)  # median of 1/0.5, 1/2, 4/2
+    assert rows["timm_nchw"]["vs_timm_best_paired"] == 1.0
+    assert rows["timm_cl"]["vs_timm_best_paired"] == pytest.approx(0.5)  # median of 0.5, 0.5, 2
+    assert rows["ours"]["median_ms"] == pytest.approx(2000.0) and rows["ours"]["min_ms"] == pytest.approx(500.0)
+
+
 def test_an_update_replaces_only_the_rows_it_measures(tmp_path):
     """A training-only run with --update keeps the file's inference rows and settings, adds its own rows
     and records its settings; a file of another batch size is refused."""
