@@ -102,9 +102,10 @@ def _mlp_parts(block: nn.Module):
 # Pooling, identity and random-mixing blocks now chunk their MLP half alone, writing over the mixer half's
 # output (in_place_chunks): with freed memory kept their chunks then cost nothing against the whole batch.
 # Where the process was started with glibc settings that keep freed blocks (KEPT_BLOCK_BYTES, the settings
-# docs/kernels.md recommends) the whole batch ran faster for all six families (interleaved per-round ratios,
-# Xeon AVX-512, 2 cores, 25 rounds: whole / chunks 0.95-0.99), and under the defaults slower (1.06-1.09): a block
-# whose hidden tensor glibc would keep runs whole.
+# docs/kernels.md recommends) the whole batch ran as fast or faster (interleaved per-round ratios, Xeon AVX-512,
+# 2 cores, 31-41 rounds: chunks / whole 1.037-1.055 on convformer_s18, 0.98-1.02 on caformer_s18, 1.00 on
+# poolformer_s12 and identityformer_s12), and under the defaults slower for all six families (whole / chunks
+# 1.06-1.09): a block whose hidden tensor glibc would keep runs whole.
 _CHUNK_ABOVE = 16 << 20
 _CHUNK_BYTES = 16 << 20
 
