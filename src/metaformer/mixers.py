@@ -147,12 +147,16 @@ class Attention(nn.Module):
         # qkv channels are ordered (3, heads, head_dim), as in the releases' Attention
         qkv = self.qkv(tokens).reshape(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        # (SDPA's own default where the scale is head_dim ** -0.5: PyTorch 2.3's ONNX exporter fails on a given one)
-        scale: Optional[float] = None if self.scale == self.head_dim ** -0.5 else self.scale
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
-                                             scale=scale)
+                                             scale=self.sdpa_scale())
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, h * w, c)))
         return out.transpose(1, 2).reshape(b, c, h, w)
+
+    def sdpa_scale(self) -> Optional[float]:
+        """The ``scale`` handed to ``F.scaled_dot_product_attention`` (here and in the CPU fast path, so that both
+        round alike): None, SDPA's own default, where ``self.scale`` is ``head_dim ** -0.5`` (PyTorch 2.3's ONNX
+        exporter fails on a given scale), else ``self.scale`` (a scale set by hand)."""
+        return None if self.scale == self.head_dim ** -0.5 else self.scale
 
 
 class SpatialMLP(nn.Module):

@@ -362,7 +362,7 @@ def run_attention(x: torch.Tensor, kind: str, eps: float, p: Folded, mixer: nn.M
         return None
     # qkv channels are ordered (3, heads, head_dim), as in the releases' Attention; a view of the map
     q, k, v = rearrange(qkv, "b (three nh d) h w -> three b nh (h w) d", three=3, nh=mixer.num_heads)
-    out = rearrange(F.scaled_dot_product_attention(q, k, v, scale=mixer.scale), "b nh (h w) d -> b h w (nh d)",
+    out = rearrange(F.scaled_dot_product_attention(q, k, v, scale=mixer.sdpa_scale()), "b nh (h w) d -> b h w (nh d)",
                     h=h)
     res = _residual(x, res_scale)
     # (b, h, w, c) contiguous is a channels_last (b, c, h, w) map
