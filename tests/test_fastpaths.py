@@ -1298,3 +1298,35 @@ def test_an_empty_batch_gives_an_empty_result(family, mode):
         expected = _with_backend("reference", lambda: model(x))
     outs, refs = (out, expected) if mode == "backbone" else ([out], [expected])
     assert [tuple(t.shape) for t in outs] == [tuple(t.shape) for t in refs] and all(t.numel() == 0 for t in outs)
+
+
+@pytest.mark.parametrize("family", ["poolformer", "poolformerv2", "identityformer", "randformer"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_one_group_norms_keep_their_digits_when_a_sample_mean_is_large(family, layout, train):
+    """The CPU evaluation path runs blocks in channels_last, where ATen's GroupNorm kernel takes the variance
+    as E[x^2] - E[x]^2 in fp32 and loses digits to cancellation (folding.group_norm_rows): at mean 100 and
+    spread 3 its normalised output was 1.6e-3 off. A block's update (its output minus its input) must match
+    the fp64 plain composition to 1e-5 of the update's scale, as at mean 0: as built (the token mixer's half
+    dominates the update) and with fc2 scaled up 1000x (the MLP half, whose norm feeds fc1, dominates). In
+    training the output and the input's gradient."""
+    g = torch.Generator().manual_seed(3)
+    block = copy.deepcopy(tiny(family).stages[0].blocks[0]).train(train)
+    x = 100 + 3 * torch.randn(2, block.mlp.fc1.in_channels, 11, 15, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    for half in ("token mixer", "mlp"):
+        if half == "mlp":
+            with torch.no_grad():
+                block.mlp.fc2.weight.mul_(1000)
+        what = f"{family} block update, the {half} half dominating"
+        if not train:
+            with torch.inference_mode():
+                fast = _with_backend("auto", lambda: block(x)) - x
+                oracle = _with_backend("reference", lambda: copy.deepcopy(block).double()(x.double())) - x.double()
+            _close(fast.double(), oracle, rtol=1e-5, what=what)
+            continue
+        fast, fast_g = _run(block, x, "auto")
+        oracle, oracle_g = _run(copy.deepcopy(block).double(), x.double(), "reference")
+        _close((fast - x).double(), oracle - x.double(), rtol=1e-5, what=what)
+        _close(fast_g["input"].double(), oracle_g["input"], rtol=1e-5, what=f"{what}: input gradient")

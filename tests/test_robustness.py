@@ -343,9 +343,10 @@ def test_autocast_state_per_device_on_old_and_new_torch(monkeypatch):
 def test_group_norm_avoids_the_crash_of_old_pytorch(monkeypatch):
     """PyTorch < 2.14 crashes (SIGSEGV) in the CPU backward of F.group_norm on a channels_last input that needs no
     gradient while the weight does: fine-tuning later stages of a partly frozen model, whose blocks run in
-    channels_last on CPU. tracing.group_norm then normalises a contiguous copy. With that branch forced on
-    (it runs on PyTorch < 2.14 only): the same values, gradients and layout as F.group_norm, and the branch taken
-    only for that case."""
+    channels_last on CPU. tracing.group_norm never hands ATen that case: one group runs on each sample's
+    contiguous row without the affine (also for its digits), more groups, on a PyTorch < 2.14, on a contiguous
+    copy. With the old-release branch forced on: the same values, gradients and layout as F.group_norm on the
+    NCHW copy, and ATen's kernel given a channels_last input only where no crash can follow."""
     from torch.nn import functional as F
 
     from metaformer import tracing
@@ -355,33 +356,37 @@ def test_group_norm_avoids_the_crash_of_old_pytorch(monkeypatch):
     assert tracing._release("2.13.0+cpu") == (2, 13) and tracing._release("2.15.0a0+git1234") == (2, 15)
     seen, plain = [], F.group_norm
 
-    def recording(x, *args):
-        seen.append(x.is_contiguous())
-        return plain(x, *args)
+    def recording(x, groups, weight=None, *args):
+        seen.append((x.dim(), x.is_contiguous(), weight is not None))
+        return plain(x, groups, weight, *args)
 
     # the flag is group_norm's default `guard` (TorchScript reads no global): force the branch there
     assert inspect.signature(tracing.group_norm).parameters["guard"].default is tracing.GROUP_NORM_BACKWARD_CRASHES
     monkeypatch.setattr(tracing.group_norm, "__defaults__", (True,))
     monkeypatch.setattr(tracing.F, "group_norm", recording)
-    norm = GroupNorm1(6)
-    with torch.no_grad():
-        norm.weight.normal_(), norm.bias.normal_()
     x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
     g = torch.randn(2, 6, 5, 7)
-    y = norm(x)
-    assert seen == [True] and y.is_contiguous(memory_format=torch.channels_last)
-    got = torch.autograd.grad(y, (norm.weight, norm.bias), g)
-    want_y = plain(x.contiguous(), 1, norm.weight, norm.bias, 1e-5)
-    want = torch.autograd.grad(want_y, (norm.weight, norm.bias), g)
-    torch.testing.assert_close(y, want_y, rtol=1e-6, atol=1e-6)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for groups in (1, 2):
+        norm = GroupNorm1(6) if groups == 1 else torch.nn.GroupNorm(2, 6)
+        with torch.no_grad():
+            norm.weight.normal_(), norm.bias.normal_()
+        seen.clear()
+        y = tracing.group_norm(x, groups, norm.weight, norm.bias, 1e-5)
+        # one group: the (B, 1, C*H*W) rows without the affine; two: the contiguous copy, with it
+        assert seen == ([(3, True, False)] if groups == 1 else [(4, True, True)])
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        got = torch.autograd.grad(y, (norm.weight, norm.bias), g)
+        want_y = plain(x.contiguous(), groups, norm.weight, norm.bias, 1e-5)
+        want = torch.autograd.grad(want_y, (norm.weight, norm.bias), g)
+        torch.testing.assert_close(y, want_y, rtol=1e-6, atol=1e-6)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     seen.clear()
-    norm(x.requires_grad_())  # the input needs a gradient: PyTorch's own call
+    tracing.group_norm(x.detach().requires_grad_(), 2, norm.weight, norm.bias, 1e-5)  # the input needs a gradient
     with torch.no_grad():
-        norm(x)  # no backward
-    norm(x.detach().contiguous())  # NCHW
-    assert seen == [False, False, True]
+        tracing.group_norm(x, 2, norm.weight, norm.bias, 1e-5)  # no backward
+    tracing.group_norm(x.contiguous(), 2, norm.weight, norm.bias, 1e-5)  # NCHW
+    assert seen == [(4, False, True), (4, False, True), (4, True, True)]  # PyTorch's own call
 
 
 def test_scripted_group_norm_avoids_the_crash_of_old_pytorch():

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..tracing import from_sample_rows, sample_rows
 from . import onednn
 from .folding import _layers, act_kind, half_kind, ln_weight, normalise, plain_1x1, scale_of
 from .twice import grads_through
@@ -57,7 +58,13 @@ def _norm_forward(kind: str, x: torch.Tensor, eps: float):
     b, c, h, w = x.shape
     if kind == "ln":
         return torch.native_layer_norm(_rows(x), (c,), ln_weight(None, x, c), None, eps)
-    n, mean, rstd = torch.native_group_norm(x, None, None, b, c, h * w, 1, eps)
+    # on each sample's row in memory order: ATen's channels_last kernel loses digits (folding.group_norm_rows)
+    rows = sample_rows(x)
+    if rows is None:
+        n, mean, rstd = torch.native_group_norm(x, None, None, b, c, h * w, 1, eps)
+    else:
+        n, mean, rstd = torch.native_group_norm(rows, None, None, b, 1, rows.shape[2], 1, eps)
+        n = from_sample_rows(n, x)
     return _rows(n.contiguous(memory_format=_CL)), mean, rstd
 
 
@@ -67,8 +74,14 @@ def _norm_backward(kind: str, dn: torch.Tensor, x: torch.Tensor, mean, rstd) -> 
         dx = torch.ops.aten.native_layer_norm_backward(dn, _rows(x), (c,), mean, rstd, None, None,
                                                        [True, False, False])[0]
         return _rows_like(dx, x)
-    return torch.ops.aten.native_group_norm_backward(_rows_like(dn, x), x, mean, rstd, None, b, c, h * w, 1,
-                                                     [True, False, False])[0]
+    rows, dn = sample_rows(x), _rows_like(dn, x)
+    if rows is None:
+        return torch.ops.aten.native_group_norm_backward(dn, x, mean, rstd, None, b, c, h * w, 1,
+                                                         [True, False, False])[0]
+    dn = sample_rows(dn.contiguous(memory_format=torch.contiguous_format if x.is_contiguous() else _CL))  # x's order
+    dx = torch.ops.aten.native_group_norm_backward(dn, rows, mean, rstd, None, b, 1, rows.shape[2], 1,
+                                                   [True, False, False])[0]
+    return from_sample_rows(dx, x)
 
 
 def _rowmm(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..tracing import channels_last_only
 from . import onednn
 from .cache import derived
 from .folding import (
@@ -192,11 +193,6 @@ def in_place_chunks(fn, y: torch.Tensor, rows: int) -> torch.Tensor:
         if out.data_ptr() != part.data_ptr() or out.stride() != part.stride():
             part.copy_(out)
     return y
-
-
-def channels_last_only(t: torch.Tensor) -> bool:
-    """A 4-D tensor laid out channels_last and not also NCHW-contiguous (as a map of one pixel or channel is)."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _format_of(t: torch.Tensor) -> torch.memory_format:

@@ -22,13 +22,10 @@ from typing import Optional
 
 import torch
 
-from .torch_impl import _acc_dtype, avg_pool_same, pool_mixer_residual_reference, sample_rstd
+from .torch_impl import _acc_dtype, avg_pool_same, pool_mixer_residual_reference, sample_moments
 from .twice import grads_through
 
 __all__ = ["PoolHalfFunction", "pool_half_autograd"]
-
-_DIMS = (1, 2, 3)
-
 
 class PoolHalfFunction(torch.autograd.Function):
     """One autograd node for the fused pooling half; use :func:`pool_half_autograd`."""
@@ -36,8 +33,8 @@ class PoolHalfFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, res_scale, sample_scale, eps, pool_size):
         acc = _acc_dtype(x.dtype)
-        mean = x.mean(_DIMS, keepdim=True, dtype=acc)
-        rstd = sample_rstd(x, eps)
+        mean, rstd = sample_moments(x, eps)
+        mean = mean.view(-1, 1, 1, 1)
         coef_b = rstd if sample_scale is None else rstd * sample_scale.to(acc)
         coef = (coef_b[:, None] * weight.to(acc)[None, :]).to(x.dtype)[:, :, None, None]
         y = torch.lerp(x, avg_pool_same(x, pool_size), coef)
