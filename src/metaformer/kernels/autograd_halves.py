@@ -58,7 +58,7 @@ def _norm_forward(kind: str, x: torch.Tensor, eps: float):
     b, c, h, w = x.shape
     if kind == "ln":
         return torch.native_layer_norm(_rows(x), (c,), ln_weight(None, x, c), None, eps)
-    # on each sample's row in memory order: ATen's channels_last kernel loses digits (folding.group_norm_rows)
+    # on each sample's row in memory order: ATen's channels_last kernel loses digits (tracing.sample_rows)
     rows = sample_rows(x)
     if rows is None:
         n, mean, rstd = torch.native_group_norm(x, None, None, b, c, h * w, 1, eps)

@@ -24,8 +24,8 @@ from torch import nn
 from ..tracing import channels_last_only, fp32_list_dtype, group_norm
 from .torch_impl import wants_grad, writable_temporary
 
-__all__ = ["norm_kind", "act_kind", "scale_of", "half_kind", "normalise", "group_norm_rows", "group_norm1", "group_norm1_pays", "ln_weight",
-           "fold_in", "fold_out", "Folded", "NORM_TYPES", "plain_1x1", "plain_depthwise", "plain_sepconv"]
+__all__ = ["norm_kind", "act_kind", "scale_of", "half_kind", "normalise", "group_norm_rows", "group_norm1",
+           "group_norm1_pays", "ln_weight", "fold_in", "fold_out", "Folded", "NORM_TYPES", "plain_1x1", "plain_depthwise", "plain_sepconv"]
 
 
 # The modules whose classes the fast paths recognise, imported at the first look-up (they import the kernels, so

@@ -27,6 +27,7 @@ from .twice import grads_through
 
 __all__ = ["PoolHalfFunction", "pool_half_autograd"]
 
+
 class PoolHalfFunction(torch.autograd.Function):
     """One autograd node for the fused pooling half; use :func:`pool_half_autograd`."""
 
