@@ -2,11 +2,24 @@
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
+
+# The checkout's package folder: subprocesses put it first on PYTHONPATH (subprocess_env)
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 # One model per family: what is one code path for every model of a family is tested on these.
 FAMILY_REPS = ["poolformer_s12", "metaformer_ppaa_s12_224", "metaformer_pppf_s12_224", "identityformer_s12",
                "randformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18"]
+
+
+def subprocess_env(*paths, drop=(), **extra: str) -> dict:
+    """``os.environ`` for a subprocess that imports this checkout's ``metaformer``: ``paths`` (default: :data:`SRC`)
+    put first on ``PYTHONPATH``, the variables named in ``drop`` removed, then ``extra`` set."""
+    env = {k: v for k, v in os.environ.items() if k not in set(drop)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*(str(p) for p in (paths or (SRC,))), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
 
 
 @functools.cache
@@ -65,7 +78,6 @@ def run_triton_suite(suite, processes: dict, timeout_s: float = 600) -> dict:
     must be switched on before triton is imported): ``processes`` maps a tuple of groups to whether they
     run under the interpreter. Returns {group: (passed?, the process's output)}; skips the test if triton
     is installed but not importable."""
-    import os
     import subprocess
     import sys
     import time
@@ -77,10 +89,7 @@ def run_triton_suite(suite, processes: dict, timeout_s: float = 600) -> dict:
     tests = Path(__file__).resolve().parent
     procs = {}
     for groups, interpret in processes.items():
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests),
-                                                            os.environ.get("PYTHONPATH", "")])}
-        env.pop("METAFORMER_BACKEND", None)
-        env.pop("TRITON_INTERPRET", None)
+        env = subprocess_env(SRC, tests, drop=("METAFORMER_BACKEND", "TRITON_INTERPRET"))
         if interpret:
             env["TRITON_INTERPRET"] = "1"
         procs[groups] = subprocess.Popen([sys.executable, str(suite), *groups], env=env, stdout=subprocess.PIPE,

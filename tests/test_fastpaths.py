@@ -19,10 +19,10 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import subprocess_env
 from torch import nn
 from torch.nn import functional as F
 
@@ -31,8 +31,6 @@ from metaformer import MetaFormer
 from metaformer.kernels import cache, onednn
 from metaformer.mixers import Attention, Identity, Pooling, RandomMixing, SepConv
 from metaformer.zoo import get_variant
-
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 P = functools.partial
 ATTN_V1 = P(Attention, head_dim=16, proj_bias=True)
@@ -508,8 +506,7 @@ def test_a_process_that_keeps_freed_memory_runs_whole_batches():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         print(cpu_eval.KEPT_BLOCK_BYTES, cpu_eval.chunk_rows(x, 256), cpu_eval.block_chunk_rows(block, x))
     """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    env = subprocess_env(drop=[k for k in os.environ if k.startswith("MALLOC_")] + ["GLIBC_TUNABLES"])
     outputs = []
     for extra in ({}, {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}):
         done = subprocess.run([sys.executable, "-c", script], env={**env, **extra}, capture_output=True, text=True,

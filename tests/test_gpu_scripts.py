@@ -8,7 +8,6 @@ comparisons, the table, the JSON file.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +21,11 @@ sys.path.insert(0, str(BENCH))
 
 import gpu_common  # noqa: E402
 import gpu_session  # noqa: E402
+from helpers import subprocess_env  # noqa: E402
 
 
 def _run(script, *args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    env.pop("TRITON_INTERPRET", None)
+    env = subprocess_env(drop=("TRITON_INTERPRET",))
     return subprocess.run([sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 

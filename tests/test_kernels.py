@@ -9,16 +9,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import onnx_torchscript_exporter
+from helpers import SRC, onnx_torchscript_exporter, subprocess_env
 from kernel_checks import EPS, check, check_large_mean, fused, inputs, ref
 
 import metaformer.kernels as K
 
-_SRC = Path(__file__).resolve().parents[1] / "src"
 SHAPES = [(2, 5, 7, 9), (3, 8, 13, 11), (1, 4, 6, 6), (2, 3, 1, 1), (2, 3, 2, 3)]
 
 
@@ -200,8 +198,7 @@ def test_a_triton_older_than_3_is_not_used(tmp_path):
         "assert K.resolve_backend(x) == 'torch'\n"
         "K.pool_mixer_residual(x, torch.ones(2), eps=1e-5)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(_SRC), os.environ.get("PYTHONPATH", "")])}
-    env.pop("METAFORMER_BACKEND", None)
+    env = subprocess_env(tmp_path, SRC, drop=("METAFORMER_BACKEND",))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 
@@ -222,7 +219,6 @@ def test_import_without_triton():
         "else:\n"
         "    raise AssertionError('no error')\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_SRC), os.environ.get("PYTHONPATH", "")])}
-    env.pop("METAFORMER_BACKEND", None)
+    env = subprocess_env(drop=("METAFORMER_BACKEND",))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

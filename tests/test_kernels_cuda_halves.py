@@ -7,19 +7,17 @@ outside the interpreter, and on a GPU (skipped without one) a real block in fp32
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import graph_node_names, require_triton_kernels
+from helpers import SRC, graph_node_names, require_triton_kernels, subprocess_env
 
 import metaformer.kernels as K
 
 _TESTS = Path(__file__).resolve().parent
-_SRC = _TESTS.parent / "src"
 
 H = pytest.importorskip("metaformer.kernels.cuda_halves")
 
@@ -36,9 +34,7 @@ def test_halves_equal_the_block_under_the_interpreter():
     """Outputs and the gradients of the input and every parameter against mixer_half / mlp_half (fp32 1e-5,
     fp64 1e-9), eval and training, drop path on and off, a real caformer_s18 block and hand-built ones."""
     require_triton_kernels("triton is not installed: the Triton kernels cannot be tested")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_SRC), str(_TESTS), os.environ.get("PYTHONPATH", "")]),
-           "TRITON_INTERPRET": "1"}
-    env.pop("METAFORMER_BACKEND", None)
+    env = subprocess_env(SRC, _TESTS, drop=("METAFORMER_BACKEND",), TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, str(_TESTS / "cuda_halves_suite.py")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("passed"), proc.stdout + proc.stderr

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import subprocess_env
 from safetensors.torch import save_file
 from torch import nn
 
 import metaformer
 from metaformer import CheckpointError, MetaFormer, PretrainedError
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def _tiny(seed: int = 0) -> MetaFormer:
@@ -60,8 +59,7 @@ def _save_in_subprocess(folder: Path, seed: int, kill_at: str) -> int:
         st.save_file, os.replace = save_file, replace
         model.save_pretrained({str(folder)!r})
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", code], env=env, timeout=300).returncode
+    return subprocess.run([sys.executable, "-c", code], env=subprocess_env(), timeout=300).returncode
 
 
 @pytest.mark.parametrize("kill_at", ["weights", "between"])
