@@ -146,7 +146,7 @@ def chunk_rows(x: torch.Tensor, hidden: int) -> int:
     a fresh block, is not paid and the whole batch is faster)."""
     b, c = x.shape[0], x.shape[1]
     per_sample = hidden * (x[0].numel() // c) * x.element_size()
-    if b < 2 or per_sample * b <= _CHUNK_ABOVE or per_sample * b <= KEPT_BLOCK_BYTES:
+    if b < 2 or per_sample * b <= max(_CHUNK_ABOVE, KEPT_BLOCK_BYTES):
         return b
     rows = max(1, _CHUNK_BYTES // per_sample)
     while b % rows:
