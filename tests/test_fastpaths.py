@@ -1302,7 +1302,7 @@ def test_an_empty_batch_gives_an_empty_result(family, mode):
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_one_group_norms_keep_their_digits_when_a_sample_mean_is_large(family, layout, train):
     """The CPU evaluation path runs blocks in channels_last, where ATen's GroupNorm kernel takes the variance
-    as E[x^2] - E[x]^2 in fp32 and loses digits to cancellation (folding.group_norm_rows): at mean 100 and
+    as E[x^2] - E[x]^2 in fp32 and loses digits to cancellation (tracing.group_norm): at mean 100 and
     spread 3 its normalised output was 1.6e-3 off. A block's update (its output minus its input) must match
     the fp64 plain composition to 1e-5 of the update's scale, as at mean 0: as built (the token mixer's half
     dominates the update) and with fc2 scaled up 1000x (the MLP half, whose norm feeds fc1, dominates). In

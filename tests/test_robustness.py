@@ -360,7 +360,7 @@ def test_group_norm_avoids_the_crash_of_old_pytorch(monkeypatch):
 
     # the flag is group_norm's default `guard` (TorchScript reads no global): force the branch there
     assert inspect.signature(tracing.group_norm).parameters["guard"].default is tracing.GROUP_NORM_BACKWARD_CRASHES
-    monkeypatch.setattr(tracing.group_norm, "__defaults__", (True,))
+    monkeypatch.setattr(tracing.group_norm, "__defaults__", (True, False))  # guard, affine_in_place
     monkeypatch.setattr(tracing.F, "group_norm", recording)
     x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
     g = torch.randn(2, 6, 5, 7)

@@ -108,7 +108,7 @@ def from_sample_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               eps: float, guard: bool = GROUP_NORM_BACKWARD_CRASHES) -> torch.Tensor:
+               eps: float, guard: bool = GROUP_NORM_BACKWARD_CRASHES, affine_in_place: bool = False) -> torch.Tensor:
     """``F.group_norm(x, num_groups, weight, bias, eps)``, in ``x``'s layout, working around two faults of ATen's
     CPU GroupNorm on channels_last inputs:
 
@@ -116,7 +116,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
       where a sample's mean is large against its spread (max abs error 1.6e-3 at mean 100, spread 3, on a
       (16, 64, 56, 56) map; PyTorch 2.14). The norm without its affine runs on :func:`sample_rows`, whose
       contiguous kernel (Welford moments) is exact to rounding, and the per-channel affine follows
-      (``addcmul``): one more pass, and no crash below either;
+      (``addcmul``): one more pass, and no crash below either. With ``affine_in_place`` (a caller that needs
+      no graph) the affine is written over the norm's output rather than into a new tensor;
     - on a PyTorch whose CPU backward would crash (:data:`GROUP_NORM_BACKWARD_CRASHES`: a 4-D CPU ``x`` that is
       not contiguous and needs no gradient, with a weight or bias that needs one), more groups are computed
       on a contiguous copy of ``x`` and returned channels_last where ``x`` is.
@@ -129,11 +130,13 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
         rows = sample_rows(x)
         assert rows is not None
         n = from_sample_rows(F.group_norm(rows, 1, None, None, eps), x)
+        if weight is not None and bias is not None:
+            w, b = weight.view(1, -1, 1, 1), bias.view(1, -1, 1, 1)
+            return torch.addcmul(b, n, w, out=n) if affine_in_place else torch.addcmul(b, n, w)
         if weight is not None:
-            n = n * weight.view(1, -1, 1, 1) if bias is None else torch.addcmul(bias.view(1, -1, 1, 1), n,
-                                                                                   weight.view(1, -1, 1, 1))
-        elif bias is not None:
-            n = n + bias.view(1, -1, 1, 1)
+            return n.mul_(weight.view(1, -1, 1, 1)) if affine_in_place else n * weight.view(1, -1, 1, 1)
+        if bias is not None:
+            return n.add_(bias.view(1, -1, 1, 1)) if affine_in_place else n + bias.view(1, -1, 1, 1)
         return n
     if (guard and isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"
             and not x.is_contiguous() and torch.is_grad_enabled() and not x.requires_grad

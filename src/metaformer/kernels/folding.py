@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tracing import channels_last_only, fp32_list_dtype, group_norm
+from ..tracing import fp32_list_dtype, group_norm
 from .torch_impl import wants_grad, writable_temporary
 
-__all__ = ["norm_kind", "act_kind", "scale_of", "half_kind", "normalise", "group_norm_rows", "group_norm1",
-           "group_norm1_pays", "ln_weight", "fold_in", "fold_out", "Folded", "NORM_TYPES", "plain_1x1", "plain_depthwise", "plain_sepconv"]
+__all__ = ["norm_kind", "act_kind", "scale_of", "half_kind", "normalise", "group_norm1", "group_norm1_pays", "ln_weight",
+           "fold_in", "fold_out", "Folded", "NORM_TYPES", "plain_1x1", "plain_depthwise", "plain_sepconv"]
 
 
 # The modules whose classes the fast paths recognise, imported at the first look-up (they import the kernels, so
@@ -142,31 +142,15 @@ def normalise(kind: str, x: torch.Tensor, eps: float, weight: Optional[torch.Ten
     contiguous view (no copy) and the result is channels_last too; so is the GroupNorm's (ATen's on CPU,
     :func:`group_norm1` in CUDA inference, see :func:`group_norm1_pays`). For a channels_last CPU ``x``,
     ATen's GroupNorm runs on each sample's contiguous row (:func:`metaformer.tracing.group_norm`), where its
-    channels_last kernel would lose digits; with the affine in place where no graph is needed
-    (:func:`group_norm_rows`).
+    channels_last kernel would lose digits; with the affine in place where no graph is needed.
     """
     if kind == "gn":
         if x.is_cuda and group_norm1_pays(x, weight, bias):
             return group_norm1(x, weight, bias, eps)
-        if x.device.type == "cpu" and channels_last_only(x) and writable_temporary(x, weight, bias):
-            return group_norm_rows(x, weight, bias, eps)
-        return group_norm(x, 1, weight, bias, eps)
+        return group_norm(x, 1, weight, bias, eps, affine_in_place=writable_temporary(x, weight, bias))
     c = x.shape[1]
     y = F.layer_norm(x.permute(0, 2, 3, 1), (c,), ln_weight(weight, x, c), bias, eps)
     return y.permute(0, 3, 1, 2)
-
-
-def group_norm_rows(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    eps: float) -> torch.Tensor:
-    """``F.group_norm(x, 1, weight, bias, eps)`` of a channels_last CPU ``x`` that needs no graph: as
-    :func:`metaformer.tracing.group_norm` computes it (on each sample's contiguous row, exact to rounding,
-    where ATen's channels_last kernel loses digits), with the per-channel affine written in place."""
-    n = group_norm(x, 1, None, None, eps)
-    if weight is not None and bias is not None:
-        return torch.addcmul(bias.view(1, -1, 1, 1), n, weight.view(1, -1, 1, 1), out=n)
-    if weight is not None:
-        return n.mul_(weight.view(1, -1, 1, 1))
-    return n if bias is None else n.add_(bias.view(1, -1, 1, 1))
 
 
 def group_norm1_pays(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
