@@ -3,7 +3,8 @@
 Grad-CAM weighs the feature maps of one stage (by default the last one) by the spatial mean of the
 class score's gradient with respect to them, sums over channels, keeps the positive part and
 upsamples the result to the image. This script computes it with two hooks on
-``model.stages[stage]`` and writes the map as a heatmap over the image to a PNG (``--output``).
+``model.stages[stage]`` and writes the map as a heatmap over the image to a PNG (``--output``; all or
+nothing, and an existing file only with ``--overwrite``).
 
 The image is ``--image`` if given, else one of scikit-learn's handwritten digits upscaled to the
 input size (so the script needs no download). The weights come from ``--pretrained`` (ImageNet),
@@ -20,6 +21,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import metaformer
+from metaformer.files import atomic_write
 
 
 def grad_cam(model: metaformer.MetaFormer, x: torch.Tensor, target: int | None = None,
@@ -95,8 +98,16 @@ def main(argv=None) -> str:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--stage", type=int, default=-1, help="stage whose output is explained")
     parser.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted one)")
-    parser.add_argument("--output", default="cam.png")
+    parser.add_argument("--output", default="cam.png", help="the PNG (or other image file) to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
+    image_format = Image.registered_extensions().get(os.path.splitext(args.output)[1].lower())
+    if image_format is None:
+        parser.error(f"--output {args.output}: the name must end in an image extension such as .png or .jpg")
+    if os.path.lexists(args.output) and not args.overwrite:
+        parser.error(f"--output {args.output} already exists; pass --overwrite to replace it, or choose another name")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        parser.error(f"--output {args.output}: its folder does not exist; create it first")
     torch.manual_seed(0)
 
     if args.from_pretrained:
@@ -110,7 +121,8 @@ def main(argv=None) -> str:
     x = (x - torch.tensor(cfg["mean"])[:, None, None]) / torch.tensor(cfg["std"])[:, None, None]
 
     cam, target = grad_cam(model, x.unsqueeze(0), args.target, args.stage)
-    overlay(image, cam).save(args.output)
+    heatmap = overlay(image, cam)
+    atomic_write(args.output, lambda tmp: heatmap.save(tmp, format=image_format))  # all or nothing
     print(f"Grad-CAM of class {target} on stage {args.stage % len(model.stages) + 1} of {len(model.stages)} "
           f"({model.dims[args.stage]} channels) "
           f"written to {args.output}")

@@ -9,6 +9,9 @@ plain GroupNorm + AvgPool composition instead.
 By default the TorchScript-based exporter (``dynamo=False``) is used: it needs only ``onnx``.
 ``--dynamo`` selects the ``torch.export``-based exporter, which also needs ``onnxscript``.
 
+``--output`` is written all-or-nothing (a complete file, or the previous one unchanged), and an existing
+file only with ``--overwrite``.
+
 Run::
 
     python examples/export_onnx.py --output poolformer_s12.onnx
@@ -27,6 +30,7 @@ import warnings
 import torch
 
 import metaformer
+from metaformer.files import atomic_write
 
 
 def export(model: torch.nn.Module, path: str, image_size: int, opset: int = 17, dynamo: bool = False) -> None:
@@ -60,7 +64,12 @@ def main(argv=None) -> float:
     parser.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter")
     parser.add_argument("--atol", type=float, default=1e-4)
     parser.add_argument("--output", help="where to write the .onnx file (default: a temporary file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
+    if args.output and os.path.lexists(args.output) and not args.overwrite:
+        parser.error(f"--output {args.output} already exists; pass --overwrite to replace it, or choose another name")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        parser.error(f"--output {args.output}: its folder does not exist; create it first")
 
     import onnx
     import onnxruntime as ort
@@ -72,8 +81,12 @@ def main(argv=None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.output or os.path.join(tmp, f"{args.model}.onnx")
         start = time.perf_counter()
-        export(model, path, args.image_size, args.opset, args.dynamo)
-        onnx.checker.check_model(path)
+
+        def write(part: str) -> None:  # checked before it is put in place: a failing file leaves the previous one
+            export(model, part, args.image_size, args.opset, args.dynamo)
+            onnx.checker.check_model(part)
+
+        atomic_write(path, write)
         print(f"exported {args.model} to {path} ({os.path.getsize(path) / 2**20:.1f} MiB, opset {args.opset}, "
               f"{time.perf_counter() - start:.1f}s)")
 

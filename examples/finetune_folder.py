@@ -13,7 +13,8 @@ the released ImageNet weights are downloaded (or read from the cache) and the cl
 by a fresh one for the K classes; without it the model starts from scratch, which is what the quick
 default run does. Preprocessing uses the model's ``pretrained_cfg`` (mean, std, interpolation).
 ``--save DIR`` writes the result with ``save_pretrained`` so that ``MetaFormer.from_pretrained(DIR)``
-(or ``examples/cam.py --from-pretrained DIR``) can load it back.
+(or ``examples/cam.py --from-pretrained DIR``) can load it back; a folder that already holds a saved
+model is refused before training unless ``--overwrite`` is given.
 
 Run::
 
@@ -113,7 +114,12 @@ def main(argv=None) -> float:
     parser.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--save", metavar="DIR", help="save the fine-tuned model with save_pretrained")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already saved in --save")
     args = parser.parse_args(argv)
+    if args.save and not args.overwrite and any(os.path.lexists(os.path.join(args.save, name))
+                                                for name in ("config.json", "model.safetensors")):
+        parser.error(f"--save {args.save} already holds a saved model; pass --overwrite to replace it, "
+                     "or choose another folder")
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,12 +18,17 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = ["ablation", "finetune_folder", "segmentation", "detection_backbone", "export_onnx", "cam", "gradio_app"]
 
 
-def run_example(name: str, *args: str, timeout: float = 300) -> str:
-    """Runs ``examples/{name}.py`` with ``args``; returns its stdout, failing with its output on error."""
+def start_example(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``examples/{name}.py`` with ``args`` in its own process and returns the finished process."""
     # One thread per process: the examples are tiny and the test machines are shared.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=str(EXAMPLES.parent))
+
+
+def run_example(name: str, *args: str, timeout: float = 300) -> str:
+    """Runs ``examples/{name}.py`` with ``args``; returns its stdout, failing with its output on error."""
+    proc = start_example(name, *args, timeout=timeout)
     assert proc.returncode == 0, f"{name}.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -123,9 +128,38 @@ def test_export_onnx(tmp_path):
 
 @pytest.mark.slow
 def test_cam_default_image(tmp_path):
+    from PIL import Image
+
     png = tmp_path / "cam.png"
-    run_example("cam", "--image-size", "96", "--output", str(png))
-    assert png.is_file()
+    png.write_bytes(b"an earlier heatmap")  # replaced, as asked
+    run_example("cam", "--image-size", "96", "--output", str(png), "--overwrite")
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (96, 96)
+    assert [p.name for p in tmp_path.iterdir()] == ["cam.png"]  # no temporary left beside it
+
+
+@pytest.mark.parametrize("name, output, existing, message", [
+    ("export_onnx", "model.onnx", True, "already exists; pass --overwrite"),
+    ("cam", "cam.png", True, "already exists; pass --overwrite"),
+    ("export_onnx", "missing/model.onnx", False, "its folder does not exist"),
+    ("cam", "cam.notanimage", False, "must end in an image extension"),
+    ("finetune_folder", "saved/config.json", True, "already holds a saved model; pass --overwrite"),
+])
+def test_examples_refuse_an_output_they_would_lose_or_clobber(tmp_path, name, output, existing, message):
+    """A finished file is kept unless ``--overwrite`` says otherwise; the refusal comes before any work."""
+    path = tmp_path / output
+    if existing:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"finished work")
+    if name == "finetune_folder":  # its output is a folder (--save) that may hold a save_pretrained model
+        proc = start_example(name, "--image-size", "32", "--save", str(path.parent))
+    else:
+        proc = start_example(name, "--image-size", "32", "--output", str(path))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == (
+        [output] if existing else [])
+    if existing:
+        assert path.read_bytes() == b"finished work"
 
 
 def test_gradio_app_imports_without_launching():
