@@ -21,7 +21,33 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (README's `-n 2`) each worker has one intra-op thread, and so do the commands its tests
+    # start: two workers on two cores with two OpenMP threads each spin at each other's barriers.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The test files that share helpers.built_model's session-wide models (all 33 and their backbones: 4.8 GiB of
+# weights). Under README's `-n 2 --dist loadfile` they run as one unit in one worker, so that only one worker
+# builds and holds them: as separate files, both workers did (the machine peaked at 18-19 GB, against 14).
+SHARED_MODEL_FILES = ("test_models.py", "test_parity.py", "test_surface.py")
+
+try:
+    from xdist.scheduler import LoadFileScheduling
+except ImportError:  # pytest-xdist is not installed: one process, one cache
+    LoadFileScheduling = None
+else:
+    class _SharedModelsScheduling(LoadFileScheduling):
+        """``--dist loadfile``, with the files of :data:`SHARED_MODEL_FILES` as one work unit."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "shared built models" if os.path.basename(scope) in SHARED_MODEL_FILES else scope
+
+    def pytest_xdist_make_scheduler(config, log):
+        return _SharedModelsScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
 def pytest_sessionfinish(session, exitstatus):
