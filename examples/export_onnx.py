@@ -34,15 +34,20 @@ from metaformer.files import atomic_write
 
 
 def export(model: torch.nn.Module, path: str, image_size: int, opset: int = 17, dynamo: bool = False) -> None:
-    """Writes ``model`` (in eval mode) to ``path`` with a dynamic batch axis named ``batch``."""
+    """Writes ``model`` (in eval mode) to ``path``, one file with the weights inside, with a dynamic batch axis
+    named ``batch``."""
     example = torch.randn(2, model.in_chans, image_size, image_size)
     with warnings.catch_warnings():
         # Tracing warns about the model's Python-level input checks; they hold for every batch size.
         warnings.simplefilter("ignore")
         if dynamo:
+            # One self-contained file (all our models are far below ONNX's 2 GB limit): with external data the
+            # weights would go to a second file named after `path`, which an all-or-nothing write renames alone.
+            inline = {"external_data": False} if "external_data" in inspect.signature(torch.onnx.export).parameters \
+                else {}
             torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"],
                               opset_version=opset, dynamo=True,
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, **inline)
         else:
             # (dynamo=False picks the TorchScript-based exporter where PyTorch has both: 2.5 and later)
             legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}

@@ -127,6 +127,18 @@ def test_export_onnx(tmp_path):
 
 
 @pytest.mark.slow
+def test_export_onnx_dynamo_writes_one_self_contained_file(tmp_path):
+    """The torch.export-based exporter would put the weights in a second file named after the (temporary) path
+    it is given; the example writes them into the one file it puts in place."""
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(module)
+    path = tmp_path / "model.onnx"
+    out = run_example("export_onnx", "--dynamo", "--image-size", "32", "--output", str(path))
+    assert "ONNX Runtime matches eager" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+@pytest.mark.slow
 def test_cam_default_image(tmp_path):
     from PIL import Image
 
