@@ -37,20 +37,20 @@ def export(model: torch.nn.Module, path: str, image_size: int, opset: int = 17, 
     """Writes ``model`` (in eval mode) to ``path``, one file with the weights inside, with a dynamic batch axis
     named ``batch``."""
     example = torch.randn(2, model.in_chans, image_size, image_size)
+    accepts = inspect.signature(torch.onnx.export).parameters  # what this PyTorch's exporter takes
     with warnings.catch_warnings():
         # Tracing warns about the model's Python-level input checks; they hold for every batch size.
         warnings.simplefilter("ignore")
         if dynamo:
             # One self-contained file (all our models are far below ONNX's 2 GB limit): with external data the
             # weights would go to a second file named after `path`, which an all-or-nothing write renames alone.
-            inline = {"external_data": False} if "external_data" in inspect.signature(torch.onnx.export).parameters \
-                else {}
+            inline = {"external_data": False} if "external_data" in accepts else {}
             torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"],
                               opset_version=opset, dynamo=True,
                               dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, **inline)
         else:
             # (dynamo=False picks the TorchScript-based exporter where PyTorch has both: 2.5 and later)
-            legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+            legacy = {"dynamo": False} if "dynamo" in accepts else {}
             torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"],
                               opset_version=opset, dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                               **legacy)

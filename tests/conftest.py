@@ -37,7 +37,7 @@ SHARED_MODEL_FILES = ("test_models.py", "test_parity.py", "test_surface.py")
 try:
     from xdist.scheduler import LoadFileScheduling
 except ImportError:  # pytest-xdist is not installed: one process, one cache
-    LoadFileScheduling = None
+    pass
 else:
     class _SharedModelsScheduling(LoadFileScheduling):
         """``--dist loadfile``, with the files of :data:`SHARED_MODEL_FILES` as one work unit."""
