@@ -46,6 +46,7 @@ else:
             scope = super()._split_scope(nodeid)
             return "shared built models" if os.path.basename(scope) in SHARED_MODEL_FILES else scope
 
+    @pytest.hookimpl(optionalhook=True)  # xdist installed but off (`-p no:xdist`): no such hook to validate
     def pytest_xdist_make_scheduler(config, log):
         return _SharedModelsScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
 
