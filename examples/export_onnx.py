@@ -1,13 +1,15 @@
 """Exporting a MetaFormer to ONNX and checking ONNX Runtime against eager PyTorch.
 
-The model is exported with ``torch.onnx.export`` (a dynamic batch axis; opset 17 by default) and run
+The model is exported with ``torch.onnx.export`` (a dynamic batch axis) and run
 with ONNX Runtime on a fresh batch of a different size; the outputs must match the eager model's
 within ``--atol``. The pooling models' fused block (see the kernels page) is written with standard
 operators, so the ``"torch"`` kernel backend exports as it is; ``--backend reference`` exports the
 plain GroupNorm + AvgPool composition instead.
 
-By default the TorchScript-based exporter (``dynamo=False``) is used: it needs only ``onnx``.
-``--dynamo`` selects the ``torch.export``-based exporter, which also needs ``onnxscript``.
+By default the TorchScript-based exporter (``dynamo=False``) is used, at opset 17: it needs only ``onnx``.
+``--dynamo`` selects the ``torch.export``-based exporter, which also needs ``onnxscript``, at the opset that
+exporter defaults to (18 and later: its operator library is written for them; PyTorch 2.8 refused opset 17
+for our models, with "No ONNX function found for aten.sym_size.int"). ``--opset`` picks another.
 
 ``--output`` is written all-or-nothing (a complete file, or the previous one unchanged), and an existing
 file only with ``--overwrite``.
@@ -26,6 +28,7 @@ import os
 import tempfile
 import time
 import warnings
+from typing import Optional
 
 import torch
 
@@ -33,9 +36,11 @@ import metaformer
 from metaformer.files import atomic_write
 
 
-def export(model: torch.nn.Module, path: str, image_size: int, opset: int = 17, dynamo: bool = False) -> None:
+def export(model: torch.nn.Module, path: str, image_size: int, opset: Optional[int] = None,
+           dynamo: bool = False) -> None:
     """Writes ``model`` (in eval mode) to ``path``, one file with the weights inside, with a dynamic batch axis
-    named ``batch``."""
+    named ``batch``, at ``opset`` (None: 17 for the TorchScript-based exporter, the ``torch.export``-based
+    exporter's own default with ``dynamo``)."""
     example = torch.randn(2, model.in_chans, image_size, image_size)
     accepts = inspect.signature(torch.onnx.export).parameters  # what this PyTorch's exporter takes
     with warnings.catch_warnings():
@@ -45,14 +50,15 @@ def export(model: torch.nn.Module, path: str, image_size: int, opset: int = 17, 
             # One self-contained file (all our models are far below ONNX's 2 GB limit): with external data the
             # weights would go to a second file named after `path`, which an all-or-nothing write renames alone.
             inline = {"external_data": False} if "external_data" in accepts else {}
-            torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"],
-                              opset_version=opset, dynamo=True,
+            if opset is not None:
+                inline["opset_version"] = opset
+            torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"], dynamo=True,
                               dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, **inline)
         else:
             # (dynamo=False picks the TorchScript-based exporter where PyTorch has both: 2.5 and later)
             legacy = {"dynamo": False} if "dynamo" in accepts else {}
             torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"],
-                              opset_version=opset, dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=opset or 17, dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                               **legacy)
 
 
@@ -63,7 +69,7 @@ def main(argv=None) -> float:
     parser.add_argument("--pretrained", action="store_true")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=3, help="batch of the check (differs from the export's 2)")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: 17, or with --dynamo that exporter's default)")
     parser.add_argument("--backend", default="torch", choices=["torch", "reference"],
                         help="metaformer kernel backend used while exporting")
     parser.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter")
@@ -71,6 +77,9 @@ def main(argv=None) -> float:
     parser.add_argument("--output", help="where to write the .onnx file (default: a temporary file)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
+    if args.dynamo and "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        parser.error(f"--dynamo needs PyTorch 2.5 or later (torch.onnx.export's dynamo argument); this is PyTorch "
+                     f"{torch.__version__}: upgrade it, or leave out --dynamo for the TorchScript-based exporter")
     if args.output and os.path.lexists(args.output) and not args.overwrite:
         parser.error(f"--output {args.output} already exists; pass --overwrite to replace it, or choose another name")
     if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
@@ -92,7 +101,9 @@ def main(argv=None) -> float:
             onnx.checker.check_model(part)
 
         atomic_write(path, write)
-        print(f"exported {args.model} to {path} ({os.path.getsize(path) / 2**20:.1f} MiB, opset {args.opset}, "
+        imports = onnx.load(path, load_external_data=False).opset_import
+        opset = next(o.version for o in imports if o.domain in ("", "ai.onnx"))
+        print(f"exported {args.model} to {path} ({os.path.getsize(path) / 2**20:.1f} MiB, opset {opset}, "
               f"{time.perf_counter() - start:.1f}s)")
 
         x = torch.randn(args.batch_size, model.in_chans, args.image_size, args.image_size)

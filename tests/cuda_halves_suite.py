@@ -17,6 +17,7 @@ import time
 
 import torch
 from helpers import graph_node_names
+from triton_suite_common import exit_if_interpreter_defect
 
 import metaformer
 import metaformer.kernels as K
@@ -358,6 +359,7 @@ GROUPS = [group_not_applicable, group_partial_cover, group_groupnorm, group_edge
 if __name__ == "__main__":
     assert K.TRITON_AVAILABLE, K.TRITON_IMPORT_ERROR
     assert K._interpreting(), "run with TRITON_INTERPRET=1"
+    exit_if_interpreter_defect()
     K.set_backend("triton")
     for group in [g for g in GROUPS if len(sys.argv) < 2 or g.__name__ in sys.argv[1:]]:
         t0 = time.perf_counter()

@@ -77,7 +77,7 @@ def run_triton_suite(suite, processes: dict, timeout_s: float = 600) -> dict:
     """Runs the groups of a Triton test suite script in subprocesses started together (Triton's interpreter
     must be switched on before triton is imported): ``processes`` maps a tuple of groups to whether they
     run under the interpreter. Returns {group: (passed?, the process's output)}; skips the test if triton
-    is installed but not importable."""
+    is installed but not importable. Read a group's result with :func:`suite_group`."""
     import subprocess
     import sys
     import time
@@ -110,6 +110,26 @@ def run_triton_suite(suite, processes: dict, timeout_s: float = 600) -> dict:
     return results
 
 
+def suite_group(results: dict, group: str) -> tuple:
+    """``(passed?, output)`` of ``group`` in :func:`run_triton_suite`'s results; skips the calling test where the
+    group's process found Triton's interpreter unable to run a minimal kernel (``INTERPRETER_DEFECT`` of
+    tests/triton_suite_common.py, printed with the reason): a fault of that Triton, not of our kernels."""
+    ok, out = results[group]
+    skip_if_interpreter_defect(out)
+    return ok, out
+
+
+def skip_if_interpreter_defect(output: str) -> None:
+    """Skips the calling test if a Triton suite's ``output`` says the interpreter itself is broken (see
+    :func:`suite_group`)."""
+    import pytest
+    from triton_suite_common import INTERPRETER_DEFECT
+
+    for line in output.splitlines():
+        if line.startswith(INTERPRETER_DEFECT):
+            pytest.skip(line[len(INTERPRETER_DEFECT):].strip())
+
+
 def docs_hook(name: str):
     """The documentation build's hook module ``docs/_hooks/<name>.py``, loaded as mkdocs loads it (a file,
     not a package)."""
@@ -120,14 +140,19 @@ def docs_hook(name: str):
     return module
 
 
-def onnx_torchscript_exporter() -> dict:
-    """The keyword that picks ``torch.onnx.export``'s TorchScript-based exporter where it has a choice: ``dynamo=False``
-    (the argument is new in PyTorch 2.5; before, that exporter is the only one)."""
+def onnx_has_dynamo() -> bool:
+    """Whether ``torch.onnx.export`` takes ``dynamo`` (PyTorch 2.5 and later): the choice of exporter."""
     import inspect
 
     import torch
 
-    return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    return "dynamo" in inspect.signature(torch.onnx.export).parameters
+
+
+def onnx_torchscript_exporter() -> dict:
+    """The keyword that picks ``torch.onnx.export``'s TorchScript-based exporter where it has a choice: ``dynamo=False``
+    (the argument is new in PyTorch 2.5; before, that exporter is the only one)."""
+    return {"dynamo": False} if onnx_has_dynamo() else {}
 
 
 def require_triton_kernels(reason: str) -> None:

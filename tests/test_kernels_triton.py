@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import run_triton_suite
+from helpers import run_triton_suite, suite_group
 
 _SUITE = Path(__file__).resolve().parent / "triton_interpreter_suite.py"
 # groups per subprocess (balanced: about the same interpreter time each), and whether they interpret
@@ -30,14 +30,14 @@ def test_triton_kernels_under_interpreter(suite_results, group):
     sizes) against the oracle; precision: offsets +300 / +3000 against float64; misc: shapes, pool
     sizes 1-7, fp32/bf16/fp16/fp64, layouts, non-dense inputs and gradients, no-grad, empty
     tensors, and the self-check on the real kernels."""
-    ok, out = suite_results[group]
+    ok, out = suite_group(suite_results, group)
     assert ok, out
 
 
 @pytest.mark.slow
 def test_triton_kernels_compile_for_h100(suite_results):
     """Every kernel, with the arguments the launch code computes, compiles to a cubin for sm_90."""
-    ok, out = suite_results["compile"]
+    ok, out = suite_group(suite_results, "compile")
     assert ok, out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import run_triton_suite
+from helpers import run_triton_suite, suite_group
 
 _SUITE = Path(__file__).resolve().parent / "triton_ln_suite.py"
 # groups per subprocess, and whether they interpret
@@ -32,12 +32,12 @@ def test_ln_kernels_under_interpreter(suite_results, group):
     output (broadcast), transposed gradients, non-dense inputs, no-grad, +300 offsets, too many channels,
     the self-checks; star: StarReLU over several programs and backward steps, dtypes, layouts, promotion,
     non-dense and broadcast. Everything against float64 oracles on the same rounded inputs."""
-    ok, out = suite_results[group]
+    ok, out = suite_group(suite_results, group)
     assert ok, out
 
 
 @pytest.mark.slow
 def test_ln_kernels_compile_for_h100(suite_results):
     """Every kernel, with the arguments the launch code computes, compiles to a cubin for sm_90."""
-    ok, out = suite_results["compile"]
+    ok, out = suite_group(suite_results, "compile")
     assert ok, out

@@ -1,5 +1,6 @@
-"""What the Triton suites (tests/triton_interpreter_suite.py, tests/triton_ln_suite.py) share: the
-compile-for-an-H100 check of every launch, and running the groups named on the command line."""
+"""What the Triton suites (tests/triton_interpreter_suite.py, tests/triton_ln_suite.py,
+tests/cuda_halves_suite.py) share: the compile-for-an-H100 check of every launch, running the groups named on
+the command line, and the check that this Triton's interpreter can run kernels at all."""
 
 from __future__ import annotations
 
@@ -41,11 +42,77 @@ def compile_for_h100(launcher, kernels, names, drive, expected: int) -> None:
         assert len(grid) == 1 and 0 < grid[0] < 2**31, grid
         bind = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound, specialization, options = bind(*args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+        options, signature, constexprs, attrs = _pack_args(kernel, backend, kwargs, bound, specialization, options)
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
         assert compiled.asm.get("cubin"), kernel
     assert len(launches) == expected, len(launches)
+
+
+def _pack_args(kernel, backend, kwargs, bound, specialization, options):
+    """What ``JITFunction.run`` compiles a launch with: (options, signature, constexprs, attrs). Triton 3.5 and
+    later have it as ``JITFunction._pack_args``; Triton 3.4 computes it inline in ``run``, as here."""
+    if hasattr(kernel, "_pack_args"):
+        return kernel._pack_args(backend, kwargs, bound, specialization, options)
+    from triton._utils import find_paths_if, get_iterable_path
+
+    options = backend.parse_options(kwargs)
+    sigvals = [s[0] for s in specialization]
+    signature = dict(zip([p.name for p in kernel.params], sigvals))
+    constexprs = {path: get_iterable_path(list(bound.values()), path)
+                  for path in find_paths_if(sigvals, lambda _, v: v == "constexpr")}
+    attrvals = [s[1] for s in specialization]
+    attrs = {path: backend.parse_attr(get_iterable_path(attrvals, path))
+             for path in find_paths_if(attrvals, lambda _, v: isinstance(v, str))}
+    return options, signature, constexprs, attrs
+
+
+# Printed, with the reason, by a suite whose interpreter cannot run a minimal kernel; the tests then skip.
+INTERPRETER_DEFECT = "TRITON INTERPRETER DEFECT:"
+
+
+def interpreter_defect():
+    """Under ``TRITON_INTERPRET=1``: None if Triton's interpreter runs a minimal kernel right (a loop over a
+    bound given at run time, as the statistics kernels have), else why not. Triton 3.4's interpreter turns
+    such a bound into a Python int with ``int()`` of a one-element array, which NumPy 2.4 and later refuse
+    ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.8 runs it."""
+    import numpy
+    import torch
+    import triton
+
+    out = torch.zeros(4)
+    try:
+        _make_probe()[(1,)](out, 3, BLOCK=4)
+    except Exception as err:  # noqa: BLE001 - whatever the interpreter raises is the reason
+        return (f"Triton {triton.__version__}'s interpreter (with NumPy {numpy.__version__}) cannot run a minimal "
+                f"kernel with a loop over a run-time bound: {err!r}. Use NumPy < 2.4 with this Triton, or a newer "
+                "Triton, to test the kernels on the CPU.")
+    if out.tolist() != [3.0] * 4:
+        return f"Triton {triton.__version__}'s interpreter computed {out.tolist()} for a loop summing 1.0 three times"
+    return None
+
+
+def exit_if_interpreter_defect() -> None:
+    """Exits with status 3, printing :data:`INTERPRETER_DEFECT` and the reason, where :func:`interpreter_defect`
+    finds one (so that a failure of Triton's own interpreter is not read as a failure of our kernels)."""
+    reason = interpreter_defect()
+    if reason:
+        print(INTERPRETER_DEFECT, reason, flush=True)
+        sys.exit(3)
+
+
+def _make_probe():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out, n, BLOCK: tl.constexpr):
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for _ in range(0, n):
+            acc += 1.0
+        tl.store(out + tl.arange(0, BLOCK), acc)
+
+    return probe
 
 
 def run_groups(groups: dict) -> None:
@@ -54,6 +121,8 @@ def run_groups(groups: dict) -> None:
     import metaformer.kernels as K
 
     assert K.TRITON_AVAILABLE, K.TRITON_IMPORT_ERROR
+    if K._interpreting():
+        exit_if_interpreter_defect()
     K.set_backend("triton")
     failed = False
     for name in sys.argv[1:]:
