@@ -17,8 +17,7 @@ def compile_for_h100(launcher, kernels, names, drive, expected: int) -> None:
     ``expected`` launches. Needs no GPU; must run without TRITON_INTERPRET."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler import make_backend
 
     assert all(isinstance(getattr(kernels, n), triton.runtime.jit.JITFunction) for n in names), \
         "TRITON_INTERPRET is set"
@@ -40,13 +39,41 @@ def compile_for_h100(launcher, kernels, names, drive, expected: int) -> None:
         launcher.tk = real
     for kernel, grid, args, kwargs in launches:
         assert len(grid) == 1 and 0 < grid[0] < 2**31, grid
-        bind = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = bind(*args, **kwargs)
-        options, signature, constexprs, attrs = _pack_args(kernel, backend, kwargs, bound, specialization, options)
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
+        src, options = _source(kernel, backend, args, kwargs)
+        compiled = triton.compile(src, target=target, options=options.__dict__)
         assert compiled.asm.get("cubin"), kernel
     assert len(launches) == expected, len(launches)
+
+
+def _source(kernel, backend, args, kwargs):
+    """What ``JITFunction.run`` compiles for ``kernel[grid](*args, **kwargs)``: (ASTSource, options)."""
+    import inspect
+
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    if len(inspect.signature(create_function_from_signature).parameters) == 2:  # Triton 3.0
+        return _source_30(kernel, backend, args, kwargs)
+    bind = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = bind(*args, **kwargs)
+    options, signature, constexprs, attrs = _pack_args(kernel, backend, kwargs, bound, specialization, options)
+    return ASTSource(kernel, signature, constexprs, attrs), options
+
+
+def _source_30(kernel, backend, args, kwargs):
+    """:func:`_source` as Triton 3.0's ``JITFunction.run`` computes it (its binder takes no backend)."""
+    from triton.compiler import ASTSource
+
+    kernel.create_binder()
+    bound, sig_and_spec, _, _, _ = kernel.binder(*args, **kwargs)
+    options = backend.parse_options(kwargs)
+    values = tuple(bound.values())
+    names = [kernel.params[i].name for i in kernel.non_constexpr_indices]
+    signature = {k: "*i8" if v == "none" else v for k, v in zip(names, sig_and_spec[:len(names)])}
+    config = kernel._get_config(*values)
+    constants = {p.name: v for v, p in zip(values, kernel.params)
+                 if p.is_constexpr or p.num in config.equal_to_1 or v is None}
+    return ASTSource(kernel, signature, constants, config), options
 
 
 def _pack_args(kernel, backend, kwargs, bound, specialization, options):
@@ -75,14 +102,16 @@ def interpreter_defect():
     """Under ``TRITON_INTERPRET=1``: None if Triton's interpreter runs a minimal kernel right (a loop over a
     bound given at run time, as the statistics kernels have), else why not. Triton 3.4's interpreter turns
     such a bound into a Python int with ``int()`` of a one-element array, which NumPy 2.4 and later refuse
-    ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.8 runs it."""
+    ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.0's writes nothing back to CPU
+    tensors (a kernel storing 2.0 leaves zeros); Triton 3.8 runs it."""
     import numpy
     import torch
     import triton
+    from triton_probe import probe
 
     out = torch.zeros(4)
     try:
-        _make_probe()[(1,)](out, 3, BLOCK=4)
+        probe[(1,)](out, 3, BLOCK=4)
     except Exception as err:  # noqa: BLE001 - whatever the interpreter raises is the reason
         return (f"Triton {triton.__version__}'s interpreter (with NumPy {numpy.__version__}) cannot run a minimal "
                 f"kernel with a loop over a run-time bound: {err!r}. Use NumPy < 2.4 with this Triton, or a newer "
@@ -99,20 +128,6 @@ def exit_if_interpreter_defect() -> None:
     if reason:
         print(INTERPRETER_DEFECT, reason, flush=True)
         sys.exit(3)
-
-
-def _make_probe():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def probe(out, n, BLOCK: tl.constexpr):
-        acc = tl.zeros((BLOCK,), tl.float32)
-        for _ in range(0, n):
-            acc += 1.0
-        tl.store(out + tl.arange(0, BLOCK), acc)
-
-    return probe
 
 
 def run_groups(groups: dict) -> None:

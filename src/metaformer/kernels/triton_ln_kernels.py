@@ -57,6 +57,17 @@ def _stats(z, mask, C, eps_hi, eps_lo, ACC: tl.constexpr):
 
 
 @triton.jit
+def _to(v, ptr):
+    """``v`` in the element type of ``ptr``; from fp64 to a 16-bit float through fp32, as PyTorch converts (its
+    bfloat16 and half are made from a float: ``.to`` of 1 + 2**-8 + 2**-30 gives 1.0 in bfloat16), and Triton 3.0
+    aborts compiling a direct fp64 -> bf16 conversion."""
+    if v.dtype == tl.float64:  # (nested: Triton 3.0 compiles no `and` of two compile-time bools)
+        if ptr.dtype.element_ty != tl.float64:
+            v = v.to(tl.float32)
+    return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _channel_vec(ptr, offs_c, C, ACC: tl.constexpr):
     return tl.load(ptr + offs_c, mask=offs_c < C, other=0.0).to(ACC)
 
@@ -93,7 +104,7 @@ def ln_fwd_kernel(
     if HAS_Y:
         x, y, f = _residual(x_ptr, y_ptr, r_ptr, ls_ptr, s_ptr, b, offs_p, offs_c, mask, C,
                             xs_b, xs_c, xs_p, ys_b, ys_c, ys_p, HAS_R, HAS_LS, HAS_S, ACC)
-        zq = (x + f * y).to(z_ptr.dtype.element_ty)
+        zq = _to(x + f * y, z_ptr)
         tl.store(z_ptr + out, zq, mask=mask)
         z = zq.to(ACC)  # normalise z as stored, as the composition does
     else:
@@ -104,7 +115,7 @@ def ln_fwd_kernel(
         n = n * _channel_vec(w_ptr, offs_c, C, ACC)[None, :]
     if HAS_B:
         n = n + _channel_vec(bias_ptr, offs_c, C, ACC)[None, :]
-    tl.store(n_ptr + out, n.to(n_ptr.dtype.element_ty), mask=mask)
+    tl.store(n_ptr + out, _to(n, n_ptr), mask=mask)
 
 
 @triton.jit
@@ -156,7 +167,7 @@ def ln_bwd_kernel(
             dx = dz
             if HAS_R:
                 dx = dz * _channel_vec(r_ptr, offs_c, C, ACC)[None, :]
-            tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + xo, _to(dx, dx_ptr), mask=mask)
         if NEED_R:
             acc_r += tl.sum(tl.load(x_ptr + xo, mask=mask, other=0.0).to(ACC) * dz, axis=0)
         if HAS_Y:
@@ -167,7 +178,7 @@ def ln_bwd_kernel(
                     dy = dy * _channel_vec(ls_ptr, offs_c, C, ACC)[None, :]
                 if HAS_S:
                     dy = dy * tl.load(s_ptr + b).to(ACC)
-                tl.store(dy_ptr + yo, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+                tl.store(dy_ptr + yo, _to(dy, dy_ptr), mask=mask)
             if NEED_LS or NEED_S:
                 ydz = tl.load(y_ptr + yo, mask=mask, other=0.0).to(ACC) * dz
                 if NEED_LS:
@@ -201,7 +212,7 @@ def star_relu_fwd_kernel(x_ptr, out_ptr, s_ptr, b_ptr, N, BLOCK: tl.constexpr, A
     mask = offs < N
     r = tl.maximum(tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC), 0.0)
     y = tl.load(s_ptr).to(ACC) * (r * r) + tl.load(b_ptr).to(ACC)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _to(y, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -220,7 +231,7 @@ def star_relu_bwd_kernel(x_ptr, g_ptr, dx_ptr, s_ptr, ps_ptr, pb_ptr, N, ITERS,
         if NEED_X or NEED_S:
             r = tl.maximum(tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC), 0.0)
             if NEED_X:
-                tl.store(dx_ptr + offs, (two_s * r * g).to(dx_ptr.dtype.element_ty), mask=mask)
+                tl.store(dx_ptr + offs, _to(two_s * r * g, dx_ptr), mask=mask)
             if NEED_S:
                 acc_s += g * r * r
         if NEED_B:
