@@ -58,9 +58,9 @@ def _stats(z, mask, C, eps_hi, eps_lo, ACC: tl.constexpr):
 
 @triton.jit
 def _to(v, ptr):
-    """``v`` in the element type of ``ptr``; from fp64 to a 16-bit float through fp32, as PyTorch converts (its
-    bfloat16 and half are made from a float: ``.to`` of 1 + 2**-8 + 2**-30 gives 1.0 in bfloat16), and Triton 3.0
-    aborts compiling a direct fp64 -> bf16 conversion."""
+    """``v`` in the element type of ``ptr``; from fp64 to a 16-bit float through fp32, as PyTorch converts on CPU
+    (``.to(torch.bfloat16)`` of 1 + 2**-8 + 2**-30 in fp64 gives 1.0, not the nearest bfloat16), and because
+    Triton 3.0 aborts compiling a direct fp64 -> bf16 conversion."""
     if v.dtype == tl.float64:  # (nested: Triton 3.0 compiles no `and` of two compile-time bools)
         if ptr.dtype.element_ty != tl.float64:
             v = v.to(tl.float32)
