@@ -52,7 +52,7 @@ def _source(kernel, backend, args, kwargs):
     from triton.compiler import ASTSource
     from triton.runtime.jit import create_function_from_signature
 
-    if len(inspect.signature(create_function_from_signature).parameters) == 2:  # Triton 3.0
+    if len(inspect.signature(create_function_from_signature).parameters) == 2:  # Triton 3.0's binder
         return _source_30(kernel, backend, args, kwargs)
     bind = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = bind(*args, **kwargs)
@@ -77,8 +77,9 @@ def _source_30(kernel, backend, args, kwargs):
 
 
 def _pack_args(kernel, backend, kwargs, bound, specialization, options):
-    """What ``JITFunction.run`` compiles a launch with: (options, signature, constexprs, attrs). Triton 3.5 and
-    later have it as ``JITFunction._pack_args``; Triton 3.4 computes it inline in ``run``, as here."""
+    """What ``JITFunction.run`` compiles a launch with: (options, signature, constexprs, attrs). Newer releases
+    have it as ``JITFunction._pack_args`` (3.8 was checked); Triton 3.4 computes it inline in ``run``, as
+    here."""
     if hasattr(kernel, "_pack_args"):
         return kernel._pack_args(backend, kwargs, bound, specialization, options)
     from triton._utils import find_paths_if, get_iterable_path
