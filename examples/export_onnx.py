@@ -77,8 +77,9 @@ def main(argv=None) -> float:
     parser.add_argument("--output", help="where to write the .onnx file (default: a temporary file)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
-    if args.dynamo and "dynamo" not in inspect.signature(torch.onnx.export).parameters:
-        parser.error(f"--dynamo needs PyTorch 2.5 or later (torch.onnx.export's dynamo argument); this is PyTorch "
+    if args.dynamo and not {"dynamo", "dynamic_shapes"} <= set(inspect.signature(torch.onnx.export).parameters):
+        parser.error(f"--dynamo needs PyTorch 2.5 or later (torch.onnx.export's torch.export-based exporter, with "
+                     f"dynamic_shapes); this is PyTorch "
                      f"{torch.__version__}: upgrade it, or leave out --dynamo for the TorchScript-based exporter")
     if args.output and os.path.lexists(args.output) and not args.overwrite:
         parser.error(f"--output {args.output} already exists; pass --overwrite to replace it, or choose another name")

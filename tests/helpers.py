@@ -141,18 +141,24 @@ def docs_hook(name: str):
 
 
 def onnx_has_dynamo() -> bool:
-    """Whether ``torch.onnx.export`` takes ``dynamo`` (PyTorch 2.5 and later): the choice of exporter."""
+    """Whether ``torch.onnx.export`` has the ``torch.export``-based exporter as we call it: ``dynamo`` and
+    ``dynamic_shapes`` (PyTorch 2.5 and later; 2.4's ``dynamo=True`` routes to ``dynamo_export``, without
+    ``dynamic_shapes``)."""
     import inspect
 
     import torch
 
-    return "dynamo" in inspect.signature(torch.onnx.export).parameters
+    return {"dynamo", "dynamic_shapes"} <= set(inspect.signature(torch.onnx.export).parameters)
 
 
 def onnx_torchscript_exporter() -> dict:
     """The keyword that picks ``torch.onnx.export``'s TorchScript-based exporter where it has a choice: ``dynamo=False``
-    (the argument is new in PyTorch 2.5; before, that exporter is the only one)."""
-    return {"dynamo": False} if onnx_has_dynamo() else {}
+    (the argument is new in PyTorch 2.4; before, that exporter is the only one)."""
+    import inspect
+
+    import torch
+
+    return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
 
 def require_triton_kernels(reason: str) -> None:

@@ -138,7 +138,7 @@ def test_export_onnx_dynamo_writes_one_self_contained_file(tmp_path):
         out = start_example("export_onnx", "--dynamo", "--output", str(tmp_path / "model.onnx"))
         assert out.returncode == 2 and "--dynamo needs PyTorch 2.5 or later" in out.stderr, out.stderr
         assert not any(tmp_path.iterdir())
-        pytest.skip("torch.onnx.export has no dynamo argument before PyTorch 2.5 (the refusal was checked)")
+        pytest.skip("torch.onnx.export has no torch.export-based exporter before PyTorch 2.5 (the refusal was checked)")
     path = tmp_path / "model.onnx"
     out = run_example("export_onnx", "--dynamo", "--image-size", "32", "--output", str(path))
     assert "ONNX Runtime matches eager" in out

@@ -25,7 +25,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import FAMILY_REPS, built_model, input_size_for, onnx_torchscript_exporter
+from helpers import FAMILY_REPS, built_model, input_size_for, onnx_has_dynamo, onnx_torchscript_exporter
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import metaformer
@@ -312,8 +312,8 @@ def test_onnx_torchscript_exporter(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,features_only", [("caformer_s18", False), ("poolformer_s12", True)])
 def test_onnx_dynamo_exporter(name, features_only):
-    if not onnx_torchscript_exporter():
-        pytest.skip(f"torch.onnx.export has no dynamo exporter on PyTorch {torch.__version__} (it has from 2.5)")
+    if not onnx_has_dynamo():
+        pytest.skip(f"torch.onnx.export has no torch.export-based exporter on PyTorch {torch.__version__} (from 2.5)")
     model, x = _model(name, features_only=features_only), _input(name)
     outputs = _onnx_run(model, x, dynamo=True)
     with torch.no_grad():
