@@ -55,10 +55,10 @@ def export(model: torch.nn.Module, path: str, image_size: int, opset: Optional[i
             torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"], dynamo=True,
                               dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, **inline)
         else:
-            # (dynamo=False picks the TorchScript-based exporter where PyTorch has both: 2.5 and later)
+            # (dynamo=False picks the TorchScript-based exporter where torch.onnx.export takes it: 2.4 and later)
             legacy = {"dynamo": False} if "dynamo" in accepts else {}
             torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"],
-                              opset_version=opset or 17, dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=17 if opset is None else opset, dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                               **legacy)
 
 
