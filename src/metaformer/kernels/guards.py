@@ -99,6 +99,10 @@ def parts_hooked(module: nn.Module) -> bool:
     """
     if any(_GLOBAL_HOOKS):
         return True
+    if torch.compiler.is_compiling():
+        # (PyTorch 2.4's Dynamo fails building its guards where a block's _modules dict is read under two names,
+        # as it is when a stage finds its first block and then runs it: children() is traced as the modules)
+        return any(module_hooked(m) for m in module.modules() if m is not module)
     stack = list(module._modules.values())
     while stack:
         m = stack.pop()
