@@ -101,7 +101,7 @@ def parts_hooked(module: nn.Module) -> bool:
         return True
     if torch.compiler.is_compiling():
         # (PyTorch 2.4's Dynamo fails building its guards where a block's _modules dict is read under two names,
-        # as it is when a stage finds its first block and then runs it: children() is traced as the modules)
+        # as it is when a stage finds its first block and then runs it; Dynamo traces modules() as the modules)
         return any(module_hooked(m) for m in module.modules() if m is not module)
     stack = list(module._modules.values())
     while stack:
