@@ -36,13 +36,19 @@ import metaformer
 from metaformer.files import atomic_write
 
 
+def exporter_parameters() -> set:
+    """The keyword parameters this PyTorch's ``torch.onnx.export`` takes (``dynamo`` from 2.4, ``dynamic_shapes``
+    and the ``torch.export``-based exporter from 2.5, ``external_data`` later)."""
+    return set(inspect.signature(torch.onnx.export).parameters)
+
+
 def export(model: torch.nn.Module, path: str, image_size: int, opset: Optional[int] = None,
            dynamo: bool = False) -> None:
     """Writes ``model`` (in eval mode) to ``path``, one file with the weights inside, with a dynamic batch axis
     named ``batch``, at ``opset`` (None: 17 for the TorchScript-based exporter, the ``torch.export``-based
     exporter's own default with ``dynamo``)."""
     example = torch.randn(2, model.in_chans, image_size, image_size)
-    accepts = inspect.signature(torch.onnx.export).parameters  # what this PyTorch's exporter takes
+    accepts = exporter_parameters()
     with warnings.catch_warnings():
         # Tracing warns about the model's Python-level input checks; they hold for every batch size.
         warnings.simplefilter("ignore")
@@ -58,8 +64,8 @@ def export(model: torch.nn.Module, path: str, image_size: int, opset: Optional[i
             # (dynamo=False picks the TorchScript-based exporter where torch.onnx.export takes it: 2.4 and later)
             legacy = {"dynamo": False} if "dynamo" in accepts else {}
             torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"],
-                              opset_version=17 if opset is None else opset, dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                              **legacy)
+                              opset_version=17 if opset is None else opset,
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, **legacy)
 
 
 def main(argv=None) -> float:
@@ -77,7 +83,7 @@ def main(argv=None) -> float:
     parser.add_argument("--output", help="where to write the .onnx file (default: a temporary file)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
-    if args.dynamo and not {"dynamo", "dynamic_shapes"} <= set(inspect.signature(torch.onnx.export).parameters):
+    if args.dynamo and not {"dynamo", "dynamic_shapes"} <= exporter_parameters():
         parser.error(f"--dynamo needs PyTorch 2.5 or later (torch.onnx.export's torch.export-based exporter, with "
                      f"dynamic_shapes); this is PyTorch "
                      f"{torch.__version__}: upgrade it, or leave out --dynamo for the TorchScript-based exporter")
