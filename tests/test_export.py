@@ -60,6 +60,64 @@ def test_compile_warns_of_nothing_in_our_code():
     assert ours == []
 
 
+@pytest.mark.filterwarnings("ignore:Using `torch.compile\\(module\\)` when there are global hooks")  # (torch's own)
+@pytest.mark.parametrize("where", ["part", "global"])
+def test_compile_fullgraph_with_hooks(where):
+    """A model with a forward hook on a block's part, or a global module hook, compiles in one graph, equals the
+    plain composition and runs the hook as eager does. (PyTorch 2.4's Dynamo failed building its guards, "DictGuardManager
+    does not support a leaf_guard", where the hook check read a hook dict under another name than the call did.)"""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = _model("poolformer_s12")
+    x = torch.randn(2, 3, *SIZE)
+    calls = []
+    block = model.stages[0].blocks[0]
+    if where == "part":
+        handles = [block.mlp.fc1.register_forward_hook(lambda m, args, out: calls.append("fc1")),
+                   model.stages[2].blocks[1].token_mixer.register_forward_hook(lambda m, a, o: calls.append("pool"))]
+    else:
+        handles = [register_module_forward_hook(lambda m, args, out: calls.append(type(m).__name__))]
+    try:
+        with torch.no_grad():
+            metaformer.kernels.set_backend("reference")
+            try:
+                expected = model(x)
+            finally:
+                metaformer.kernels.set_backend("auto")
+            eager_calls = list(calls)
+            calls.clear()
+            torch._dynamo.reset()
+            _close(torch.compile(model, fullgraph=True, backend="eager")(x), expected)
+    finally:
+        for h in handles:
+            h.remove()
+    calls = [c for c in calls if c != "OptimizedModule"]  # (torch.compile's wrapper is a module too)
+    if where == "part":
+        assert calls == eager_calls == ["fc1", "pool"]
+    elif _dynamo_runs_global_hooks():
+        assert calls == eager_calls and "Pooling" in calls and "Conv2d" in calls
+
+
+def _dynamo_runs_global_hooks() -> bool:
+    """Whether this PyTorch's torch.compile runs a global module hook on every module it calls, as eager does, for
+    plain torch modules (PyTorch 2.4's skips some: then only the values of ours are compared)."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.Identity(), torch.nn.Conv2d(2, 2, 1)) for _ in range(2)))
+    calls = []
+    handle = register_module_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    try:
+        x = torch.randn(1, 2, 3, 3)
+        model(x)
+        eager_calls = list(calls)
+        calls.clear()
+        torch._dynamo.reset()
+        torch.compile(model, fullgraph=True, backend="eager")(x)
+    finally:
+        handle.remove()
+        torch._dynamo.reset()
+    return [c for c in calls if c != "OptimizedModule"] == eager_calls
+
 
 def test_compile_fullgraph_as_a_processs_first_call():
     """A model compiled before any eager call in its process: the fast paths import their part classes at the

@@ -104,13 +104,19 @@ def _cpu_converts(block: nn.Module, x: torch.Tensor) -> bool:
 
 def _block_converts(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`block_forward` runs ``x`` in channels_last."""
+    if torch.compiler.is_compiling():
+        # Not asked of the parts' hooks here (a layout changes no value; a hooked block runs its plain composition
+        # in channels_last): this walk reaches a stage's blocks by another path than the stage's own call, and
+        # PyTorch 2.4's Dynamo fails building its guards on a hook dict it has seen under two names.
+        return _cpu_converts(block, x) and fast_paths_active(x) and not all(_own_halves(block))
     return _cpu_converts(block, x) and not _plain(block, x, *_own_halves(block))
 
 
 def inference_block_fast(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether an :class:`~metaformer.inference_block.InferenceBlock`'s fast paths may run for ``x``: on CPU in
     eager mode (:func:`fast_paths_active`)."""
-    return fast_paths_active(x, block) and x.device.type == "cpu" and not torch.compiler.is_compiling()
+    # (compiling asked first: the hook check's walk is then not traced from converts_to_channels_last, see there)
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and fast_paths_active(x, block)
 
 
 def inference_block_converts(block: nn.Module, x: torch.Tensor) -> bool:

@@ -9,6 +9,7 @@ no ``torch.func`` transform, forward-mode AD or dispatch mode, and for a module 
 
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
@@ -73,6 +74,18 @@ _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_ba
 _GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, f"_global{name}", None) for name in _MODULE_HOOKS)
 
 
+def _global_hooks_in_torch_namespace() -> bool:  # (its globals are torch.nn.modules.module's, see below)
+    return bool(_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks  # noqa: F821
+                or _global_backward_pre_hooks)  # noqa: F821
+
+
+# Under torch.compile the global hook dicts are read as Module.__call__ reads them, as globals of
+# torch.nn.modules.module: PyTorch 2.4's Dynamo fails building its guards on a dict it has seen under two names
+# ("DictGuardManager does not support a leaf_guard"), as it did when they were read through _GLOBAL_HOOKS.
+_compiled_global_hooks = types.FunctionType(_global_hooks_in_torch_namespace.__code__,
+                                            vars(torch.nn.modules.module), "_compiled_global_hooks")
+
+
 def module_hooked(module: nn.Module) -> bool:
     """Whether ``module`` has a hook of its own (forward, forward pre-, backward) or an instance-level
     ``forward`` (a wrapper such as accelerate's)."""
@@ -97,12 +110,24 @@ def parts_hooked(module: nn.Module) -> bool:
     with one runs its plain composition. ``module``'s own hooks run either way (its ``__call__`` runs
     them around the fused forward).
     """
+    if torch.compiler.is_compiling():
+        if _compiled_global_hooks():
+            return True
+        # The parts by attribute, as the forwards reach them (`self.mlp`, `self.fc1`): PyTorch 2.4's Dynamo fails
+        # building its guards on a dict it has seen under two names, a block's _modules or a hooked part's hooks
+        # read through the items of _modules (`modules()`) and again by the part's own call
+        stack = [module]
+        while stack:
+            m = stack.pop()
+            for name in list(m._modules):
+                child = getattr(m, name)
+                if child is not None:
+                    if module_hooked(child):
+                        return True
+                    stack.append(child)
+        return False
     if any(_GLOBAL_HOOKS):
         return True
-    if torch.compiler.is_compiling():
-        # (PyTorch 2.4's Dynamo fails building its guards where a block's _modules dict is read under two names,
-        # as it is when a stage finds its first block and then runs it; Dynamo traces modules() as the modules)
-        return any(module_hooked(m) for m in module.modules() if m is not module)
     stack = list(module._modules.values())
     while stack:
         m = stack.pop()
