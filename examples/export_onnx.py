@@ -55,11 +55,13 @@ def export(model: torch.nn.Module, path: str, image_size: int, opset: Optional[i
         if dynamo:
             # One self-contained file (all our models are far below ONNX's 2 GB limit): with external data the
             # weights would go to a second file named after `path`, which an all-or-nothing write renames alone.
+            # The batch axis as a tuple in the arguments' order: PyTorch 2.6 read a dict's keys as `input_names`,
+            # later releases as forward's parameter names.
             inline = {"external_data": False} if "external_data" in accepts else {}
             if opset is not None:
                 inline["opset_version"] = opset
             torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["logits"], dynamo=True,
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, **inline)
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), **inline)
         else:
             # (dynamo=False picks the TorchScript-based exporter where torch.onnx.export takes it: 2.4 and later)
             legacy = {"dynamo": False} if "dynamo" in accepts else {}
@@ -83,9 +85,13 @@ def main(argv=None) -> float:
     parser.add_argument("--output", help="where to write the .onnx file (default: a temporary file)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
-    if args.dynamo and not {"dynamo", "dynamic_shapes"} <= exporter_parameters():
-        parser.error(f"--dynamo needs PyTorch 2.5 or later (torch.onnx.export's torch.export-based exporter, with "
-                     f"dynamic_shapes); this is PyTorch "
+    release = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if args.dynamo and (release < (2, 7) or not {"dynamo", "dynamic_shapes"} <= exporter_parameters()):
+        # (from 2.5 torch.onnx.export has the torch.export-based exporter with dynamic_shapes, but 2.6's failed on
+        # these models with a dynamic batch axis: its type-promotion pass could not broadcast addcmul's and lerp's
+        # per-channel operands over a symbolic batch; 2.8 and later export them)
+        parser.error(f"--dynamo needs PyTorch 2.7 or later (torch.onnx.export's torch.export-based exporter, with "
+                     f"a dynamic batch axis); this is PyTorch "
                      f"{torch.__version__}: upgrade it, or leave out --dynamo for the TorchScript-based exporter")
     if args.output and os.path.lexists(args.output) and not args.overwrite:
         parser.error(f"--output {args.output} already exists; pass --overwrite to replace it, or choose another name")

@@ -53,26 +53,35 @@ def _source(kernel, backend, args, kwargs):
     from triton.runtime.jit import create_function_from_signature
 
     if len(inspect.signature(create_function_from_signature).parameters) == 2:  # Triton 3.0's binder
-        return _source_30(kernel, backend, args, kwargs)
-    bind = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = bind(*args, **kwargs)
+        kernel.create_binder()
+        bind = kernel.binder
+    else:
+        bind = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound = bind(*args, **kwargs)
+    if len(bound) == 5:  # Triton 3.0-3.2: (bound, sig_and_spec, constexpr values, other values, excess kwargs)
+        return _source_five(kernel, backend, kwargs, bound[0], bound[1])
+    bound, specialization, options = bound
     options, signature, constexprs, attrs = _pack_args(kernel, backend, kwargs, bound, specialization, options)
     return ASTSource(kernel, signature, constexprs, attrs), options
 
 
-def _source_30(kernel, backend, args, kwargs):
-    """:func:`_source` as Triton 3.0's ``JITFunction.run`` computes it (its binder takes no backend)."""
+def _source_five(kernel, backend, kwargs, bound, sig_and_spec):
+    """:func:`_source` as ``JITFunction.run`` computes it where the binder returns five values (Triton 3.0 was
+    checked, which takes the constants from ``_get_config``, and 3.2, from the backend's attributes descriptor)."""
     from triton.compiler import ASTSource
 
-    kernel.create_binder()
-    bound, sig_and_spec, _, _, _ = kernel.binder(*args, **kwargs)
     options = backend.parse_options(kwargs)
     values = tuple(bound.values())
-    names = [kernel.params[i].name for i in kernel.non_constexpr_indices]
+    names = [p.name for p in kernel.params if not p.is_constexpr]
     signature = {k: "*i8" if v == "none" else v for k, v in zip(names, sig_and_spec[:len(names)])}
-    config = kernel._get_config(*values)
+    if hasattr(backend, "get_attrs_descriptor"):  # Triton 3.2
+        config = backend.get_attrs_descriptor(kernel.params, values)
+        constant_params = config.get_constants()
+    else:  # Triton 3.0
+        config = kernel._get_config(*values)
+        constant_params = config.equal_to_1
     constants = {p.name: v for v, p in zip(values, kernel.params)
-                 if p.is_constexpr or p.num in config.equal_to_1 or v is None}
+                 if p.is_constexpr or p.num in constant_params or v is None}
     return ASTSource(kernel, signature, constants, config), options
 
 

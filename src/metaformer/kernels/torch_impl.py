@@ -186,7 +186,9 @@ def pool_mixer_residual_torch(
         mean, rstd, src = None, sample_rstd(x, eps), x
     if sample_scale is not None:
         rstd = rstd * sample_scale.to(acc)
-    coef = (rstd[:, None] * weight.to(acc)[None, :]).to(src.dtype)[:, :, None, None]
+    # (unsqueeze, not `rstd[:, None]`: PyTorch 2.6's torch.export guards a sliced batch axis against 2**63 - 1,
+    # which a dynamic batch dimension then violates)
+    coef = (rstd.unsqueeze(1) * weight.to(acc).unsqueeze(0)).to(src.dtype).unsqueeze(-1).unsqueeze(-1)
     # lerp(s, p, c) = s + c * (p - s) in a single pass; it evaluates c * (p - s) directly for c < 0.5
     # (always the case with layer-scale-sized weights), so it is exact to rounding, and its weight
     # gradient is sum(g * (p - s)), free of the cancellation of sum(g * p) - sum(g * s).
