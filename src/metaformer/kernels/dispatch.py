@@ -108,7 +108,8 @@ def _block_converts(block: nn.Module, x: torch.Tensor) -> bool:
         # Not asked of the parts' hooks here (a layout changes no value; a hooked block runs its plain composition
         # in channels_last): this walk reaches a stage's blocks by another path than the stage's own call, and
         # PyTorch 2.4's Dynamo fails building its guards on a hook dict it has seen under two names.
-        return _cpu_converts(block, x) and fast_paths_active(x) and not all(_own_halves(block))
+        return (_cpu_converts(block, x) and fast_paths_active(x) and not _cpu_autocast()
+                and not all(_own_halves(block)))
     return _cpu_converts(block, x) and not _plain(block, x, *_own_halves(block))
 
 
