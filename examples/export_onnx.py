@@ -36,19 +36,13 @@ import metaformer
 from metaformer.files import atomic_write
 
 
-def exporter_parameters() -> set:
-    """The keyword parameters this PyTorch's ``torch.onnx.export`` takes (``dynamo`` from 2.4, ``dynamic_shapes``
-    and the ``torch.export``-based exporter from 2.5, ``external_data`` later)."""
-    return set(inspect.signature(torch.onnx.export).parameters)
-
-
 def export(model: torch.nn.Module, path: str, image_size: int, opset: Optional[int] = None,
            dynamo: bool = False) -> None:
     """Writes ``model`` (in eval mode) to ``path``, one file with the weights inside, with a dynamic batch axis
     named ``batch``, at ``opset`` (None: 17 for the TorchScript-based exporter, the ``torch.export``-based
     exporter's own default with ``dynamo``)."""
     example = torch.randn(2, model.in_chans, image_size, image_size)
-    accepts = exporter_parameters()
+    accepts = inspect.signature(torch.onnx.export).parameters  # what this PyTorch's exporter takes
     with warnings.catch_warnings():
         # Tracing warns about the model's Python-level input checks; they hold for every batch size.
         warnings.simplefilter("ignore")
@@ -85,8 +79,7 @@ def main(argv=None) -> float:
     parser.add_argument("--output", help="where to write the .onnx file (default: a temporary file)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
-    release = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    if args.dynamo and (release < (2, 7) or not {"dynamo", "dynamic_shapes"} <= exporter_parameters()):
+    if args.dynamo and torch.__version__ < (2, 7):
         # (from 2.5 torch.onnx.export has the torch.export-based exporter with dynamic_shapes, but 2.6's failed on
         # these models with a dynamic batch axis: its type-promotion pass could not broadcast addcmul's and lerp's
         # per-channel operands over a symbolic batch; 2.8 and later export them)

@@ -140,6 +140,18 @@ def docs_hook(name: str):
     return module
 
 
+def with_backend(backend: str, fn):
+    """``fn()`` with the kernel backend set to ``backend``, then the previous backend back."""
+    import metaformer
+
+    previous = metaformer.get_backend()
+    metaformer.set_backend(backend)
+    try:
+        return fn()
+    finally:
+        metaformer.set_backend(previous)
+
+
 def onnx_has_dynamo() -> bool:
     """Whether ``torch.onnx.export`` has the ``torch.export``-based exporter as we call it: ``dynamo`` and
     ``dynamic_shapes`` (PyTorch 2.5 and later; 2.4's ``dynamo=True`` routes to ``dynamo_export``, without

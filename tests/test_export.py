@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import onnx_torchscript_exporter
+from helpers import onnx_torchscript_exporter, with_backend
 
 import metaformer
 
@@ -79,11 +79,7 @@ def test_compile_fullgraph_with_hooks(where):
         handles = [register_module_forward_hook(lambda m, args, out: calls.append(type(m).__name__))]
     try:
         with torch.no_grad():
-            metaformer.kernels.set_backend("reference")
-            try:
-                expected = model(x)
-            finally:
-                metaformer.kernels.set_backend("auto")
+            expected = with_backend("reference", lambda: model(x))
             eager_calls = list(calls)
             calls.clear()
             torch._dynamo.reset()

@@ -22,7 +22,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import subprocess_env
+from helpers import subprocess_env, with_backend
 from torch import nn
 from torch.nn import functional as F
 
@@ -70,16 +70,6 @@ def tiny(family: str, drop_path_rate: float = 0.0, features_only: bool = False) 
     return model
 
 
-def _with_backend(backend, fn):
-    """``fn()`` with the kernel backend set to ``backend``, then the previous backend back."""
-    previous = metaformer.get_backend()
-    metaformer.set_backend(backend)
-    try:
-        return fn()
-    finally:
-        metaformer.set_backend(previous)
-
-
 def _run(model, x, backend, seed=0, grad=True, input_grad=True):
     def run():
         model.zero_grad(set_to_none=True)
@@ -94,7 +84,7 @@ def _run(model, x, backend, seed=0, grad=True, input_grad=True):
             grads["input"] = xi.grad.detach().clone()
         return y.detach(), grads
 
-    return _with_backend(backend, run)
+    return with_backend(backend, run)
 
 
 def _close(actual, expected, oracle=None, rtol=1e-5, what="", floor=0.0):
@@ -228,7 +218,7 @@ def test_eval_mode_finetuning_of_a_subset_gets_every_gradient(family, subset):
 def _fast_and_reference(model, x):
     """The model's output with the fast paths (the ``auto`` backend) and with the ``reference`` backend."""
     fast = model(x)
-    return fast, _with_backend("reference", lambda: model(x))
+    return fast, with_backend("reference", lambda: model(x))
 
 
 @pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
@@ -239,7 +229,7 @@ def test_folded_weights_go_with_the_model():
     cache.clear_cache()
     model = copy.deepcopy(tiny("convformer")).eval()
     with torch.no_grad():
-        _with_backend("reference", P(model, x))
+        with_backend("reference", P(model, x))
     assert cache.cache_size() == 0
     with torch.no_grad():
         model(x)
@@ -325,7 +315,7 @@ def test_second_derivatives_match_reference(family):
         return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
     for backend in ("auto", "reference"):
-        out[backend] = _with_backend(backend, penalty)
+        out[backend] = with_backend(backend, penalty)
     fast, ref = out["auto"], out["reference"]
     assert set(fast) == set(ref) and ref
     for k in ref:
@@ -421,7 +411,7 @@ def test_blocks_in_chunks_match_reference(family, batch, rows, capfd, glibc_defa
             fast = block(x)
             folded = optimized(x)
         convs = [line for line in capfd.readouterr().out.splitlines() if ",convolution," in line]
-        expected = _with_backend("reference", lambda: block(x))
+        expected = with_backend("reference", lambda: block(x))
     assert len(convs) >= 2 * 2 * batch // rows and all(re.search(rf"[,\d]mb{rows}_", line) for line in convs), convs[:2]
     _close(fast, expected, what="default")
     _close(folded, expected, what="optimized")
@@ -451,7 +441,7 @@ def test_chunks_of_a_light_mixer_write_over_its_output(mixer, batch, rows, glibc
     given = x.clone()
     assert cpu_eval.chunk_rows(x, 256) == rows
     optimized = metaformer.optimize_for_inference(nn.Sequential(block).eval())
-    expected = _with_backend("reference", lambda: block(x))
+    expected = with_backend("reference", lambda: block(x))
     for what, run in (("default", block), ("optimized", optimized)):
         with torch.inference_mode():
             run(x)  # packs the weights
@@ -551,8 +541,8 @@ def test_hooks_on_block_parts_run_as_in_the_plain_composition(family, train):
             y = model(x)
         return y.detach(), list(seen)
 
-    fast, fast_seen = _with_backend("auto", forward)
-    ref, ref_seen = _with_backend("reference", forward)
+    fast, fast_seen = with_backend("auto", forward)
+    ref, ref_seen = with_backend("reference", forward)
     for h in handles:
         h.remove()
     assert [k for k, _ in fast_seen] == [k for k, _ in ref_seen]
@@ -592,8 +582,8 @@ def test_global_module_hooks_see_every_part():
     handle = register_module_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
     try:
         with torch.no_grad():
-            fast = _with_backend("auto", lambda: (calls.clear(), model(x), list(calls)))
-            ref = _with_backend("reference", lambda: (calls.clear(), model(x), list(calls)))
+            fast = with_backend("auto", lambda: (calls.clear(), model(x), list(calls)))
+            ref = with_backend("reference", lambda: (calls.clear(), model(x), list(calls)))
     finally:
         handle.remove()
     assert fast[2] == ref[2] and "Linear" in ref[2] and "Conv2d" in ref[2]
@@ -607,10 +597,10 @@ def test_a_forward_replaced_on_a_part_is_called():
     fc2.forward = lambda t: 2.0 * inner(t)  # an instance-level wrapper, as accelerate's hooks install
     x = torch.randn(2, 3, *SIZE)
     with torch.no_grad():
-        fast = _with_backend("auto", lambda: model(x))
-        ref = _with_backend("reference", lambda: model(x))
+        fast = with_backend("auto", lambda: model(x))
+        ref = with_backend("reference", lambda: model(x))
         del fc2.forward
-        plain = _with_backend("reference", lambda: model(x))
+        plain = with_backend("reference", lambda: model(x))
     torch.testing.assert_close(fast, ref)
     assert not torch.allclose(ref, plain)
 
@@ -623,7 +613,7 @@ def _evaluated_with_primitives(model, x, capfd):
         with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
             fast = model(x)
         primitives = capfd.readouterr().out
-        return fast, _with_backend("reference", lambda: model(x)), primitives
+        return fast, with_backend("reference", lambda: model(x)), primitives
 
 
 @pytest.mark.skipif(not onednn.ONEDNN_AVAILABLE, reason="no oneDNN in this build")
@@ -655,7 +645,7 @@ def test_optimize_for_inference_keeps_hooked_blocks():
     x = torch.randn(2, 3, *SIZE)
     with torch.no_grad():
         y = folded(x)
-        ref = _with_backend("reference", lambda: model(x))
+        ref = with_backend("reference", lambda: model(x))
     assert len(seen) == 2  # the copy's hook ran (and the model's, in the reference run)
     _close(y, ref, what="output")
     with pytest.raises(ValueError, match="hooks"):
@@ -927,7 +917,7 @@ def test_the_stem_on_a_packed_weight_returns_the_plain_stems_values_and_layout(l
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(batch, 3, *size).contiguous(memory_format=fmt)
     with torch.no_grad():
-        (got, events), want = _profiled(lambda: stem(x)), _with_backend("reference", lambda: stem(x))
+        (got, events), want = _profiled(lambda: stem(x)), with_backend("reference", lambda: stem(x))
     assert not [e for e in events if e.name == "aten::mkldnn_convolution"], "the stem ran F.conv2d"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.stride() == want.stride(), f"strides {got.stride()}, the plain stem's {want.stride()}"
@@ -960,8 +950,8 @@ def test_per_sample_gradients_with_torch_func(family):
         return functional_call(model, p, (xb[None],)).square().sum()
 
     per_sample = vmap(grad(loss), in_dims=(None, 0))
-    fast = _with_backend("auto", lambda: per_sample(params, x))
-    ref = _with_backend("reference", lambda: per_sample(params, x))
+    fast = with_backend("auto", lambda: per_sample(params, x))
+    ref = with_backend("reference", lambda: per_sample(params, x))
     assert set(fast) == set(ref)
     for k in ref:
         torch.testing.assert_close(fast[k], ref[k], msg=lambda m, k=k: f"{k}: {m}")
@@ -985,8 +975,8 @@ def test_forward_mode_ad_keeps_the_tangent(family, how):
         with torch.no_grad(), fwAD.dual_level():  # forward AD does not depend on the grad mode
             return fwAD.unpack_dual(model(fwAD.make_dual(x, t))).tangent
 
-    fast = _with_backend("auto", tangent)
-    ref = _with_backend("reference", tangent)
+    fast = with_backend("auto", tangent)
+    ref = with_backend("reference", tangent)
     assert fast is not None
     torch.testing.assert_close(fast, ref)
     # and the tangent is the derivative: a central difference in float64 agrees
@@ -1033,8 +1023,8 @@ def test_a_tensor_subclass_sees_the_standard_ops():
             y = model(x.as_subclass(Logged))
         return y.as_subclass(torch.Tensor), Logged.calls
 
-    fast, fast_calls = _with_backend("auto", logged)
-    ref, ref_calls = _with_backend("reference", logged)
+    fast, fast_calls = with_backend("auto", logged)
+    ref, ref_calls = with_backend("reference", logged)
     assert fast_calls == ref_calls and ref_calls.count("conv2d") >= 10
     torch.testing.assert_close(fast, ref)
 
@@ -1114,7 +1104,7 @@ def test_batch_sizes_in_turn_reuse_their_packed_weights():
         outputs = [model(x) for x in xs]
         assert packed() == before and len(before) == 3  # the same packed values, none rebuilt
         for x, y in zip(xs, outputs):
-            _close(y, _with_backend("reference", lambda x=x: model(x)), what=f"batch {x.shape[0]}")
+            _close(y, with_backend("reference", lambda x=x: model(x)), what=f"batch {x.shape[0]}")
 
 
 # ------------------------------------------------------------------------------ results written in place
@@ -1137,7 +1127,7 @@ def test_evaluation_leaves_every_block_input_as_it_was(family, mode):
         fast = model(x)
         for handle in handles:
             handle.remove()
-        expected = _with_backend("reference", lambda: model(x))
+        expected = with_backend("reference", lambda: model(x))
     _close(fast, expected, what=family)
     assert len(inputs) == sum(len(stage.blocks) for stage in model.stages)
     for i, (given, before) in enumerate(inputs):
@@ -1178,7 +1168,7 @@ def test_a_subclass_with_its_own_half_runs_it(family, cls):
     for grad in (False, True):
         with torch.inference_mode(not grad):
             y = block(x)
-            expected = _with_backend("reference", lambda: block(given))
+            expected = with_backend("reference", lambda: block(given))
         assert torch.equal(x, given)
         _close(y, expected, what=f"output, {'with' if grad else 'without'} gradients")
 
@@ -1197,9 +1187,9 @@ def test_returned_maps_keep_the_input_layout(family, layout):
         outputs = {"forward_features": [model.forward_features(x)], "backbone": backbone(x)}
         final, maps = model.forward_intermediates(x)
         outputs["forward_intermediates"] = [final, *maps]
-        references = {"forward_features": [_with_backend("reference", lambda: model.forward_features(x))],
-                      "backbone": _with_backend("reference", lambda: backbone(x))}
-        final, maps = _with_backend("reference", lambda: model.forward_intermediates(x))
+        references = {"forward_features": [with_backend("reference", lambda: model.forward_features(x))],
+                      "backbone": with_backend("reference", lambda: backbone(x))}
+        final, maps = with_backend("reference", lambda: model.forward_intermediates(x))
         references["forward_intermediates"] = [final, *maps]
     for what, maps in outputs.items():
         for i, (y, ref) in enumerate(zip(maps, references[what])):
@@ -1234,7 +1224,7 @@ def test_a_block_or_stage_called_on_its_own_returns_the_input_layout(family, mod
         else:
             with torch.no_grad():
                 got = module(given)
-                want = _with_backend("reference", lambda m=module, t=given: m(t))
+                want = with_backend("reference", lambda m=module, t=given: m(t))
         _close(got, want, what=what)
         if what == "block":  # the input's layout
             assert got.is_contiguous(memory_format=fmt), f"block: strides {got.stride()} for an input in {layout}"
@@ -1276,7 +1266,7 @@ def test_compiled_models_return_maps_in_the_input_layout(family):
     x = torch.randn(2, 3, *SIZE)
     with torch.no_grad():
         features = torch.compile(model.forward_features, fullgraph=True, backend="aot_eager")(x)
-        expected = _with_backend("reference", lambda: model.forward_features(x))
+        expected = with_backend("reference", lambda: model.forward_features(x))
     assert features.is_contiguous()
     _close(features, expected, what="compiled forward_features")
 
@@ -1292,7 +1282,7 @@ def test_an_empty_batch_gives_an_empty_result(family, mode):
     x = torch.randn(0, 3, *SIZE)
     with torch.no_grad():
         out = model(x)
-        expected = _with_backend("reference", lambda: model(x))
+        expected = with_backend("reference", lambda: model(x))
     outs, refs = (out, expected) if mode == "backbone" else ([out], [expected])
     assert [tuple(t.shape) for t in outs] == [tuple(t.shape) for t in refs] and all(t.numel() == 0 for t in outs)
 
@@ -1319,8 +1309,8 @@ def test_one_group_norms_keep_their_digits_when_a_sample_mean_is_large(family, l
         what = f"{family} block update, the {half} half dominating"
         if not train:
             with torch.inference_mode():
-                fast = _with_backend("auto", lambda: block(x)) - x
-                oracle = _with_backend("reference", lambda: copy.deepcopy(block).double()(x.double())) - x.double()
+                fast = with_backend("auto", lambda: block(x)) - x
+                oracle = with_backend("reference", lambda: copy.deepcopy(block).double()(x.double())) - x.double()
             _close(fast.double(), oracle, rtol=1e-5, what=what)
             continue
         fast, fast_g = _run(block, x, "auto")

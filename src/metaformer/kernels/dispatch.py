@@ -90,10 +90,12 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return in_input_layout(y, given) if converted else y
 
 
-def _plain(block: nn.Module, x: torch.Tensor, own_mixer: bool, own_mlp: bool) -> bool:
+def _plain(block: nn.Module, x: torch.Tensor, own_mixer: bool, own_mlp: bool, hooks: bool = True) -> bool:
     """Whether :func:`block_forward` runs the block's plain composition: no fast path may run, CPU autocast
-    (whose convolutions run in bf16/fp16), or both halves the subclass's own."""
-    return not fast_paths_active(x, block) or (x.device.type == "cpu" and _cpu_autocast()) or (own_mixer and own_mlp)
+    (whose convolutions run in bf16/fp16), or both halves the subclass's own. Without ``hooks``, the parts' hooks
+    are not asked (:func:`fast_paths_active` without the block)."""
+    return (not fast_paths_active(x, block if hooks else None) or (x.device.type == "cpu" and _cpu_autocast())
+            or (own_mixer and own_mlp))
 
 
 def _cpu_converts(block: nn.Module, x: torch.Tensor) -> bool:
@@ -104,13 +106,11 @@ def _cpu_converts(block: nn.Module, x: torch.Tensor) -> bool:
 
 def _block_converts(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`block_forward` runs ``x`` in channels_last."""
-    if torch.compiler.is_compiling():
-        # Not asked of the parts' hooks here (a layout changes no value; a hooked block runs its plain composition
-        # in channels_last): this walk reaches a stage's blocks by another path than the stage's own call, and
-        # PyTorch 2.4's Dynamo fails building its guards on a hook dict it has seen under two names.
-        return (_cpu_converts(block, x) and fast_paths_active(x) and not _cpu_autocast()
-                and not all(_own_halves(block)))
-    return _cpu_converts(block, x) and not _plain(block, x, *_own_halves(block))
+    # While compiling, the parts' hooks are not asked (a layout changes no value; a hooked block runs its plain
+    # composition in channels_last): this walk reaches a stage's blocks by another path than the stage's own call,
+    # and PyTorch 2.4's Dynamo fails building its guards on a hook dict it has seen under two names.
+    hooks = not torch.compiler.is_compiling()
+    return _cpu_converts(block, x) and not _plain(block, x, *_own_halves(block), hooks=hooks)
 
 
 def inference_block_fast(block: nn.Module, x: torch.Tensor) -> bool:
